@@ -1,0 +1,41 @@
+# `make demo` and `make test` are the two commands a newcomer needs; both set up .venv/ first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build that ships on the development machines; a cluster's own torch is kept (see install).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "make: $(PYTHON) already has torch; the venv keeps it (--system-site-packages)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) examples/quickstart/demo.py --output-dir demo_output
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf demo_output .pytest_cache .benchmarks build *.egg-info

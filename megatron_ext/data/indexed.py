@@ -1,0 +1,115 @@
+r"""Writer for Megatron's indexed dataset format (``.bin`` tokens + ``.idx`` index).
+
+Byte-compatible with ``megatron.core.datasets.indexed_dataset`` (``IndexedDatasetBuilder`` writes
+the same bytes, ``IndexedDataset`` reads ours), but takes whole blocks of documents as NumPy arrays
+so that writing costs a few large ``write`` calls instead of Python work per document. It does not
+import torch or megatron-core, which keeps worker start-up and the write path light.
+
+Format (megatron/core/datasets/indexed_dataset.py): ``.bin`` is the raw token ids, no header.
+``.idx`` is ``MMIDIDX\\x00\\x00``, ``<Q`` version 1, ``<B`` dtype code, ``<Q`` sequence count,
+``<Q`` document-index count, int32 sequence lengths, int64 byte pointers, int64 document indices
+(sequence numbers where documents start, beginning with 0 and ending with the sequence count).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+
+# megatron.core.datasets.indexed_dataset.DType
+DTYPE_CODES: dict[type[np.number], int] = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
+
+# DType.optimal_dtype: Megatron switches to int32 at 65,500, not at 65,536.
+UINT16_VOCAB_LIMIT = 65500
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """The token dtype Megatron uses for a vocabulary: uint16 below 65,500 ids, int32 above."""
+    return np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32
+
+
+class IndexedDatasetWriter:
+    """Streams token blocks into a ``.bin`` file and writes the matching ``.idx`` at the end.
+
+    Args:
+        bin_path: Where the token ids go (usually a temporary name, see ``AtomicOutputs``).
+        dtype: Token dtype, normally ``token_dtype(vocab_size)``.
+    """
+
+    def __init__(self, bin_path: str | os.PathLike, dtype: type[np.number]) -> None:
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"unsupported token dtype {dtype}")
+        self.dtype = np.dtype(dtype)
+        self._bin = open(bin_path, "wb")  # noqa: SIM115 - closed in finalize()/close()
+        self._sequence_lengths: list[np.ndarray] = []
+        self._sequences_per_document: list[np.ndarray] = []
+
+    def add_documents(
+        self,
+        tokens: np.ndarray,
+        sequence_lengths: np.ndarray,
+        sequences_per_document: np.ndarray,
+    ) -> None:
+        """Append a block of documents.
+
+        Args:
+            tokens: All token ids of the block, concatenated, already in ``dtype``.
+            sequence_lengths: Length of each sequence (a sentence, or a whole document).
+            sequences_per_document: How many consecutive sequences make up each document.
+        """
+        if tokens.dtype != self.dtype:
+            raise TypeError(f"tokens are {tokens.dtype}, the dataset is {self.dtype}")
+        if int(sequence_lengths.sum()) != tokens.size:
+            raise ValueError("sequence lengths do not add up to the number of tokens")
+        if int(sequences_per_document.sum()) != sequence_lengths.size:
+            raise ValueError("sequences per document do not add up to the number of sequences")
+        self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        self._sequence_lengths.append(sequence_lengths.astype(np.int32, copy=False))
+        self._sequences_per_document.append(sequences_per_document.astype(np.int64, copy=False))
+
+    def finalize(self, idx_path: str | os.PathLike) -> tuple[int, int]:
+        """Close the ``.bin`` and write the ``.idx``.
+
+        Returns:
+            The number of documents and of tokens written.
+        """
+        self._bin.close()
+        lengths = _concat(self._sequence_lengths, np.int32)
+        per_doc = _concat(self._sequences_per_document, np.int64)
+        pointers = np.zeros(lengths.size, dtype=np.int64)
+        if lengths.size:
+            np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+            pointers *= self.dtype.itemsize
+        document_indices = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64)
+        with open(idx_path, "wb") as idx:
+            idx.write(INDEX_HEADER)
+            idx.write(struct.pack("<Q", INDEX_VERSION))
+            idx.write(struct.pack("<B", DTYPE_CODES[self.dtype.type]))
+            idx.write(struct.pack("<Q", lengths.size))
+            idx.write(struct.pack("<Q", document_indices.size))
+            idx.write(lengths.tobytes(order="C"))
+            idx.write(pointers.tobytes(order="C"))
+            idx.write(document_indices.tobytes(order="C"))
+        return per_doc.size, int(lengths.sum(dtype=np.int64))
+
+    def close(self) -> None:
+        """Close the ``.bin`` without writing an index (used when a run is aborted)."""
+        self._bin.close()
+
+
+def _concat(parts: list[np.ndarray], dtype: type[np.number]) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)

@@ -1,0 +1,436 @@
+"""Corpus -> Megatron indexed dataset, fast and safe.
+
+The main process reads inputs in blocks of whole lines and hands them to worker processes, at most
+a few blocks ahead (memory stays bounded). A worker parses a block, normalises and optionally
+splits the documents into sentences, encodes them all with one batched tokenizer call, and returns
+NumPy arrays (tokens, sequence lengths, sequences per document) with the block's statistics. The
+main process writes results in input order, so the bytes do not depend on the number of workers.
+
+Outputs per JSON key: ``{prefix}_{key}_{document|sentence}.bin/.idx`` and ``.stats.json``, written
+under temporary names and renamed only when the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_ext.data.readers import (
+    BAD_LINE_REASONS,
+    DEFAULT_BLOCK_BYTES,
+    EMPTY_DOCUMENT,
+    BadField,
+    InputError,
+    RawBlock,
+    expand_inputs,
+    input_format,
+    iter_blocks,
+    parse_block,
+)
+from megatron_ext.data.sentences import (
+    SentenceSplitter,
+    language_code,
+    load_punkt_params,
+    train_punkt,
+)
+from megatron_ext.hashing import sha256_path
+from megatron_ext.outputs import AtomicOutputs
+from megatron_ext.tokenizer.encoders import TextEncoder, build_encoder
+from megatron_ext.tokenizer.normalize import build_normalizer
+
+ON_BAD_LINE = ("error", "skip")
+PUNKT_TRAIN = "train"
+PUNKT_UNTRAINED = "untrained"
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything one preprocessing run needs (Megatron-LM's flag names, snake_cased).
+
+    Attributes:
+        inputs: Files or globs.
+        output_prefix: Outputs are ``{output_prefix}_{key}_{level}.{bin,idx,stats.json}``.
+        tokenizer_type: A Megatron ``--tokenizer-type`` (see ``tokenizer.encoders``).
+        tokenizer_model: SentencePiece model file or Hugging Face tokenizer directory.
+        json_keys: Keys to extract; one dataset per key. Plain-text inputs allow one key.
+        append_eod: Append the tokenizer's end-of-document id to each document.
+        split_sentences: One sequence per sentence (level ``sentence``) instead of per document.
+        lang: Language for sentence splitting (``en``, ``ar``, ``zh``, NLTK names).
+        keep_newlines: Keep the whitespace after each sentence when splitting.
+        punkt_params: ``train`` (learn from the first ``punkt_train_bytes`` of input),
+            ``untrained``, or a JSON file written by ``sentences.save_punkt_params``.
+        punkt_train_bytes: Characters of input text to train Punkt on.
+        normalize: Normalisers to apply before tokenizing (``nfkc``, ``arabic``).
+        on_bad_line: ``error`` stops at the first bad line; ``skip`` counts and skips it.
+        workers: Worker processes (1 encodes in this process).
+        force: Overwrite existing outputs.
+        block_bytes: Bytes of input per block of work.
+    """
+
+    inputs: list[str]
+    output_prefix: str
+    tokenizer_type: str
+    tokenizer_model: str
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    append_eod: bool = False
+    split_sentences: bool = False
+    lang: str = "english"
+    keep_newlines: bool = False
+    punkt_params: str = PUNKT_TRAIN
+    punkt_train_bytes: int = 2_000_000
+    normalize: list[str] = field(default_factory=list)
+    on_bad_line: str = "error"
+    workers: int = 1
+    force: bool = False
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+
+    @property
+    def level(self) -> str:
+        """``sentence`` when splitting sentences, else ``document`` (Megatron's naming)."""
+        return "sentence" if self.split_sentences else "document"
+
+    def output_stem(self, key: str) -> str:
+        """``{prefix}_{key}_{level}``: the path Megatron's ``--data-path`` takes."""
+        return f"{self.output_prefix}_{key}_{self.level}"
+
+
+@dataclass
+class DatasetStats:
+    """What one output dataset holds and what was dropped on the way."""
+
+    documents: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    characters: int = 0
+    bytes: int = 0
+    lines: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def merge(self, other: DatasetStats) -> None:
+        """Add another block's counts to these."""
+        for name in ("documents", "sequences", "tokens", "characters", "bytes", "lines"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped.update(other.skipped)
+
+
+class BadLineError(InputError):
+    """A malformed input line while ``on_bad_line`` is ``error``."""
+
+
+@dataclass
+class _EncodedBlock:
+    path: str
+    consumed: int
+    error: tuple[int, str] | None
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)
+    sequence_lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    sequences_per_document: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, DatasetStats] = field(default_factory=dict)
+
+
+@dataclass
+class _BlockEncoder:
+    """The per-worker state: tokenizer, normaliser, splitter, settings."""
+
+    keys: list[str]
+    encoder: TextEncoder
+    dtype: type[np.number]
+    append_eod: bool
+    strict: bool
+    normalize: Callable[[str], str] | None
+    splitter: SentenceSplitter | None
+
+    def __call__(self, block: RawBlock) -> _EncodedBlock:
+        records = list(parse_block(block, self.keys))
+        out = _EncodedBlock(block.path, block.consumed, None)
+        if self.strict:
+            for line, fields in records:
+                bad = next(
+                    (f for f in fields if isinstance(f, BadField) and f.reason in BAD_LINE_REASONS),
+                    None,
+                )
+                if bad is not None:
+                    out.error = (line, bad.message)
+                    return out
+        for i, key in enumerate(self.keys):
+            self._encode_key(out, key, [(line, fields[i]) for line, fields in records])
+        return out
+
+    def _encode_key(
+        self, out: _EncodedBlock, key: str, fields: list[tuple[int, str | BadField]]
+    ) -> None:
+        stats = DatasetStats(lines=len(fields))
+        texts: list[str] = []
+        for _, value in fields:
+            if isinstance(value, BadField):
+                stats.skipped[value.reason] += 1
+                continue
+            if self.normalize is not None:
+                value = self.normalize(value)
+            if value.strip():
+                texts.append(value)
+            else:
+                stats.skipped[EMPTY_DOCUMENT] += 1
+        if self.splitter is not None:
+            sentences = [self.splitter.split(t) for t in texts]
+            sentences_per_doc = np.fromiter(map(len, sentences), np.int64, len(sentences))
+            pieces = list(itertools.chain.from_iterable(sentences))
+        else:
+            sentences_per_doc = np.ones(len(texts), np.int64)
+            pieces = texts
+        ids = self.encoder.encode_batch(pieces)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(lengths.sum()))
+
+        # Megatron drops empty sentences and documents that end up with no token at all.
+        doc_of_piece = np.repeat(np.arange(len(texts)), sentences_per_doc)
+        kept = lengths > 0
+        doc_tokens = np.bincount(doc_of_piece, weights=lengths, minlength=len(texts)).astype(
+            np.int64
+        )
+        sequences = np.bincount(doc_of_piece[kept], minlength=len(texts)).astype(np.int64)
+        has_tokens = doc_tokens > 0
+        if not has_tokens.all():
+            stats.skipped[EMPTY_DOCUMENT] += int((~has_tokens).sum())
+        lengths, sequences, doc_tokens = (
+            lengths[kept],
+            sequences[has_tokens],
+            doc_tokens[has_tokens],
+        )
+        kept_texts = [t for t, keep in zip(texts, has_tokens, strict=True) if keep]
+
+        if self.append_eod and sequences.size:
+            tokens = np.insert(tokens, np.cumsum(doc_tokens), self.dtype(self.encoder.eod))
+            lengths[np.cumsum(sequences) - 1] += 1
+        stats.documents = int(sequences.size)
+        stats.sequences = int(lengths.size)
+        stats.tokens = int(tokens.size)
+        stats.characters = sum(map(len, kept_texts))
+        stats.bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in kept_texts)
+        out.tokens[key] = tokens
+        out.sequence_lengths[key] = lengths
+        out.sequences_per_document[key] = sequences
+        out.stats[key] = stats
+
+    @classmethod
+    def build(
+        cls, config: PreprocessConfig, dtype: type[np.number], splitter: SentenceSplitter | None
+    ) -> _BlockEncoder:
+        """The state of one worker (each process loads its own tokenizer, one thread)."""
+        return cls(
+            keys=list(config.json_keys),
+            encoder=build_encoder(config.tokenizer_type, config.tokenizer_model, num_threads=1),
+            dtype=dtype,
+            append_eod=config.append_eod,
+            strict=config.on_bad_line == "error",
+            normalize=build_normalizer(config.normalize),
+            splitter=splitter,
+        )
+
+
+_WORKER: _BlockEncoder | None = None
+
+
+def _init_worker(factory: Callable[[], _BlockEncoder]) -> None:
+    global _WORKER
+    _WORKER = factory()
+
+
+def _run_worker(block: RawBlock) -> _EncodedBlock:
+    assert _WORKER is not None
+    return _WORKER(block)
+
+
+def ordered_map(
+    factory: Callable[[], Callable], items: Iterable, workers: int, ahead: int = 2
+) -> Iterator:
+    """``map`` over ``items`` in ``workers`` processes, results in input order.
+
+    At most ``ahead * workers`` items are in flight, so a huge input never queues up in memory
+    (``Pool.imap`` would read it all). ``factory`` builds the per-process function once.
+    """
+    if workers <= 1:
+        fn = factory()
+        yield from map(fn, items)
+        return
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    )
+    with context.Pool(workers, initializer=_init_worker, initargs=(factory,)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(_run_worker, (item,)))
+            if len(pending) >= ahead * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _punkt_params(config: PreprocessConfig, files: list[str]):
+    """Punkt parameters for ``config.punkt_params`` (None for untrained)."""
+    if config.punkt_params == PUNKT_UNTRAINED or language_code(config.lang) in ("zh", "ja"):
+        return None
+    if config.punkt_params != PUNKT_TRAIN:
+        return load_punkt_params(config.punkt_params)
+    normalize = build_normalizer(config.normalize)
+
+    def sample() -> Iterator[str]:
+        budget = config.punkt_train_bytes
+        for path in files:
+            for block in iter_blocks(path, config.block_bytes):
+                for _, fields in parse_block(block, config.json_keys[:1]):
+                    text = fields[0]
+                    if isinstance(text, BadField):
+                        continue
+                    text = normalize(text) if normalize else text
+                    yield text[:budget]
+                    budget -= len(text)
+                    if budget <= 0:
+                        return
+
+    return train_punkt(sample(), config.lang)
+
+
+def _validate(config: PreprocessConfig, files: list[str], encoder: TextEncoder) -> None:
+    if config.on_bad_line not in ON_BAD_LINE:
+        raise ValueError(f"--on-bad-line must be one of {', '.join(ON_BAD_LINE)}")
+    if config.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if not config.json_keys:
+        raise ValueError("--json-keys needs at least one key")
+    text_files = [f for f in files if input_format(f)[0] == "txt"]
+    if text_files and len(config.json_keys) > 1:
+        raise InputError(f"{text_files[0]}: plain-text input has one field; give one --json-keys")
+    if config.append_eod and encoder.eod < 0:
+        raise ValueError(f"{config.tokenizer_model}: the tokenizer has no end-of-document token")
+    build_normalizer(config.normalize)
+
+
+def output_paths(config: PreprocessConfig) -> dict[str, tuple[Path, Path, Path]]:
+    """``{key: (.bin, .idx, .stats.json)}`` for a run."""
+    return {
+        key: tuple(Path(config.output_stem(key) + ext) for ext in (".bin", ".idx", ".stats.json"))
+        for key in config.json_keys
+    }
+
+
+def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> dict[str, dict]:
+    """Tokenize ``config.inputs`` into one indexed dataset per JSON key.
+
+    Args:
+        config: The run's settings.
+        progress: Show a tqdm bar (None: only on a terminal).
+
+    Returns:
+        ``{key: stats}``: the content of each ``.stats.json``.
+
+    Raises:
+        InputError: Missing or unreadable inputs, or a bad line while ``on_bad_line="error"``
+            (the message starts with ``file:line:``).
+        OutputExistsError: Outputs exist and ``force`` is false.
+        TokenizerLoadError: The tokenizer cannot be loaded.
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    files = expand_inputs(config.inputs)
+    encoder = build_encoder(config.tokenizer_type, config.tokenizer_model)
+    _validate(config, files, encoder)
+    dtype = token_dtype(encoder.vocab_size)
+    paths = output_paths(config)
+    ordered = [p for group in zip(*paths.values(), strict=True) for p in group]
+    with AtomicOutputs(ordered, force=config.force) as outputs:
+        splitter = None
+        if config.split_sentences:
+            splitter = SentenceSplitter(
+                config.lang, config.keep_newlines, _punkt_params(config, files)
+            )
+        writers = {k: IndexedDatasetWriter(outputs.temp(p[0]), dtype) for k, p in paths.items()}
+        stats = {k: DatasetStats() for k in paths}
+        blocks = itertools.chain.from_iterable(iter_blocks(f, config.block_bytes) for f in files)
+        factory = functools.partial(_BlockEncoder.build, config, dtype, splitter)
+        total = sum(os.path.getsize(f) for f in files)
+        try:
+            disable = None if progress is None else not progress
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc="preprocess", disable=disable
+            ) as bar:
+                for result in ordered_map(factory, blocks, config.workers):
+                    if result.error is not None:
+                        line, message = result.error
+                        raise BadLineError(
+                            f"{result.path}:{line}: {message} "
+                            "(pass --on-bad-line skip to skip and count such lines)"
+                        )
+                    for key, writer in writers.items():
+                        writer.add_documents(
+                            result.tokens[key],
+                            result.sequence_lengths[key],
+                            result.sequences_per_document[key],
+                        )
+                        stats[key].merge(result.stats[key])
+                    bar.update(result.consumed)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        seconds = time.perf_counter() - started
+        report = {}
+        for key, (_bin, idx_path, stats_path) in paths.items():
+            writers[key].finalize(outputs.temp(idx_path))
+            report[key] = _stats_record(config, key, files, encoder, dtype, stats[key], seconds)
+            with open(outputs.temp(stats_path), "w", encoding="utf-8") as f:
+                json.dump(report[key], f, indent=2, ensure_ascii=False)
+                f.write("\n")
+        outputs.commit()
+    return report
+
+
+def _stats_record(
+    config: PreprocessConfig,
+    key: str,
+    files: list[str],
+    encoder: TextEncoder,
+    dtype: type[np.number],
+    stats: DatasetStats,
+    seconds: float,
+) -> dict:
+    record = asdict(stats)
+    record["skipped"] = dict(sorted(stats.skipped.items()))
+    return {
+        "dataset": config.output_stem(key),
+        "json_key": key,
+        "level": config.level,
+        **record,
+        "skipped_total": sum(stats.skipped.values()),
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": {
+            "type": config.tokenizer_type,
+            "model": str(config.tokenizer_model),
+            "sha256": sha256_path(config.tokenizer_model),
+            "vocab_size": encoder.vocab_size,
+            "eod": encoder.eod,
+        },
+        "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
+        "settings": {
+            "append_eod": config.append_eod,
+            "split_sentences": config.split_sentences,
+            "lang": config.lang,
+            "keep_newlines": config.keep_newlines,
+            "punkt_params": config.punkt_params if config.split_sentences else None,
+            "normalize": list(config.normalize),
+            "on_bad_line": config.on_bad_line,
+        },
+        "workers": config.workers,
+        "seconds": round(seconds, 3),
+    }

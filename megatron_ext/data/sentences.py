@@ -1,0 +1,185 @@
+"""Offline sentence splitting for ``--split-sentences``.
+
+Megatron-LM's preprocess calls ``nltk.download("punkt")`` and then ``nltk.load``; without network
+access that hangs or fails. Nothing here touches the network or NLTK's data path: Punkt parameters
+are trained on the input itself (``PunktTrainer``, deterministic), loaded from a JSON file that a
+previous run saved, or left untrained. Languages written without spaces between sentences
+(Chinese, Japanese) use a punctuation rule instead, since Punkt needs whitespace after a boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nltk.tokenize.punkt import (
+    PunktLanguageVars,
+    PunktParameters,
+    PunktSentenceTokenizer,
+    PunktTrainer,
+)
+
+# Sentence-final punctuation beyond Latin ". ? !", by language (ISO 639-1 or NLTK's names).
+_EXTRA_SENT_END = {
+    "ar": ("؟", "۔"),
+    "fa": ("؟", "۔"),
+    "ur": ("؟", "۔"),
+    "hi": ("।", "॥"),
+    "mr": ("।", "॥"),
+    "ne": ("।", "॥"),
+    "bn": ("।", "॥"),
+    "sa": ("।", "॥"),
+    "am": ("።", "፧"),
+    "hy": ("։",),
+    "my": ("။",),
+}
+_NLTK_NAMES = {
+    "arabic": "ar",
+    "persian": "fa",
+    "farsi": "fa",
+    "urdu": "ur",
+    "hindi": "hi",
+    "marathi": "mr",
+    "nepali": "ne",
+    "bengali": "bn",
+    "sanskrit": "sa",
+    "amharic": "am",
+    "armenian": "hy",
+    "burmese": "my",
+    "chinese": "zh",
+    "japanese": "ja",
+    "english": "en",
+}
+_UNSPACED = {"zh", "ja"}
+_CJK_END = "。！？!?"
+_CJK_CLOSE = "」』”’）)]》"
+
+
+def language_code(lang: str) -> str:
+    """ISO 639-1 code for an NLTK-style language name or a code (``english`` -> ``en``)."""
+    lang = lang.strip().lower()
+    return _NLTK_NAMES.get(lang, lang)
+
+
+def _language_vars(code: str, keep_newlines: bool) -> PunktLanguageVars:
+    attrs: dict = {
+        "sent_end_chars": PunktLanguageVars.sent_end_chars + _EXTRA_SENT_END.get(code, ())
+    }
+    if keep_newlines:
+        # As Megatron-LM's CustomLanguageVars: whitespace after a sentence end (newlines included)
+        # stays with that sentence instead of being dropped.
+        attrs["_period_context_fmt"] = r"""
+            \S*                          # some word material
+            %(SentEndChars)s             # a potential sentence ending
+            \s*                          # trailing whitespace stays with the sentence
+            (?=(?P<after_tok>
+                %(NonWord)s              # either other punctuation
+                |
+                (?P<next_tok>\S+)        # or the next word
+            ))"""
+    return type("LanguageVars", (PunktLanguageVars,), attrs)()
+
+
+@dataclass
+class SentenceSplitter:
+    """Splits a document into sentences for one language.
+
+    Args:
+        lang: Language (``en``, ``ar``, ``zh``, or NLTK names such as ``english``).
+        keep_newlines: Keep the whitespace after each sentence (as Megatron-LM's flag).
+        params: Trained Punkt parameters; None splits untrained.
+
+    The object is picklable so worker processes receive it.
+    """
+
+    lang: str
+    keep_newlines: bool
+    params: PunktParameters | None
+
+    def __post_init__(self) -> None:
+        self._punkt = None
+        if language_code(self.lang) not in _UNSPACED:
+            vars_ = _language_vars(language_code(self.lang), self.keep_newlines)
+            self._punkt = PunktSentenceTokenizer(lang_vars=vars_)
+            if self.params is not None:
+                self._punkt._params = self.params
+
+    def __getstate__(self) -> dict:
+        return {"lang": self.lang, "keep_newlines": self.keep_newlines, "params": self.params}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    def split(self, text: str) -> list[str]:
+        """The sentences of ``text`` (whitespace between them kept only with ``keep_newlines``)."""
+        if self._punkt is not None:
+            return self._punkt.tokenize(text)
+        return _split_unspaced(text, self.keep_newlines)
+
+
+_END, _CLOSE = re.escape(_CJK_END), re.escape(_CJK_CLOSE)
+# After end punctuation not followed by more of it or a closing quote, or after such a quote.
+_UNSPACED_BOUNDARY = re.compile(
+    rf"(?<=[{_END}])(?![{_END}{_CLOSE}])|(?<=[{_END}][{_CLOSE}])(?![{_CLOSE}])"
+)
+
+
+def _split_unspaced(text: str, keep_newlines: bool) -> list[str]:
+    pieces = _UNSPACED_BOUNDARY.split(text)
+    if not keep_newlines:
+        return [p.strip() for p in pieces if p.strip()]
+    sentences: list[str] = []
+    for piece in pieces:
+        body = piece.lstrip()
+        if sentences:
+            sentences[-1] += piece[: len(piece) - len(body)]
+        elif piece != body:
+            body = piece
+        if body:
+            sentences.append(body)
+    return sentences
+
+
+def train_punkt(texts: Iterable[str], lang: str) -> PunktParameters:
+    """Learn Punkt parameters (abbreviations, collocations, sentence starters) from ``texts``."""
+    trainer = PunktTrainer(lang_vars=_language_vars(language_code(lang), keep_newlines=False))
+    for text in texts:
+        trainer.train(text, finalize=False)
+    trainer.finalize_training()
+    return trainer.get_params()
+
+
+def save_punkt_params(params: PunktParameters, path: str | os.PathLike) -> None:
+    """Write Punkt parameters as JSON (loadable with ``load_punkt_params``; no pickle)."""
+    data = {
+        "abbrev_types": sorted(params.abbrev_types),
+        "collocations": sorted(list(c) for c in params.collocations),
+        "sent_starters": sorted(params.sent_starters),
+        "ortho_context": dict(sorted(params.ortho_context.items())),
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+
+
+def load_punkt_params(path: str | os.PathLike) -> PunktParameters:
+    """Read Punkt parameters written by ``save_punkt_params``.
+
+    Raises:
+        ValueError: If the file is missing or malformed (never falls back to a download).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        params = PunktParameters()
+        params.abbrev_types = set(data["abbrev_types"])
+        params.collocations = {tuple(c) for c in data["collocations"]}
+        params.sent_starters = set(data["sent_starters"])
+        for word, flags in data["ortho_context"].items():
+            params.ortho_context[word] = int(flags)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read Punkt parameters ({err})") from err
+    return params

@@ -1,0 +1,110 @@
+"""Atomic output files: written under temporary names, renamed into place only when complete.
+
+Every tool writes through :class:`AtomicOutputs`, so a killed job never leaves a file under a final
+name, an existing output is never clobbered without ``force``, and a re-run cleans up the temporary
+files that a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+_TMP_MARKER = ".tmp."
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists and ``force`` was not given."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicOutputs:
+    """A set of output files that appear together, under their final names, only when complete.
+
+    Use as a context manager: ``temp(path)`` gives the name to write to, ``commit()`` renames the
+    temporary files into place (in the order the paths were given, so put the file that marks a
+    complete set last). Leaving the block without ``commit()`` (an exception, a signal) deletes the
+    temporary files.
+
+    Args:
+        paths: Final output paths.
+        force: Overwrite outputs that already exist.
+
+    Raises:
+        OutputExistsError: On entry, if an output exists and ``force`` is false.
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike], force: bool = False) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.force = force
+        self._committed = False
+
+    def __enter__(self) -> AtomicOutputs:
+        existing = [str(p) for p in self.paths if p.exists()]
+        if existing and not self.force:
+            raise OutputExistsError(
+                "output already exists (pass --force to overwrite): " + ", ".join(existing)
+            )
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            self.discard()
+
+    def temp(self, path: str | os.PathLike) -> Path:
+        """The temporary name under which ``path`` is written until ``commit()``."""
+        path = Path(path)
+        if path not in self.paths:
+            raise KeyError(f"{path} is not one of this set's outputs")
+        return path.with_name(f"{path.name}{_TMP_MARKER}{os.getpid()}")
+
+    def commit(self) -> None:
+        """Rename every temporary file to its final name (fsync'd first)."""
+        for path in self.paths:
+            tmp = self.temp(path)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for path in self.paths:
+            os.replace(self.temp(path), path)
+        self._committed = True
+
+    def discard(self) -> None:
+        """Delete the temporary files written so far."""
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp(path).unlink()
+
+
+def _temporaries(path: Path) -> Iterator[tuple[Path, int]]:
+    for candidate in path.parent.glob(f"{path.name}{_TMP_MARKER}*"):
+        pid_text = candidate.name[len(path.name) + len(_TMP_MARKER) :]
+        if pid_text.isdigit():
+            yield candidate, int(pid_text)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files of ``path`` left by processes that no longer run.
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    for candidate, pid in _temporaries(Path(path)):
+        if pid != os.getpid() and not _pid_alive(pid):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed

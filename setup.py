@@ -1,0 +1,46 @@
+"""Packaging for megatron-ext: the `megatron_ext` and `kernels` packages and the CLI."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ext",
+    version="0.1.0",
+    description=(
+        "Teach English-centric Llama-family LLMs a new language on Megatron-Core: "
+        "tokenizer expansion, checkpoint conversion, mixed-corpus preprocessing, "
+        "continued pretraining with fused Triton kernels, alignment and evaluation."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "megatron-core>=0.16.1",
+        "torch",
+        "triton",
+        "sentencepiece>=0.2",
+        "numpy",
+        "nltk>=3.9",
+        "tqdm",
+        "pyyaml",
+        "zstandard",
+        "psutil",
+    ],
+    extras_require={
+        # Transformer Engine kernels for H100 clusters; apex is built from source (see README).
+        "gpu": ["transformer-engine[pytorch]"],
+        "parquet": ["pyarrow"],
+        "hf": ["transformers", "safetensors"],
+        "dev": [
+            "pyarrow",
+            "transformers",
+            "safetensors",
+            "matplotlib",
+            "pytest",
+            "pytest-benchmark",
+            "ruff",
+        ],
+    },
+    entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
+)
