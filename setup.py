@@ -1,5 +1,7 @@
 """Packaging for megatron-ext: the `megatron_ext` and `kernels` packages and the CLI."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -10,11 +12,12 @@ setup(
         "tokenizer expansion, checkpoint conversion, mixed-corpus preprocessing, "
         "continued pretraining with fused Triton kernels, alignment and evaluation."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ext", "megatron_ext.*", "kernels", "kernels.*"]),
+    package_data={"megatron_ext.sample_data": ["build.sh"]},
     install_requires=[
         "megatron-core>=0.16.1",
         "torch",

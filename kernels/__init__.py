@@ -1,1 +1,1 @@
-"""Triton kernels with pure-PyTorch references (expanded-vocab embedding, fused linear cross-entropy)."""
+"""Triton kernels with pure-PyTorch references: expanded-vocab embedding, fused linear CE."""

@@ -63,6 +63,7 @@ class PreprocessConfig:
         output_prefix: Outputs are ``{output_prefix}_{key}_{level}.{bin,idx,stats.json}``.
         tokenizer_type: A Megatron ``--tokenizer-type`` (see ``tokenizer.encoders``).
         tokenizer_model: SentencePiece model file or Hugging Face tokenizer directory.
+        tokenizer_hf_include_special_tokens: Hugging Face tokenizers: add their special tokens.
         json_keys: Keys to extract; one dataset per key. Plain-text inputs allow one key.
         append_eod: Append the tokenizer's end-of-document id to each document.
         split_sentences: One sequence per sentence (level ``sentence``) instead of per document.
@@ -82,6 +83,7 @@ class PreprocessConfig:
     output_prefix: str
     tokenizer_type: str
     tokenizer_model: str
+    tokenizer_hf_include_special_tokens: bool = False
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
     split_sentences: bool = False
@@ -230,7 +232,7 @@ class _BlockEncoder:
         """The state of one worker (each process loads its own tokenizer, one thread)."""
         return cls(
             keys=list(config.json_keys),
-            encoder=build_encoder(config.tokenizer_type, config.tokenizer_model, num_threads=1),
+            encoder=_build_encoder(config, num_threads=1),
             dtype=dtype,
             append_eod=config.append_eod,
             strict=config.on_bad_line == "error",
@@ -275,6 +277,15 @@ def ordered_map(
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def _build_encoder(config: PreprocessConfig, num_threads: int = -1) -> TextEncoder:
+    return build_encoder(
+        config.tokenizer_type,
+        config.tokenizer_model,
+        num_threads=num_threads,
+        hf_include_special_tokens=config.tokenizer_hf_include_special_tokens,
+    )
 
 
 def _punkt_params(config: PreprocessConfig, files: list[str]):
@@ -345,7 +356,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
 
     started = time.perf_counter()
     files = expand_inputs(config.inputs)
-    encoder = build_encoder(config.tokenizer_type, config.tokenizer_model)
+    encoder = _build_encoder(config)
     _validate(config, files, encoder)
     dtype = token_dtype(encoder.vocab_size)
     paths = output_paths(config)
@@ -418,6 +429,7 @@ def _stats_record(
             "type": config.tokenizer_type,
             "model": str(config.tokenizer_model),
             "sha256": sha256_path(config.tokenizer_model),
+            "hf_include_special_tokens": config.tokenizer_hf_include_special_tokens,
             "vocab_size": encoder.vocab_size,
             "eod": encoder.eod,
         },

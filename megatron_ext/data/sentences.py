@@ -64,22 +64,9 @@ def language_code(lang: str) -> str:
     return _NLTK_NAMES.get(lang, lang)
 
 
-def _language_vars(code: str, keep_newlines: bool) -> PunktLanguageVars:
-    attrs: dict = {
-        "sent_end_chars": PunktLanguageVars.sent_end_chars + _EXTRA_SENT_END.get(code, ())
-    }
-    if keep_newlines:
-        # As Megatron-LM's CustomLanguageVars: whitespace after a sentence end (newlines included)
-        # stays with that sentence instead of being dropped.
-        attrs["_period_context_fmt"] = r"""
-            \S*                          # some word material
-            %(SentEndChars)s             # a potential sentence ending
-            \s*                          # trailing whitespace stays with the sentence
-            (?=(?P<after_tok>
-                %(NonWord)s              # either other punctuation
-                |
-                (?P<next_tok>\S+)        # or the next word
-            ))"""
+def _language_vars(code: str) -> PunktLanguageVars:
+    extra = _EXTRA_SENT_END.get(code, ())
+    attrs = {"sent_end_chars": PunktLanguageVars.sent_end_chars + extra}
     return type("LanguageVars", (PunktLanguageVars,), attrs)()
 
 
@@ -89,7 +76,9 @@ class SentenceSplitter:
 
     Args:
         lang: Language (``en``, ``ar``, ``zh``, or NLTK names such as ``english``).
-        keep_newlines: Keep the whitespace after each sentence (as Megatron-LM's flag).
+        keep_newlines: Keep the whitespace after each sentence with it, so the sentences
+            concatenate back to the document (Megatron-LM's flag of that name does the same
+            with a modified Punkt regex, but still drops it after closing quotes).
         params: Trained Punkt parameters; None splits untrained.
 
     The object is picklable so worker processes receive it.
@@ -102,7 +91,7 @@ class SentenceSplitter:
     def __post_init__(self) -> None:
         self._punkt = None
         if language_code(self.lang) not in _UNSPACED:
-            vars_ = _language_vars(language_code(self.lang), self.keep_newlines)
+            vars_ = _language_vars(language_code(self.lang))
             self._punkt = PunktSentenceTokenizer(lang_vars=vars_)
             if self.params is not None:
                 self._punkt._params = self.params
@@ -116,9 +105,15 @@ class SentenceSplitter:
 
     def split(self, text: str) -> list[str]:
         """The sentences of ``text`` (whitespace between them kept only with ``keep_newlines``)."""
-        if self._punkt is not None:
+        if self._punkt is None:
+            return _split_unspaced(text, self.keep_newlines)
+        if not self.keep_newlines:
             return self._punkt.tokenize(text)
-        return _split_unspaced(text, self.keep_newlines)
+        starts = [start for start, _ in self._punkt.span_tokenize(text)]
+        if not starts:
+            return [text] if text else []
+        starts[0] = 0
+        return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=True)]
 
 
 _END, _CLOSE = re.escape(_CJK_END), re.escape(_CJK_CLOSE)
@@ -146,7 +141,7 @@ def _split_unspaced(text: str, keep_newlines: bool) -> list[str]:
 
 def train_punkt(texts: Iterable[str], lang: str) -> PunktParameters:
     """Learn Punkt parameters (abbreviations, collocations, sentence starters) from ``texts``."""
-    trainer = PunktTrainer(lang_vars=_language_vars(language_code(lang), keep_newlines=False))
+    trainer = PunktTrainer(lang_vars=_language_vars(language_code(lang)))
     for text in texts:
         trainer.train(text, finalize=False)
     trainer.finalize_training()

@@ -1,0 +1,51 @@
+"""The ``megatron-ext`` command: one subcommand per tool, each also runnable as ``tools/<name>.py``.
+
+Subcommand modules are imported only when chosen, so ``megatron-ext preprocess`` never pays for
+importing torch or megatron-core.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv) -> int, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": (
+        "megatron_ext.commands.preprocess",
+        "corpora (jsonl/txt/parquet, .gz/.zst) -> Megatron indexed datasets; language blends",
+    ),
+    "fetch-sample-data": (
+        "megatron_ext.commands.fetch_sample_data",
+        "build the sample corpora and fetch the tokenizers used by the demo and tests",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: megatron-ext COMMAND [options]   (megatron-ext COMMAND --help)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand; returns its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"megatron-ext: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

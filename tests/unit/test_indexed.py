@@ -1,0 +1,78 @@
+"""Our indexed-dataset writer against megatron-core's builder and reader."""
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
+
+
+def _random_documents(rng, vocab, n_docs, max_sentences):
+    docs = []
+    for _ in range(n_docs):
+        lengths = rng.integers(1, 40, size=rng.integers(1, max_sentences + 1))
+        docs.append((rng.integers(0, vocab, size=lengths.sum()), lengths))
+    return docs
+
+
+def _write_ours(prefix, docs, dtype, blocks=3):
+    writer = IndexedDatasetWriter(f"{prefix}.bin", dtype)
+    for part in np.array_split(np.arange(len(docs)), blocks):
+        chosen = [docs[i] for i in part]
+        tokens = np.concatenate([t for t, _ in chosen]) if chosen else np.zeros(0)
+        lengths = np.concatenate([n for _, n in chosen]) if chosen else np.zeros(0)
+        writer.add_documents(
+            tokens.astype(dtype),
+            lengths.astype(np.int32),
+            np.array([len(n) for _, n in chosen], dtype=np.int64),
+        )
+    writer.finalize(f"{prefix}.idx")
+
+
+def _write_megatron(prefix, docs, dtype):
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for tokens, lengths in docs:
+        builder.add_document(tokens.tolist(), lengths.tolist())
+    builder.finalize(f"{prefix}.idx")
+
+
+@pytest.mark.parametrize(
+    ("vocab", "max_sentences"), [(32000, 1), (64005, 4), (65500, 1), (128256, 3)]
+)
+def test_bytes_match_megatron_builder_and_read_back(tmp_path, vocab, max_sentences):
+    rng = np.random.default_rng(vocab)
+    docs = _random_documents(rng, vocab, 50, max_sentences)
+    dtype = token_dtype(vocab)
+    _write_ours(tmp_path / "ours", docs, dtype)
+    _write_megatron(tmp_path / "ref", docs, dtype)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+    dataset = IndexedDataset(str(tmp_path / "ours"))
+    flat = [(tokens, lengths) for tokens, lengths in docs]
+    sequences = [s for tokens, lengths in flat for s in np.split(tokens, np.cumsum(lengths)[:-1])]
+    assert len(dataset) == len(sequences)
+    for i, expected in enumerate(sequences):
+        np.testing.assert_array_equal(dataset[i], expected)
+    expected_doc_index = np.concatenate([[0], np.cumsum([len(n) for _, n in docs])])
+    np.testing.assert_array_equal(dataset.document_indices, expected_doc_index)
+
+
+def test_empty_dataset_matches_megatron(tmp_path):
+    _write_ours(tmp_path / "ours", [], np.uint16, blocks=1)
+    _write_megatron(tmp_path / "ref", [], np.uint16)
+    assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "ref.idx").read_bytes()
+
+
+@pytest.mark.parametrize("vocab", [1000, 32000, 57344, 64005, 65499, 65500, 65536, 128256])
+def test_token_dtype_is_megatrons_choice(vocab):
+    assert token_dtype(vocab) is DType.optimal_dtype(vocab)
+
+
+def test_rejects_inconsistent_blocks(tmp_path):
+    writer = IndexedDatasetWriter(tmp_path / "x.bin", np.uint16)
+    with pytest.raises(ValueError, match="sequence lengths"):
+        writer.add_documents(np.zeros(5, np.uint16), np.array([2, 2]), np.array([2]))
+    with pytest.raises(TypeError):
+        writer.add_documents(np.zeros(4, np.int32), np.array([2, 2]), np.array([2]))
+    writer.close()

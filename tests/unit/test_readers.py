@@ -1,0 +1,136 @@
+"""Corpus readers on the deliberately malformed edge file and on every supported container."""
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from megatron_ext.data.readers import (
+    BLANK_LINE,
+    INVALID_JSON,
+    INVALID_UTF8,
+    MISSING_KEY,
+    NOT_A_STRING,
+    NOT_AN_OBJECT,
+    BadField,
+    InputError,
+    expand_inputs,
+    iter_blocks,
+    parse_block,
+)
+
+
+def records(path, keys=("text",), block_bytes=4 << 20):
+    return [
+        (line, fields)
+        for block in iter_blocks(str(path), block_bytes)
+        for line, fields in parse_block(block, list(keys))
+    ]
+
+
+def reasons(recs):
+    return {
+        line: (f[0].reason if isinstance(f[0], BadField) else "text") for line, f in recs
+    }
+
+
+def test_edge_file_lines_classified_as_documented(corpora):
+    # edge/README.md: which of the 15 lines parse, and why the others do not.
+    got = reasons(records(corpora / "edge" / "bad_lines.jsonl"))
+    assert got == {
+        1: "text",
+        2: "text",
+        3: "text",
+        4: INVALID_JSON,
+        5: INVALID_UTF8,
+        6: NOT_A_STRING,
+        7: MISSING_KEY,
+        8: "text",
+        9: "text",
+        10: "text",
+        11: INVALID_JSON,
+        12: BLANK_LINE,
+        13: "text",
+        14: "text",
+        15: "text",
+    }
+
+
+def test_edge_texts_match_strict_json_and_bom_is_gone(corpora):
+    path = corpora / "edge" / "bad_lines.jsonl"
+    raw = path.read_bytes().split(b"\n")
+    for line, fields in records(path):
+        if isinstance(fields[0], str):
+            content = raw[line - 1].removeprefix(b"\xef\xbb\xbf").removesuffix(b"\r")
+            assert fields[0] == json.loads(content.decode("utf-8"))["text"]
+    first = records(path)[0][1][0]
+    assert not first.startswith("\ufeff")
+    assert len(records(path)[12][1][0].encode()) == 2 * 1024 * 1024  # line 13: exactly 2 MiB
+
+
+@pytest.mark.parametrize("block_bytes", [1, 97, 4096])
+def test_small_blocks_give_the_same_records(corpora, block_bytes):
+    path = corpora / "edge" / "mixed_script.jsonl"
+    assert records(path, block_bytes=block_bytes) == records(path)
+
+
+def test_compressed_and_parquet_inputs_read_the_same(tmp_path, corpora):
+    source = corpora / "zh" / "train.jsonl"
+    expected = [(line, fields) for line, fields in records(source)]
+    gz = tmp_path / "zh.jsonl.gz"
+    gz.write_bytes(gzip.compress(source.read_bytes()))
+    zstandard = pytest.importorskip("zstandard")
+    zst = tmp_path / "zh.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(source.read_bytes()))
+    assert records(gz, block_bytes=1000) == expected
+    assert records(zst, block_bytes=1000) == expected
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f[0] for _, f in expected]
+    pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), tmp_path / "zh.parquet")
+    assert records(tmp_path / "zh.parquet") == expected
+    bad = records(tmp_path / "zh.parquet", keys=("n", "missing"))
+    assert bad[0][1][0].reason == NOT_A_STRING and bad[0][1][1].reason == MISSING_KEY
+
+
+def test_plain_text_one_document_per_line(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst line\r\n\r\nsecond \t line\n  \nlast without newline")
+    got = records(path)
+    assert [(n, f[0]) for n, f in got if isinstance(f[0], str)] == [
+        (1, "first line"),
+        (3, "second \t line"),
+        (5, "last without newline"),
+    ]
+    assert [n for n, f in got if isinstance(f[0], BadField)] == [2, 4]
+
+
+def test_json_that_is_not_an_object(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('["a list"]\n"a string"\n{"text": null}\n')
+    got = records(path)
+    assert [f[0].reason for _, f in got] == [NOT_AN_OBJECT, NOT_AN_OBJECT, NOT_A_STRING]
+
+
+def test_expand_inputs(tmp_path, corpora):
+    for name in ("b.jsonl", "a.jsonl", "c.txt"):
+        shutil.copy(corpora / "edge" / "mixed_script.jsonl", tmp_path / name)
+    assert expand_inputs([str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")]) == [
+        str(tmp_path / "a.jsonl"),
+        str(tmp_path / "b.jsonl"),
+    ]
+    with pytest.raises(InputError, match="no such file"):
+        expand_inputs([str(tmp_path / "missing.jsonl")])
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(InputError, match="unknown input format"):
+        expand_inputs([str(tmp_path / "x.csv")])
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(b"not gzip at all\n")
+    with pytest.raises(InputError, match="bad.jsonl.gz: cannot decompress"):
+        records(path)
