@@ -7,8 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_ext.assets import AssetError, fetch_tokenizer, find_corpora
+
+# Without a GPU the Triton kernels run in Triton's interpreter. @triton.jit reads this variable
+# when a kernel is defined, so it is set before any test imports `kernels` (spawned ranks inherit
+# it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -58,4 +65,3 @@ def llama2_tokenizer(tmp_path_factory, corpora) -> Path:
         except AssetError as err:
             print(f"tokenizer {name} unavailable: {err}")
     return _train_fallback_model(corpora, tmp_path_factory.mktemp("sp"))
-

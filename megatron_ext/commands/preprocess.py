@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Tokenize corpora (jsonl/txt/parquet, optionally .gz/.zst) into Megatron "
         "indexed datasets ({prefix}_{key}_{document|sentence}.bin/.idx + .stats.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("input data")
     source = data.add_mutually_exclusive_group(required=True)
@@ -62,41 +61,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML blend manifest: languages with inputs and token shares; writes one dataset "
         "per language and prints the --data-path blend",
     )
-    data.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to extract")
+    data.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="JSON keys to extract, one dataset each (default: text)",
+    )
     data.add_argument(
         "--split-sentences", action="store_true", help="one sequence per sentence (NLTK Punkt)"
     )
     data.add_argument(
-        "--keep-newlines", action="store_true", help="keep newlines between split sentences"
+        "--keep-newlines",
+        action="store_true",
+        help="keep the whitespace (newlines) after each sentence with it",
     )
     data.add_argument(
         "--lang",
         default="english",
         help="language for sentence splitting (en, ar, zh, ... or NLTK names such as english); "
-        "with --manifest, each language's own name unless it sets lang",
+        "with --manifest, each language's own name unless it sets lang (default: english)",
     )
     data.add_argument(
         "--punkt-params",
         default=PUNKT_TRAIN,
         help=f"Punkt parameters: '{PUNKT_TRAIN}' (learn from the input, offline), "
-        f"'{PUNKT_UNTRAINED}', or a JSON file; never downloaded",
+        f"'{PUNKT_UNTRAINED}', or a JSON file; never downloaded (default: {PUNKT_TRAIN})",
     )
     data.add_argument(
         "--normalize",
         nargs="+",
         choices=sorted(NORMALIZERS),
         default=[],
-        help="text normalisation before tokenizing (off by default)",
+        help="text normalisation before tokenizing (default: none)",
     )
     data.add_argument(
         "--on-bad-line",
         choices=ON_BAD_LINE,
         default="error",
         help="malformed JSON, invalid UTF-8, missing key, non-string value: stop with "
-        "file:line, or skip and count",
+        "file:line, or skip and count (default: error)",
     )
     tok = parser.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    tok.add_argument(
+        "--tokenizer-type",
+        required=True,
+        choices=TOKENIZER_TYPES,
+        help="as in Megatron-LM: the SentencePiece types write the model's ids and use </s> as "
+        "end of document; HuggingFaceTokenizer loads a tokenizer directory (no remote code)",
+    )
     tok.add_argument(
         "--tokenizer-model",
         required=True,
@@ -116,12 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--force", action="store_true", help="overwrite existing outputs")
     run = parser.add_argument_group("runtime")
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: all cores)",
+    )
     run.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar (default: only on a terminal)",
+        help="progress bar (default: only when stderr is a terminal)",
     )
     return parser
 

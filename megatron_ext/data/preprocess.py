@@ -266,9 +266,11 @@ def ordered_map(
         fn = factory()
         yield from map(fn, items)
         return
-    context = multiprocessing.get_context(
-        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    )
+    # Never fork this process: it may hold threads (torch, tqdm) whose locks a child would
+    # inherit mid-use and deadlock on. forkserver forks workers from a clean, single-threaded
+    # server that has the pipeline's modules imported once.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     with context.Pool(workers, initializer=_init_worker, initargs=(factory,)) as pool:
         pending: deque = deque()
         for item in items:

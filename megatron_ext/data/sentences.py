@@ -64,6 +64,12 @@ def language_code(lang: str) -> str:
     return _NLTK_NAMES.get(lang, lang)
 
 
+# Right-to-left text often wraps punctuation in direction marks ("\u200f.\u200f"), which Punkt
+# takes for word characters, missing the boundary. Punkt reads a copy where the marks are spaces
+# (same length, so its spans index the original text).
+_DIRECTION_MARKS_AS_SPACES = str.maketrans(dict.fromkeys("\u200e\u200f\u061c", " "))
+
+
 def _language_vars(code: str) -> PunktLanguageVars:
     extra = _EXTRA_SENT_END.get(code, ())
     attrs = {"sent_end_chars": PunktLanguageVars.sent_end_chars + extra}
@@ -107,12 +113,12 @@ class SentenceSplitter:
         """The sentences of ``text`` (whitespace between them kept only with ``keep_newlines``)."""
         if self._punkt is None:
             return _split_unspaced(text, self.keep_newlines)
+        spans = list(self._punkt.span_tokenize(text.translate(_DIRECTION_MARKS_AS_SPACES)))
         if not self.keep_newlines:
-            return self._punkt.tokenize(text)
-        starts = [start for start, _ in self._punkt.span_tokenize(text)]
-        if not starts:
+            return [text[a:b] for a, b in spans]
+        if not spans:
             return [text] if text else []
-        starts[0] = 0
+        starts = [0] + [a for a, _ in spans[1:]]
         return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=True)]
 
 

@@ -1,4 +1,4 @@
-"""Our encoders against megatron-core's own tokenizer builder (what Megatron-LM's preprocess uses)."""
+"""Our encoders against megatron-core's tokenizer builder (what Megatron-LM's preprocess uses)."""
 
 import argparse
 

@@ -30,9 +30,7 @@ def records(path, keys=("text",), block_bytes=4 << 20):
 
 
 def reasons(recs):
-    return {
-        line: (f[0].reason if isinstance(f[0], BadField) else "text") for line, f in recs
-    }
+    return {line: (f[0].reason if isinstance(f[0], BadField) else "text") for line, f in recs}
 
 
 def test_edge_file_lines_classified_as_documented(corpora):

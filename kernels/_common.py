@@ -1,0 +1,103 @@
+"""Plumbing shared by the kernels: backend choice, TP group resolution, fp32 weight gradients."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def use_triton(device: torch.device, backend: Backend) -> bool:
+    """Decide whether a call runs the Triton kernels or the pure-PyTorch reference.
+
+    Args:
+        device: Device of the inputs.
+        backend: ``"auto"`` picks Triton on CUDA and the reference elsewhere; ``"triton"`` forces
+            the kernels (on CPU this needs ``TRITON_INTERPRET=1`` set before ``kernels`` is
+            imported, which is how the tests exercise them); ``"torch"`` forces the reference.
+
+    Returns:
+        True for the Triton path.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return device.type == "cuda"
+    return backend == "triton"
+
+
+def resolve_tp_group(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """Return the tensor-parallel group to communicate over, or None when there is nothing to do.
+
+    ``None`` means megatron-core's TP group when ``parallel_state`` is initialised (the same
+    default megatron-core's layers use) and no communication otherwise, so single-process callers
+    need no distributed setup. A group of size 1 is also returned as None.
+    """
+    if tp_group is None:
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            return None
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    return tp_group if dist.get_world_size(tp_group) > 1 else None
+
+
+def accumulate_mm_fp32(
+    acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, overwrite: bool = False
+) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` with ``overwrite``) with ``acc`` in fp32.
+
+    On CUDA, bf16/fp16 operands stay in that dtype on the tensor cores and cuBLAS reads and writes
+    the fp32 accumulator directly (``out_dtype``), so partial products are never rounded to
+    ``a.dtype``; CPU has no mixed-dtype GEMM, so operands are upcast. ``overwrite`` (beta = 0)
+    lets the first product fill an uninitialised buffer, saving a memset of it.
+    """
+    beta = 0.0 if overwrite else 1.0
+    if a.dtype == acc.dtype or not a.is_cuda:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
+    else:
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+
+
+def has_main_grad(weight: torch.Tensor) -> bool:
+    """Whether megatron-core's DistributedDataParallel gave ``weight`` an fp32 ``main_grad``."""
+    return hasattr(weight, "main_grad") and hasattr(weight, "grad_added_to_main_grad")
+
+
+def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 buffer a backward pass should accumulate ``weight``'s gradient into.
+
+    Under megatron-core's DistributedDataParallel every parameter carries an fp32 ``main_grad``
+    buffer; accumulating into it directly (megatron-core's gradient-accumulation-fusion protocol)
+    skips a dense parameter-dtype gradient, its rounding and DDP's extra add. Elsewhere it is a
+    fresh zero-filled fp32 tensor.
+    """
+    if has_main_grad(weight):
+        return weight.main_grad
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+def finish_weight_grad(weight: torch.Tensor, grad_fp32: torch.Tensor) -> torch.Tensor:
+    """Turn an fp32 gradient into what ``backward`` returns for ``weight``.
+
+    Args:
+        weight: The parameter.
+        grad_fp32: Its fp32 gradient: either ``weight_grad_buffer(weight)`` already filled, or a
+            private buffer, which is then added to ``main_grad`` when there is one.
+
+    Returns:
+        The gradient in the parameter's dtype, or under megatron-core's DDP a placeholder (the
+        gradient is already in ``main_grad``; the placeholder keeps DDP's hook on the main thread,
+        as megatron-core's own layers do).
+    """
+    if not has_main_grad(weight):
+        return grad_fp32.to(weight.dtype)
+    if grad_fp32 is not weight.main_grad:
+        weight.main_grad.add_(grad_fp32)
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.shape, dtype=weight.dtype, device=weight.device)

@@ -1,0 +1,463 @@
+"""Fused linear + cross-entropy over a vocab-parallel output layer, without the [N, V] logits.
+
+The loss of token ``n`` with label ``y`` over the global vocabulary of ``V`` classes (all TP
+ranks; padding rows included, as in megatron-core) is, with ``s = label_smoothing * V / (V - 1)``::
+
+    z_v  = h_n . w_v                       logits, fp32 accumulation
+    z_v <- cap * tanh(z_v / cap)           only with softcap, before everything else
+    lse  = log sum_v exp(z_v)
+    loss = lse - (1 - s) z_y - (s / V) sum_v z_v + z_loss * lse^2
+
+This is megatron-core's ``vocab_parallel_cross_entropy`` (its smoothing puts ``label_smoothing``
+of the mass on the ``V - 1`` wrong classes, i.e. ``F.cross_entropy(label_smoothing=s)``), with its
+smoothing term taken over the whole vocabulary under TP where megatron-core uses only the local
+partition; z-loss is PaLM's ``z_loss * lse^2`` per token; soft-capping is Gemma-2's.
+
+Tokens whose label is ``ignore_index`` or whose ``loss_mask`` is 0 get loss 0 and no gradient.
+``reduction="none"`` returns the per-token losses (what megatron-core's
+``compute_language_model_loss`` returns); ``"sum"`` sums them weighted by ``loss_mask``; ``"mean"``
+divides that sum by the number (mask weight) of non-ignored tokens, and is 0 when there are none.
+
+Algorithm: tokens are processed in chunks of ``C`` rows; for each chunk the logits
+``[C, V/TP]`` exist only in the input dtype, the per-token max, sum-exp, target logit and logit sum
+are combined across TP with one MAX and one SUM all-reduce of size ``O(C)``, and the gradient with
+respect to the logits is written over the logits in place. With ``mean``/``sum`` reduction the
+gradients are computed during the forward pass (the upstream gradient is a scalar, applied in
+backward), so forward+backward costs the three lm-head GEMMs; with ``none`` the per-token upstream
+gradient is only known in backward, which recomputes each chunk's logits (a fourth GEMM). ``dW`` is
+accumulated in fp32 (into megatron-core's ``main_grad`` when present); ``dH`` is all-reduced
+across TP inside backward, so callers must not wrap ``hidden`` in
+``copy_to_tensor_model_parallel_region``.
+"""
+
+# Triton spells compile-time constants (tl.constexpr parameters) in upper case.
+# ruff: noqa: N803
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    Backend,
+    accumulate_mm_fp32,
+    finish_weight_grad,
+    resolve_tp_group,
+    use_triton,
+    weight_grad_buffer,
+)
+
+_REDUCTIONS = ("none", "sum", "mean")
+# Widest vocab block a program handles at once (tests lower it to exercise partial blocks).
+MAX_BLOCK_V = 8192
+# Fewest token rows per chunk on a GPU (see _chunk_rows; tests lower it to get several chunks).
+MIN_GPU_CHUNK_ROWS = 2048
+
+
+@triton.jit
+def _softcap(z, cap):
+    # cap * tanh(z / cap) through exp: portable across Triton versions and the interpreter, and
+    # exact at the saturated ends (exp overflowing to inf gives +/-cap).
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
+
+
+@triton.jit
+def _ce_stats_kernel(
+    logits_ptr,
+    stride,
+    target_ptr,
+    max_ptr,
+    sumexp_ptr,
+    target_logit_ptr,
+    logit_sum_ptr,
+    n_cols,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row: max, sum of exp(z - max), z[target] (0 when off-shard) and sum of z, in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    m = -float("inf")
+    s = 0.0
+    total = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = _softcap(z, softcap)
+        total += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        z = tl.where(mask, z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    target = tl.load(target_ptr + row)
+    on_shard = target >= 0
+    z_t = tl.load(base + tl.where(on_shard, target, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_t = _softcap(z_t, softcap)
+    tl.store(max_ptr + row, m)
+    tl.store(sumexp_ptr + row, s)
+    tl.store(target_logit_ptr + row, tl.where(on_shard, z_t, 0.0))
+    tl.store(logit_sum_ptr + row, total)
+
+
+@triton.jit
+def _ce_grad_kernel(
+    logits_ptr,
+    stride,
+    target_ptr,
+    lse_ptr,
+    scale_ptr,
+    n_cols,
+    z_coef,
+    smooth,
+    target_coef,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Overwrite one row of logits with d(scale * loss)/d(logits), computed in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    scale = tl.load(scale_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    target = tl.load(target_ptr + row)
+    p_coef = 1.0 + z_coef * lse
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = _softcap(z, softcap)
+        d = p_coef * tl.exp(z - lse) - smooth - tl.where(cols == target, target_coef, 0.0)
+        if HAS_SOFTCAP:
+            c = z / softcap
+            d = d * (1.0 - c * c)
+        tl.store(base + cols, (d * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class _Config:
+    z_loss: float
+    softcap: float | None
+    smoothing: float  # s in the module docstring (megatron-core's rescaled label smoothing)
+    vocab_size: int  # global
+    reduction: str
+    tp_group: dist.ProcessGroup | None
+    triton: bool
+
+
+def _block_v(n_cols: int) -> int:
+    return min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    # fp32 math for bf16/fp16/fp32 inputs; float64 stays float64 (gradcheck).
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _softcap_torch(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def _row_stats(
+    logits: torch.Tensor, target: torch.Tensor, cfg: _Config
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local max, sum-exp (relative to that max), target logit and logit sum of each row."""
+    rows = logits.shape[0]
+    if cfg.triton:
+        out = torch.empty(4, rows, dtype=torch.float32, device=logits.device)
+        _ce_stats_kernel[(rows,)](
+            logits,
+            logits.stride(0),
+            target,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            logits.shape[1],
+            cfg.softcap or 1.0,
+            HAS_SOFTCAP=cfg.softcap is not None,
+            BLOCK_V=_block_v(logits.shape[1]),
+            num_warps=16 if logits.is_cuda else 1,
+        )
+        return out[0], out[1], out[2], out[3]
+    z = _softcap_torch(logits.to(_acc_dtype(logits)), cfg.softcap)
+    row_max = z.amax(dim=1)
+    sum_exp = torch.exp(z - row_max[:, None]).sum(dim=1)
+    on_shard = target >= 0
+    target_logit = z.gather(1, target.clamp_min(0)[:, None]).squeeze(1).where(on_shard, 0.0)
+    return row_max, sum_exp, target_logit, z.sum(dim=1)
+
+
+def _logits_grad_(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, cfg: _Config
+) -> None:
+    """Overwrite ``logits`` with ``scale[:, None] * d loss / d logits`` (fp32 math)."""
+    z_coef = 2.0 * cfg.z_loss
+    smooth = cfg.smoothing / cfg.vocab_size
+    target_coef = 1.0 - cfg.smoothing
+    if cfg.triton:
+        _ce_grad_kernel[(logits.shape[0],)](
+            logits,
+            logits.stride(0),
+            target,
+            lse,
+            scale,
+            logits.shape[1],
+            z_coef,
+            smooth,
+            target_coef,
+            cfg.softcap or 1.0,
+            HAS_SOFTCAP=cfg.softcap is not None,
+            BLOCK_V=_block_v(logits.shape[1]),
+            num_warps=16 if logits.is_cuda else 1,
+        )
+        return
+    z = _softcap_torch(logits.to(_acc_dtype(logits)), cfg.softcap)
+    d = torch.exp(z - lse[:, None]).mul_((1.0 + z_coef * lse)[:, None]).sub_(smooth)
+    rows = torch.nonzero(target >= 0).squeeze(1)
+    d[rows, target[rows]] -= target_coef
+    if cfg.softcap is not None:
+        d.mul_(1.0 - (z / cfg.softcap).square())
+    logits.copy_(d.mul_(scale[:, None]))
+
+
+def _global_lse_and_loss(
+    logits: torch.Tensor, target: torch.Tensor, cfg: _Config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-sum-exp and loss over the whole (TP-sharded) vocabulary."""
+    row_max, sum_exp, target_logit, logit_sum = _row_stats(logits, target, cfg)
+    if cfg.tp_group is not None:
+        local_max = row_max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=cfg.tp_group)
+        sums = torch.stack([sum_exp * torch.exp(local_max - row_max), target_logit, logit_sum])
+        dist.all_reduce(sums, group=cfg.tp_group)
+        sum_exp, target_logit, logit_sum = sums
+    lse = row_max + torch.log(sum_exp)
+    loss = (
+        lse
+        - (1.0 - cfg.smoothing) * target_logit
+        - (cfg.smoothing / cfg.vocab_size) * logit_sum
+        + cfg.z_loss * lse.square()
+    )
+    return lse, loss
+
+
+def _chunk_rows(n: int, hidden_size: int, shard_vocab: int, on_gpu: bool) -> int:
+    # Liger-Kernel's rule: a chunk's logits take about as much memory as the hidden states. On a
+    # GPU at least 2048 rows: every chunk's dW GEMM reads and writes the whole fp32 accumulator
+    # (8 bytes per element against 2 * rows flops), which stays hidden behind the tensor cores only
+    # from about that depth on (H100: 1.39x the bare GEMMs at 1024 rows, 1.26x at 2048, for
+    # H=4096, V=64000). This also caps the chunk's logits at 2048 x V/TP whatever N is.
+    rows = -(-n * hidden_size // shard_vocab)
+    if on_gpu:
+        rows = max(rows, MIN_GPU_CHUNK_ROWS)
+    return min(n, triton.next_power_of_2(rows))
+
+
+def _backprop_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    cfg: _Config,
+) -> None:
+    """Recompute each chunk's logits and accumulate dH (local to this shard) and fp32 dW."""
+    chunk = _chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logits = hidden[rows] @ weight.t()
+        _logits_grad_(logits, target[rows], lse[rows], scale[rows], cfg)
+        _apply_logits_grad(logits, hidden[rows], weight, grad_hidden, grad_weight, rows, False)
+
+
+def _apply_logits_grad(
+    dlogits: torch.Tensor,
+    hidden_rows: torch.Tensor,
+    weight: torch.Tensor,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    rows: slice,
+    overwrite_grad_weight: bool,
+) -> None:
+    if grad_hidden is not None:
+        torch.mm(dlogits, weight, out=grad_hidden[rows])
+    if grad_weight is not None:
+        accumulate_mm_fp32(grad_weight, dlogits.t(), hidden_rows, overwrite=overwrite_grad_weight)
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Autograd function behind :func:`fused_linear_cross_entropy` (flattened inputs)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        token_weight: torch.Tensor,
+        cfg: _Config,
+    ) -> torch.Tensor:
+        """Loss; with mean/sum reduction also the gradients, kept until backward scales them."""
+        n = hidden.shape[0]
+        if cfg.reduction == "mean":
+            scale = token_weight / token_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        else:
+            scale = token_weight
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grads_now = cfg.reduction != "none" and (need_dh or need_dw)
+        grad_hidden = _empty_rows_like(hidden) if grads_now and need_dh else None
+        acc = _acc_dtype(hidden)
+        grad_weight = (
+            torch.empty(weight.shape, dtype=acc, device=weight.device)  # filled by chunk 0
+            if grads_now and need_dw
+            else None
+        )
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        loss = torch.empty(n, dtype=acc, device=hidden.device)
+        chunk = _chunk_rows(n, hidden.shape[1], weight.shape[0], hidden.is_cuda)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            logits = hidden[rows] @ weight.t()
+            lse[rows], loss[rows] = _global_lse_and_loss(logits, target[rows], cfg)
+            if grads_now:
+                _logits_grad_(logits, target[rows], lse[rows], scale[rows], cfg)
+                _apply_logits_grad(
+                    logits, hidden[rows], weight, grad_hidden, grad_weight, rows, start == 0
+                )
+        if grads_now:
+            _reduce_grad_hidden(grad_hidden, cfg)
+            ctx.save_for_backward(grad_hidden, grad_weight, weight)
+        else:
+            ctx.save_for_backward(hidden, weight, target, lse, scale)
+        ctx.cfg, ctx.grads_now = cfg, grads_now
+        if cfg.reduction == "none":
+            return loss * token_weight
+        return (loss * scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Scale the gradients kept by forward, or recompute them chunk by chunk (``none``)."""
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.grads_now:
+            grad_hidden, grad_weight, weight = ctx.saved_tensors
+            # loss.backward() passes exactly 1: skip two passes over dW and dH then (the check
+            # syncs, but backward of the loss starts right after the forward anyway).
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                for grad in (grad_hidden, grad_weight):
+                    if grad is not None:
+                        grad.mul_(grad_loss.to(grad.dtype))
+        else:
+            hidden, weight, target, lse, scale = ctx.saved_tensors
+            grad_hidden = _empty_rows_like(hidden) if need_dh else None
+            grad_weight = weight_grad_buffer(weight) if need_dw else None
+            scale = grad_loss.to(scale.dtype) * scale
+            _backprop_chunks(hidden, weight, target, lse, scale, grad_hidden, grad_weight, ctx.cfg)
+            _reduce_grad_hidden(grad_hidden, ctx.cfg)
+        return (
+            grad_hidden,
+            finish_weight_grad(weight, grad_weight) if need_dw else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _empty_rows_like(hidden: torch.Tensor) -> torch.Tensor:
+    # Contiguous, so that each chunk's rows are a valid ``out=`` for torch.mm.
+    return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+
+
+def _reduce_grad_hidden(grad_hidden: torch.Tensor | None, cfg: _Config) -> None:
+    # Every rank holds the full hidden states but only its vocab shard's contribution to dH.
+    if grad_hidden is not None and cfg.tp_group is not None:
+        dist.all_reduce(grad_hidden, group=cfg.tp_group)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    tp_group: dist.ProcessGroup | None = None,
+    loss_mask: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels``, never materialising the logits.
+
+    See the module docstring for the exact loss, including how label smoothing, z-loss and
+    soft-capping compose.
+
+    Args:
+        hidden: ``[N, H]`` hidden states (any leading shape with ``N`` elements), the same on every
+            TP rank.
+        weight: This rank's output-layer shard ``[V / TP, H]``, rows ``rank * V / TP`` onwards
+            (megatron-core's even vocab split), same dtype as ``hidden``.
+        labels: ``[N]`` global token ids (any shape with ``N`` elements).
+        ignore_index: Label of tokens that get no loss and no gradient.
+        label_smoothing: Megatron-core's smoothing factor in ``[0, 1)``.
+        z_loss: Coefficient of the per-token ``lse^2`` penalty.
+        softcap: If set, logits become ``softcap * tanh(logits / softcap)`` first.
+        reduction: ``"none"`` (per-token losses shaped like ``labels``), ``"sum"`` or ``"mean"``
+            (over non-ignored tokens, weighted by ``loss_mask``).
+        tp_group: Tensor-parallel group the vocabulary is split over; None: megatron-core's TP
+            group if ``parallel_state`` is initialised, else no parallelism.
+        loss_mask: Optional per-token weights shaped like ``labels`` (e.g. megatron's loss mask).
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The fp32 loss: a scalar, or per-token losses for ``reduction="none"``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if weight.dim() != 2 or weight.shape[1] != hidden_2d.shape[1]:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} does not match hidden {tuple(hidden.shape)}"
+        )
+    if flat_labels.numel() != hidden_2d.shape[0]:
+        raise ValueError(f"{flat_labels.numel()} labels for {hidden_2d.shape[0]} hidden states")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+
+    group = resolve_tp_group(tp_group)
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)
+    shard = weight.shape[0]
+    vocab = shard * world
+    valid = flat_labels != ignore_index
+    local = flat_labels - rank * shard
+    target = torch.where(valid & (local >= 0) & (local < shard), local, -1)
+    token_weight = valid.to(_acc_dtype(hidden))
+    if loss_mask is not None:
+        token_weight = token_weight * loss_mask.reshape(-1).to(token_weight.dtype)
+    cfg = _Config(
+        z_loss=z_loss,
+        softcap=softcap,
+        smoothing=label_smoothing * vocab / (vocab - 1) if label_smoothing else 0.0,
+        vocab_size=vocab,
+        reduction=reduction,
+        tp_group=group,
+        triton=use_triton(hidden.device, backend),
+    )
+    loss = FusedLinearCrossEntropy.apply(hidden_2d, weight, target, token_weight, cfg)
+    return loss.view(labels.shape) if reduction == "none" else loss

@@ -1,0 +1,118 @@
+"""Process-group and megatron-core ``parallel_state`` setup; the only home of the CPU shims.
+
+``init`` picks NCCL when a GPU is present and gloo otherwise. Without a GPU, megatron-core still
+calls a few CUDA-only functions, so :func:`install_cpu_shims` replaces exactly those (and nothing
+on machines with a GPU): ``torch.cuda.current_device`` returns ``"cpu"`` (megatron-core passes it
+as a ``device=`` argument), ``torch.cuda.synchronize`` does nothing (dist_checkpointing's writer
+calls it), and megatron-core's CUDA RNG tracker is replaced by :class:`CpuRNGStatesTracker`,
+which forks the CPU generator so that dropout stays reproducible and its state checkpointable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as mcore_random
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """megatron-core's RNG tracker with named states of the CPU generator instead of CUDA's."""
+
+    def add(self, name: str, seed: int) -> None:
+        """Track a new named state seeded with ``seed`` (same checks as the CUDA tracker)."""
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        """Run the block with the CPU generator in state ``name``, then restore the caller's."""
+        if name not in self.states_:
+            raise KeyError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_initialize_rng_tracker(*args: object, force_reset: bool = False, **kwargs: object) -> None:
+    # Replaces megatron-core's initialize_rng_tracker (which would build a CUDA tracker); it is
+    # looked up as a module global by get_cuda_rng_tracker and model_parallel_cuda_manual_seed.
+    if force_reset or not mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+        mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def install_cpu_shims() -> None:
+    """Make megatron-core's CUDA-only calls work on a machine without a GPU (idempotent).
+
+    Raises:
+        RuntimeError: If a GPU is present: the shims would hide real CUDA.
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError("CPU shims must not be installed on a machine with a GPU")
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+    mcore_random.initialize_rng_tracker = _cpu_initialize_rng_tracker
+    if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        _cpu_initialize_rng_tracker(force_reset=True)
+
+
+def init(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int | None = None,
+) -> str:
+    """Initialise ``torch.distributed`` and megatron-core's model-parallel state.
+
+    The process group is created from ``rank``/``world_size`` if given, else from the usual
+    ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` environment (torchrun, srun wrappers);
+    an existing process group is reused.
+
+    Args:
+        tensor_model_parallel_size: TP size.
+        pipeline_model_parallel_size: PP size.
+        rank: This process's global rank.
+        world_size: Number of processes.
+        seed: If set, seeds torch and megatron-core's model-parallel RNG states.
+
+    Returns:
+        The backend in use: ``"nccl"`` or ``"gloo"``.
+    """
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        install_cpu_shims()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if gpu:
+            torch.cuda.set_device(
+                int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+            )
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+        mcore_random.model_parallel_cuda_manual_seed(seed)
+    return dist.get_backend()

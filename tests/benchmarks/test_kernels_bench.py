@@ -1,0 +1,294 @@
+"""Kernel benchmarks (numbers and method in docs/benchmarks.md, "## Kernels").
+
+CPU (``make bench``): the fused linear cross-entropy reference against a logits-materialising
+baseline at N=8192, H=1024, V=64000, fp32. Each forward+backward runs in a fresh subprocess that
+reports its own wall time and peak resident memory above what it held before the call (inputs
+included in neither): large CPU tensors are mmap-backed, so freed memory leaves the process and
+the high-water mark ``ru_maxrss`` is the true peak.
+
+GPU (skipped without CUDA; run ``pytest tests/benchmarks/test_kernels_bench.py --benchmark-only
+-k gpu -s``): fused linear CE against the bare lm-head GEMMs, torch matmul + F.cross_entropy,
+megatron-core's fused vocab-parallel CE on materialised logits and Liger-Kernel's fused linear CE
+(each skipped if not installed); the embedding against torch's gather and
+``embedding_dense_backward``. ``-s`` prints a markdown summary table at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812 - the universal alias
+
+from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.embedding import vocab_parallel_embedding
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
+
+# ---------------------------------------------------------------------------------------- CPU
+
+_CPU_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import torch, torch.nn.functional as F
+    from kernels.cross_entropy import fused_linear_cross_entropy
+
+    impl, n, h, v = sys.argv[1], *map(int, sys.argv[2:])
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen)
+    # Touch every page the run's inputs and outputs will use, then take the baseline.
+    hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
+    before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    start = time.perf_counter()
+    if impl == "fused":
+        loss = fused_linear_cross_entropy(hidden, weight, labels)
+    else:
+        loss = F.cross_entropy(hidden @ weight.t(), labels)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak - before, "loss": loss.item()}))
+    """
+)
+_CPU_RESULTS: dict[str, dict] = {}
+
+
+def _run_cpu_child(impl: str, n: int, h: int, v: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _CPU_CHILD, impl, str(n), str(h), str(v)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["baseline", "fused"])
+def test_cpu_loss_memory_and_time(benchmark, impl):
+    n, h, v = 8192, 1024, 64000
+    result = benchmark.pedantic(_run_cpu_child, args=(impl, n, h, v), rounds=1, iterations=1)
+    _CPU_RESULTS[impl] = result
+    benchmark.extra_info.update(
+        peak_mib=result["peak_bytes"] / 2**20, inner_seconds=result["seconds"]
+    )
+    if len(_CPU_RESULTS) == 2:
+        base, fused = _CPU_RESULTS["baseline"], _CPU_RESULTS["fused"]
+        assert abs(base["loss"] - fused["loss"]) < 1e-3
+        benchmark.extra_info.update(
+            memory_ratio=fused["peak_bytes"] / base["peak_bytes"],
+            time_ratio=fused["seconds"] / base["seconds"],
+        )
+        print(
+            f"\nCPU N={n} H={h} V={v} fp32: peak {base['peak_bytes'] / 2**20:.0f} MiB -> "
+            f"{fused['peak_bytes'] / 2**20:.0f} MiB "
+            f"({fused['peak_bytes'] / base['peak_bytes']:.3f}x), "
+            f"time {base['seconds']:.1f} s -> {fused['seconds']:.1f} s "
+            f"({fused['seconds'] / base['seconds']:.2f}x)"
+        )
+        assert fused["peak_bytes"] <= base["peak_bytes"] / 8
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+_GPU_ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gpu_summary():
+    yield
+    if not _GPU_ROWS:
+        return
+    print(f"\n\n{torch.cuda.get_device_name()}; median ms over the rounds; peak MiB above inputs")
+    print("| benchmark | shape | impl | ms | peak MiB | note |")
+    print("|---|---|---|---|---|---|")
+    for row in _GPU_ROWS:
+        print(
+            f"| {row['bench']} | {row['shape']} | {row['impl']} | {row['ms']:.3f} | "
+            f"{row['peak_mib']:.0f} | {row.get('note', '')} |"
+        )
+
+
+def _measure(benchmark, step, rounds=10, inner=1) -> tuple[float, float]:
+    """Median ms of ``step`` (run ``inner`` times per round) and its peak extra memory in MiB."""
+
+    def timed():
+        for _ in range(inner):
+            step()
+        torch.cuda.synchronize()
+
+    timed()  # compile / autotune / allocate outside the measurement
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
+    ms = benchmark.stats.stats.median * 1e3 / inner
+    benchmark.extra_info.update(ms=ms, peak_mib=peak)
+    return ms, peak
+
+
+def _megatron_ce():
+    from megatron.core import parallel_state
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    if not parallel_state.model_parallel_is_initialized():
+        from megatron_ext import distributed
+
+        distributed.init(1, rank=0, world_size=1)
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    def loss_fn(hidden, weight, labels):
+        logits = (hidden @ weight.t())[:, None]
+        return fused_vocab_parallel_cross_entropy(logits, labels[:, None], group).mean()
+
+    return loss_fn
+
+
+def _liger_ce():
+    liger = pytest.importorskip("liger_kernel.transformers.functional")
+    return lambda hidden, weight, labels: liger.liger_fused_linear_cross_entropy(
+        hidden, weight, labels
+    )
+
+
+def _loss_fn(impl):
+    if impl == "fused":
+        return fused_linear_cross_entropy
+    if impl == "fused-none":
+        # Per-token losses, as megatron-core's loss functions take them: backward recomputes.
+        return lambda hidden, weight, labels: fused_linear_cross_entropy(
+            hidden, weight, labels, reduction="none"
+        ).mean()
+    if impl == "torch":
+        return lambda hidden, weight, labels: F.cross_entropy(hidden @ weight.t(), labels)
+    if impl == "megatron":
+        return _megatron_ce()
+    return _liger_ce()
+
+
+CE_SHAPES = [(h, v) for h in (4096, 8192) for v in (32000, 57344, 64000)]
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["gemms", "fused", "fused-none", "torch", "megatron", "liger"])
+@pytest.mark.parametrize(("h", "v"), CE_SHAPES, ids=[f"H{h}-V{v}" for h, v in CE_SHAPES])
+def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
+    n = 8192
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = torch.randn(v, h, device="cuda", generator=gen, dtype=torch.bfloat16) / h**0.5
+    labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    if impl == "gemms":
+        # The floor: logits = H W^T, dH = G W, dW = G^T H with G a ready-made logits gradient.
+        grad_logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+        h_, w_ = hidden.detach(), weight.detach()
+
+        def step():
+            hidden.grad = weight.grad = None
+            h_ @ w_.t()
+            grad_logits @ w_
+            grad_logits.t() @ h_
+
+    else:
+        loss_fn = _loss_fn(impl)
+
+        def step():
+            hidden.grad = weight.grad = None
+            loss_fn(hidden, weight, labels).backward()
+
+    ms, peak = _measure(benchmark, step, rounds=10)
+    _GPU_ROWS.append(
+        dict(bench="linear CE fwd+bwd", shape=f"N={n} H={h} V={v}", impl=impl, ms=ms, peak_mib=peak)
+    )
+
+
+EMB_TOKENS, EMB_H, EMB_V = 32768, 4096, 64000
+
+
+def _embedding_inputs():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(EMB_V, EMB_H, device="cuda", generator=gen, dtype=torch.bfloat16)
+    ids = torch.randint(0, EMB_V, (EMB_TOKENS,), device="cuda", generator=gen)
+    return ids, weight
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["fused", "torch", "copy"])
+def test_gpu_embedding_forward(benchmark, impl):
+    ids, weight = _embedding_inputs()
+    if impl == "copy":
+        # What the GPU can move: a device-to-device copy of the same bytes.
+        src = torch.empty(EMB_TOKENS, EMB_H, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+
+        def step():
+            dst.copy_(src)
+
+    elif impl == "fused":
+
+        def step():
+            vocab_parallel_embedding(ids, weight)
+
+    else:
+
+        def step():
+            F.embedding(ids, weight)
+
+    ms, peak = _measure(benchmark, step, rounds=20, inner=10)
+    moved = 2 * EMB_TOKENS * EMB_H * weight.element_size() + ids.numel() * ids.element_size()
+    tb_s = moved / (ms * 1e-3) / 1e12
+    benchmark.extra_info.update(tb_per_s=tb_s)
+    _GPU_ROWS.append(
+        dict(
+            bench="embedding fwd",
+            shape=f"T={EMB_TOKENS} H={EMB_H} V={EMB_V}",
+            impl=impl,
+            ms=ms,
+            peak_mib=peak,
+            note=f"{tb_s:.2f} TB/s",
+        )
+    )
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["fused", "fused-main-grad", "torch"])
+def test_gpu_embedding_backward(benchmark, impl):
+    ids, weight = _embedding_inputs()
+    grad_out = torch.randn(EMB_TOKENS, EMB_H, device="cuda", dtype=torch.bfloat16)
+    if impl == "torch":
+
+        def step():
+            torch.ops.aten.embedding_dense_backward(grad_out, ids, EMB_V, -1, False)
+
+    else:
+        weight.requires_grad_()
+        if impl == "fused-main-grad":
+            weight.main_grad = torch.zeros(EMB_V, EMB_H, device="cuda")
+            weight.grad_added_to_main_grad = False
+        out = vocab_parallel_embedding(ids, weight)
+
+        def step():
+            weight.grad = None
+            torch.autograd.backward(out, grad_out, retain_graph=True)
+
+    ms, peak = _measure(benchmark, step, rounds=20, inner=5)
+    _GPU_ROWS.append(
+        dict(
+            bench="embedding bwd",
+            shape=f"T={EMB_TOKENS} H={EMB_H} V={EMB_V}",
+            impl=impl,
+            ms=ms,
+            peak_mib=peak,
+        )
+    )

@@ -1,0 +1,76 @@
+"""Spawn N gloo ranks on 127.0.0.1 for multi-rank tests (reused by every integration test).
+
+``run_ranks(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in ``world_size``
+fresh processes with ``megatron_ext.distributed.init`` already called (TP = ``world_size`` unless
+``tensor_model_parallel_size`` says otherwise) and re-raises the first failure in the test
+process. ``fn`` must be importable (module level) and should put what it wants checked in
+assertions inside the rank, or return picklable values, which come back in rank order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank, world_size, port, tp, fn, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # One thread per rank: the test machine has two cores.
+    import torch
+
+    torch.set_num_threads(1)
+    from megatron_ext import distributed
+
+    try:
+        distributed.init(tp, rank=rank, world_size=world_size, seed=1234)
+        results.put((rank, fn(rank, world_size, *args), None))
+    except BaseException:  # reported to the parent, which re-raises
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    tensor_model_parallel_size: int | None = None,
+    timeout: float = 300.0,
+) -> list[Any]:
+    """Run ``fn`` on ``world_size`` gloo ranks; return its results in rank order."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    tp = world_size if tensor_model_parallel_size is None else tensor_model_parallel_size
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, tp, fn, args, results))
+        for r in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        outcome = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [f"rank {rank}:\n{err}" for rank, _, err in sorted(outcome) if err]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [value for _, value, _ in sorted(outcome, key=lambda item: item[0])]

@@ -1,0 +1,383 @@
+"""End-to-end preprocessing, checked against sentencepiece and megatron-core's readers."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_ext.commands import preprocess as preprocess_cmd
+from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
+from megatron_ext.data.sentences import SentenceSplitter
+from megatron_ext.outputs import OutputExistsError
+from tests.helpers import read_texts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(tokenizer, inputs, prefix, **kwargs):
+    kwargs.setdefault("append_eod", True)
+    return PreprocessConfig(
+        inputs=[str(i) for i in inputs],
+        output_prefix=str(prefix),
+        tokenizer_type="Llama2Tokenizer",
+        tokenizer_model=str(tokenizer),
+        **kwargs,
+    )
+
+
+def files_of(prefix, level="document"):
+    stem = f"{prefix}_text_{level}"
+    return [Path(stem + ext) for ext in (".bin", ".idx", ".stats.json")]
+
+
+@pytest.mark.parametrize("lang", ["ar", "en", "zh"])
+def test_documents_equal_sentencepiece_with_any_worker_count(
+    tmp_path, corpora, llama2_tokenizer, lang
+):
+    source = corpora / lang / "train.jsonl"
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+    # Small blocks so that two workers really interleave.
+    for workers in (1, 2):
+        run_preprocess(
+            config(
+                llama2_tokenizer,
+                [source],
+                tmp_path / f"w{workers}",
+                workers=workers,
+                block_bytes=1 << 18,
+            ),
+            progress=False,
+        )
+    for a, b in zip(files_of(tmp_path / "w1")[:2], files_of(tmp_path / "w2")[:2], strict=True):
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between 1 and 2 workers"
+
+    dataset = IndexedDataset(str(tmp_path / "w2_text_document"))
+    texts = read_texts(source)
+    assert len(dataset) == len(texts)
+    eos = reference.eos_id()
+    for i, expected in enumerate(reference.encode(texts)):
+        assert dataset[i].tolist() == expected + [eos], f"document {i} differs"
+    stats = json.loads(files_of(tmp_path / "w2")[2].read_text())
+    assert stats["documents"] == len(texts)
+    assert stats["tokens"] == sum(len(x) for x in reference.encode(texts)) + len(texts)
+    assert stats["characters"] == sum(len(t) for t in texts)
+    assert stats["dtype"] == "uint16"
+
+
+def test_sentence_level_output(tmp_path, corpora, llama2_tokenizer):
+    source = corpora / "en" / "valid.jsonl"
+    run_preprocess(
+        config(
+            llama2_tokenizer,
+            [source],
+            tmp_path / "s",
+            split_sentences=True,
+            lang="en",
+            punkt_params="untrained",
+            workers=2,
+        ),
+        progress=False,
+    )
+    dataset = IndexedDataset(str(tmp_path / "s_text_sentence"))
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+    splitter = SentenceSplitter("en", keep_newlines=False, params=None)
+    expected_sequences, doc_index = [], [0]
+    for text in read_texts(source):
+        ids = [x for x in reference.encode(splitter.split(text)) if x]
+        ids[-1] = ids[-1] + [reference.eos_id()]
+        expected_sequences += ids
+        doc_index.append(len(expected_sequences))
+    assert [s.tolist() for s in dataset] == expected_sequences
+    np.testing.assert_array_equal(dataset.document_indices, doc_index)
+
+
+def _usable_edge_texts(path):
+    """What edge/README.md calls usable, computed here with strict UTF-8 and strict JSON."""
+    texts = []
+    for raw in path.read_bytes().split(b"\n")[:-1]:
+        raw = raw.removeprefix(b"\xef\xbb\xbf").removesuffix(b"\r")
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip():
+            texts.append(obj["text"])
+    return texts
+
+
+def test_edge_file_skip_mode_writes_exactly_the_usable_documents(
+    tmp_path, corpora, llama2_tokenizer
+):
+    source = corpora / "edge" / "bad_lines.jsonl"
+    report = run_preprocess(
+        config(llama2_tokenizer, [source], tmp_path / "edge", on_bad_line="skip", workers=2),
+        progress=False,
+    )["text"]
+    usable = _usable_edge_texts(source)
+    assert len(usable) == 7  # edge/README.md: lines 1, 2, 3, 10, 13, 14, 15
+    assert report["documents"] == 7
+    assert report["lines"] == 15
+    assert report["skipped"] == {
+        "blank_line": 1,
+        "empty_document": 2,
+        "invalid_json": 2,
+        "invalid_utf8": 1,
+        "missing_key": 1,
+        "not_a_string": 1,
+    }
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+    dataset = IndexedDataset(str(tmp_path / "edge_text_document"))
+    assert [d.tolist() for d in dataset] == [ids + [2] for ids in reference.encode(usable)]
+    assert any("\x00" in t for t in usable)  # the NUL document is kept and tokenized
+
+
+def test_edge_file_default_mode_names_file_and_line(tmp_path, corpora, llama2_tokenizer, capsys):
+    source = corpora / "edge" / "bad_lines.jsonl"
+    argv = [
+        "--input",
+        str(source),
+        "--output-prefix",
+        str(tmp_path / "edge"),
+        "--tokenizer-type",
+        "Llama2Tokenizer",
+        "--tokenizer-model",
+        str(llama2_tokenizer),
+        "--append-eod",
+        "--workers",
+        "2",
+    ]
+    assert preprocess_cmd.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{source}:4: invalid JSON" in err
+    assert list(tmp_path.iterdir()) == []  # nothing final, nothing temporary
+
+
+def test_existing_outputs_need_force(tmp_path, corpora, llama2_tokenizer):
+    cfg = config(llama2_tokenizer, [corpora / "zh" / "train.jsonl"], tmp_path / "zh")
+    run_preprocess(cfg, progress=False)
+    before = {p: p.read_bytes() for p in files_of(tmp_path / "zh")}
+    other = config(llama2_tokenizer, [corpora / "en" / "valid.jsonl"], tmp_path / "zh")
+    with pytest.raises(OutputExistsError, match="--force"):
+        run_preprocess(other, progress=False)
+    assert {p: p.read_bytes() for p in before} == before
+    other.force = True
+    run_preprocess(other, progress=False)
+    assert files_of(tmp_path / "zh")[0].read_bytes() != before[files_of(tmp_path / "zh")[0]]
+
+
+def test_sigkill_leaves_no_final_file_and_rerun_succeeds(tmp_path, corpora, llama2_tokenizer):
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as out:
+        for _ in range(3):
+            out.write((corpora / "ar" / "train.jsonl").read_bytes())
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_ext.cli",
+        "preprocess",
+        "--input",
+        str(big),
+        "--output-prefix",
+        str(tmp_path / "out" / "ar"),
+        "--tokenizer-type",
+        "Llama2Tokenizer",
+        "--tokenizer-model",
+        str(llama2_tokenizer),
+        "--append-eod",
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "out").glob("*.tmp.*")):
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Workers die with their parent's pool pipes; give them a moment.
+    time.sleep(0.5)
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left and all(".tmp." in name for name in left), left
+
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["ar_text_document.bin", "ar_text_document.idx", "ar_text_document.stats.json"]
+    assert len(IndexedDataset(str(tmp_path / "out" / "ar_text_document"))) == 3 * 14193
+
+
+def test_compressed_and_parquet_inputs_give_identical_bytes(tmp_path, corpora, llama2_tokenizer):
+    zstandard = pytest.importorskip("zstandard")
+    pa = pytest.importorskip("pyarrow")
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    source = corpora / "ar" / "valid.jsonl"
+    data = source.read_bytes()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    pq.write_table(pa.table({"text": read_texts(source)}), tmp_path / "a.parquet")
+    outputs = []
+    for name, src in [
+        ("plain", source),
+        ("gz", tmp_path / "a.jsonl.gz"),
+        ("zst", tmp_path / "a.jsonl.zst"),
+        ("pq", tmp_path / "a.parquet"),
+    ]:
+        run_preprocess(config(llama2_tokenizer, [src], tmp_path / name, workers=2), progress=False)
+        outputs.append([p.read_bytes() for p in files_of(tmp_path / name)[:2]])
+    assert all(o == outputs[0] for o in outputs[1:])
+
+
+def test_manifest_blend_realises_token_shares(tmp_path, corpora, llama2_tokenizer, capsys):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from tests.unit.test_encoders import megatron_tokenizer
+
+    # English has ~3x the tokens of Arabic valid here, yet must get only a quarter of training.
+    manifest = tmp_path / "blend.yaml"
+    manifest.write_text(
+        "train_tokens: 2000000\n"
+        "languages:\n"
+        f"  en: {{inputs: [{corpora / 'en' / 'train.jsonl'}], share: 1}}\n"
+        f"  ar: {{inputs: [{corpora / 'ar' / 'valid.jsonl'}], share: 3}}\n"
+    )
+    argv = [
+        "--manifest",
+        str(manifest),
+        "--output-prefix",
+        str(tmp_path / "data" / "mix"),
+        "--tokenizer-type",
+        "Llama2Tokenizer",
+        "--tokenizer-model",
+        str(llama2_tokenizer),
+        "--append-eod",
+        "--workers",
+        "2",
+    ]
+    assert preprocess_cmd.main(argv) == 0
+    out = capsys.readouterr().out
+    data_path = re.search(r"^--data-path (.+)$", out, re.M).group(1)
+    blend = json.loads((tmp_path / "data" / "mix_blend.json").read_text())
+    assert blend["data_path"] == data_path
+    assert [e["name"] for e in blend["languages"]] == ["en", "ar"]
+    assert blend["languages"][1]["epochs"] > blend["languages"][0]["epochs"]
+
+    seq_length, samples = 512, 3000
+    gpt_config = GPTDatasetConfig(
+        random_seed=1234,
+        sequence_length=seq_length,
+        blend=get_blend_from_list(data_path.split()),
+        split="100,0,0",
+        tokenizer=megatron_tokenizer("Llama2Tokenizer", llama2_tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(tmp_path / "cache"),
+    )
+    import torch.distributed as dist
+
+    # BlendedDataset asks for the rank, as it would inside a training job.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        train, _, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [samples, 0, 0], lambda: True, gpt_config
+        ).build()
+    finally:
+        dist.destroy_process_group()
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+    tokens = np.zeros(2)
+    arabic_fraction = {0: [], 1: []}
+    for i in range(samples):
+        sample = train[i]
+        dataset_id = int(sample["dataset_id"])
+        tokens[dataset_id] += sample["tokens"].numel()
+        if i % 50 == 0:
+            text = reference.decode(sample["tokens"].tolist())
+            letters = [c for c in text if c.isalpha()]
+            arabic_fraction[dataset_id].append(
+                sum("\u0600" <= c <= "\u06ff" for c in letters) / max(len(letters), 1)
+            )
+    shares = tokens / tokens.sum()
+    assert abs(shares[0] - 0.25) < 0.02 and abs(shares[1] - 0.75) < 0.02, shares
+    # The weights point at the right corpora: English samples are Latin, Arabic ones Arabic.
+    assert max(arabic_fraction[0]) < 0.1 and min(arabic_fraction[1]) > 0.9
+
+    # Re-running keeps complete, matching outputs instead of redoing (or clobbering) them.
+    assert preprocess_cmd.main(argv) == 0
+    assert capsys.readouterr().out.count("outputs are up to date") == 2
+
+
+def test_clear_errors_for_missing_input_and_bad_tokenizer(tmp_path, corpora, capsys):
+    bad_model = tmp_path / "tokenizer.model"
+    bad_model.write_text("not a model")
+    base = ["--output-prefix", str(tmp_path / "x"), "--tokenizer-type", "Llama2Tokenizer"]
+    assert (
+        preprocess_cmd.main(
+            ["--input", str(tmp_path / "nope.jsonl"), *base, "--tokenizer-model", str(bad_model)]
+        )
+        == 1
+    )
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+    assert (
+        preprocess_cmd.main(
+            [
+                "--input",
+                str(corpora / "zh" / "train.jsonl"),
+                *base,
+                "--tokenizer-model",
+                str(bad_model),
+            ]
+        )
+        == 1
+    )
+    assert "not a SentencePiece model" in capsys.readouterr().err
+
+
+def test_cli_help_lists_commands_and_flags():
+    top = subprocess.run(
+        [sys.executable, "-m", "megatron_ext.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "preprocess" in top and "fetch-sample-data" in top
+    help_text = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--input",
+        "--json-keys",
+        "--tokenizer-type",
+        "--tokenizer-model",
+        "--output-prefix",
+        "--append-eod",
+        "--split-sentences",
+        "--lang",
+        "--keep-newlines",
+        "--workers",
+        "--manifest",
+        "--normalize",
+        "--on-bad-line",
+        "--force",
+    ):
+        assert flag in help_text, flag
+    script = Path(sys.executable).parent / "megatron-ext"
+    console = subprocess.run([str(script), "preprocess", "--help"], capture_output=True, text=True)
+    assert console.returncode == 0 and "--manifest" in console.stdout

@@ -1,0 +1,237 @@
+"""Fused linear cross-entropy against plain PyTorch autograd on materialised logits (TP=1).
+
+Multi-rank agreement with megatron-core's vocab_parallel_cross_entropy is in
+tests/integration/test_kernels_tp.py.
+"""
+
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812 - the universal alias
+
+import kernels.cross_entropy as ce
+from kernels.cross_entropy import fused_linear_cross_entropy
+
+# On a GPU machine the same tests run the compiled kernels on CUDA tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+# (label_smoothing, z_loss, softcap)
+FEATURES = [(0.0, 0.0, None), (0.1, 0.0, None), (0.0, 1e-3, None), (0.1, 1e-3, 3.0)]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks_and_chunks(monkeypatch):
+    # 64-wide blocks, so V=203 spans four blocks, the last one partial: the online
+    # log-sum-exp and the masked tail are exercised, not a single-block special case. Token
+    # chunks follow the size rule alone (a few rows here), on a GPU too.
+    monkeypatch.setattr(ce, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(ce, "MIN_GPU_CHUNK_ROWS", 1)
+
+
+def unfused_loss(
+    hidden,
+    weight,
+    labels,
+    *,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    reduction="mean",
+    ignore_index=-100,
+    loss_mask=None,
+):
+    """The loss on materialised fp32 logits with torch's own ops, as a user would write it."""
+    logits = hidden.float() @ weight.float().t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    vocab = weight.shape[0]
+    # megatron-core's smoothing convention is torch's with eps * V / (V - 1).
+    eps = label_smoothing * vocab / (vocab - 1)
+    loss = F.cross_entropy(
+        logits, labels, reduction="none", label_smoothing=eps, ignore_index=ignore_index
+    )
+    valid = (labels != ignore_index).float()
+    loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * valid
+    weights = valid if loss_mask is None else valid * loss_mask.float()
+    if reduction == "none":
+        return loss * weights
+    if reduction == "sum":
+        return (loss * weights).sum()
+    return (loss * weights).sum() / weights.sum()
+
+
+def make_inputs(n, h, v, dtype=torch.float32, seed=0, ignore_every=5):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE)
+
+
+def loss_and_grads(fn, hidden, weight, labels, upstream=None, **kwargs):
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    loss = fn(hidden, weight, labels, **kwargs)
+    grad = torch.ones_like(loss) if upstream is None else upstream
+    loss.backward(grad)
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def assert_close(actual, expected, atol, rtol):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.float(), e.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("features", FEATURES, ids=["plain", "smooth", "zloss", "all"])
+def test_matches_unfused_autograd_fp32(backend, reduction, features):
+    smoothing, z_loss, softcap = features
+    hidden, weight, labels = make_inputs(37, 16, 203)
+    opts = dict(label_smoothing=smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction)
+    # A non-trivial upstream gradient: per-token for "none", a scalar != 1 otherwise.
+    upstream = (torch.randn(37) if reduction == "none" else torch.tensor(1.7)).to(DEVICE)
+    got = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, labels, upstream, backend=backend, **opts
+    )
+    want = loss_and_grads(unfused_loss, hidden, weight, labels, upstream, **opts)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token_and_loss_mask(backend):
+    hidden, weight, labels = make_inputs(1, 8, 203, ignore_every=0)
+    got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, backend=backend)
+    want = loss_and_grads(unfused_loss, hidden, weight, labels)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    hidden, weight, labels = make_inputs(16, 8, 203)
+    mask = torch.rand(16, generator=torch.Generator().manual_seed(3)).round().to(DEVICE)
+    got = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, labels, backend=backend, loss_mask=mask
+    )
+    want = loss_and_grads(unfused_loss, hidden, weight, labels, loss_mask=mask)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_within_documented_tolerance(backend):
+    """bf16 inputs: loss within 2e-2 and gradients within 2e-2 of fp32 math on the same values.
+
+    The tolerance covers bf16 logits (8 bits of mantissa, |z| ~ 4 here) and bf16 gradients;
+    accumulation itself is fp32.
+    """
+    hidden, weight, labels = make_inputs(64, 32, 203, dtype=torch.bfloat16)
+    got = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, labels, backend=backend, label_smoothing=0.1
+    )
+    want = loss_and_grads(unfused_loss, hidden.float(), weight.float(), labels, label_smoothing=0.1)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_triton_matches_reference():
+    hidden, weight, labels = make_inputs(64, 32, 203, dtype=torch.bfloat16)
+    got = loss_and_grads(
+        fused_linear_cross_entropy,
+        hidden,
+        weight,
+        labels,
+        backend="triton",
+        z_loss=1e-3,
+        softcap=3.0,
+        reduction="none",
+    )
+    want = loss_and_grads(
+        fused_linear_cross_entropy,
+        hidden,
+        weight,
+        labels,
+        backend="torch",
+        z_loss=1e-3,
+        softcap=3.0,
+        reduction="none",
+    )
+    # Same algorithm, same bf16 roundings; only exp/tanh implementations differ.
+    assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("features", FEATURES, ids=["plain", "smooth", "zloss", "all"])
+def test_reference_gradcheck_float64(reduction, features):
+    smoothing, z_loss, softcap = features
+    hidden, weight, labels = (t.cpu() for t in make_inputs(6, 3, 7, dtype=torch.float64))
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def fn(h, w):
+        return fused_linear_cross_entropy(
+            h,
+            w,
+            labels,
+            label_smoothing=smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            reduction=reduction,
+            backend="torch",
+        )
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_mean_is_zero_with_zero_grads(backend):
+    hidden, weight, _ = make_inputs(4, 8, 203)
+    labels = torch.full((4,), -100, device=DEVICE)
+    loss, dh, dw = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, labels, backend=backend
+    )
+    assert loss.item() == 0.0
+    assert not dh.any() and not dw.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_reproducible(backend):
+    hidden, weight, labels = make_inputs(64, 32, 203, dtype=torch.bfloat16)
+    first = loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, backend=backend)
+    second = loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, backend=backend)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_frozen_output_layer_gets_no_weight_gradient():
+    hidden, weight, labels = make_inputs(8, 8, 203)
+    hidden.requires_grad_()
+    fused_linear_cross_entropy(hidden, weight, labels).backward()
+    want = loss_and_grads(unfused_loss, hidden, weight, labels)[1]
+    torch.testing.assert_close(hidden.grad, want, atol=1e-6, rtol=1e-5)
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accumulates_into_megatron_main_grad(reduction):
+    """Under megatron-core's DDP the fp32 gradient is added to ``main_grad``."""
+    hidden, weight, labels = make_inputs(8, 8, 203, dtype=torch.bfloat16)
+    weight.requires_grad_()
+    weight.main_grad = torch.randn(weight.shape, device=DEVICE)
+    weight.grad_added_to_main_grad = False
+    before = weight.main_grad.clone()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    loss.sum().backward()
+    expected = loss_and_grads(
+        unfused_loss, hidden.float(), weight.float(), labels, reduction=reduction
+    )[2]
+    assert weight.grad_added_to_main_grad
+    torch.testing.assert_close(weight.main_grad - before, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_rejects_bad_arguments():
+    hidden, weight, labels = make_inputs(4, 8, 16)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fused_linear_cross_entropy(hidden, weight, labels, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="does not match"):
+        fused_linear_cross_entropy(hidden, weight[:, :4], labels)

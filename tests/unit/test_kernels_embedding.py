@@ -1,0 +1,139 @@
+"""Vocab-parallel embedding (one shard, no communication) against F.embedding + masking.
+
+Agreement with megatron-core's VocabParallelEmbedding at TP=1 and TP=2 is in
+tests/integration/test_kernels_tp.py.
+"""
+
+import pytest
+import torch
+from torch.nn import functional as F  # noqa: N812 - the universal alias
+
+from kernels.embedding import vocab_parallel_embedding
+
+# On a GPU machine the same tests run the compiled kernels on CUDA tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+
+
+def shard_reference(ids, weight, vocab_start, trainable_rows=None):
+    """What megatron-core does for one shard, written with plain autograd ops."""
+    rows = ids - vocab_start
+    hit = (rows >= 0) & (rows < weight.shape[0])
+    if trainable_rows is not None:
+        # Rows outside the range keep their values but are cut off from the graph.
+        start, end = (r - vocab_start for r in trainable_rows)
+        row_ids = torch.arange(weight.shape[0], device=weight.device)[:, None]
+        trainable = (row_ids >= start) & (row_ids < end)
+        weight = torch.where(trainable, weight, weight.detach())
+    return F.embedding(rows.where(hit, 0), weight) * hit[..., None]
+
+
+def make_inputs(shape, vocab, hidden, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=gen).to(dtype)
+    ids = torch.randint(0, 2 * vocab, shape, generator=gen)
+    ids.view(-1)[: ids.numel() // 2] = vocab + 3  # a hot row: many tokens sum into it
+    return ids.to(DEVICE), weight.to(DEVICE)
+
+
+def lookup_and_grad(fn, ids, weight, upstream, **kwargs):
+    weight = weight.detach().clone().requires_grad_()
+    out = fn(ids, weight, **kwargs)
+    out.backward(upstream)
+    return out.detach(), weight.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 7), (1,)], ids=["batch", "one-token"])
+@pytest.mark.parametrize("vocab_start", [0, 37])
+def test_matches_masked_f_embedding(backend, shape, vocab_start):
+    ids, weight = make_inputs(shape, 37, 20)
+    upstream = torch.randn(*shape, 20, device=DEVICE)
+    got = lookup_and_grad(
+        vocab_parallel_embedding, ids, weight, upstream, vocab_start=vocab_start, backend=backend
+    )
+    want = lookup_and_grad(shard_reference, ids, weight, upstream, vocab_start=vocab_start)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_gradient_accumulates_in_fp32(backend):
+    """64 tokens hit one bf16 row: fp32 accumulation then one rounding stays within 1 bf16 ulp.
+
+    (1 ulp, not half: Triton's CPU interpreter truncates on casts to bf16 where GPUs round to
+    nearest.)
+    """
+    ids = torch.full((64,), 3, device=DEVICE)
+    weight = torch.randn(8, 16, dtype=torch.bfloat16, device=DEVICE)
+    upstream = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    upstream = upstream.to(DEVICE)
+    out, grad = lookup_and_grad(vocab_parallel_embedding, ids, weight, upstream, backend=backend)
+    exact = upstream.double().sum(0)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad[3].double(), exact, atol=0, rtol=2**-7)
+    assert torch.equal(out, weight[3].expand(64, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainable_rows_freeze_the_others_exactly(backend):
+    ids, weight = make_inputs((4, 9), 40, 12)
+    upstream = torch.randn(4, 9, 12, device=DEVICE)
+    trainable = (50, 70)  # global ids; this shard holds 40..79
+    _, grad = lookup_and_grad(
+        vocab_parallel_embedding,
+        ids,
+        weight,
+        upstream,
+        vocab_start=40,
+        trainable_rows=trainable,
+        backend=backend,
+    )
+    _, want = lookup_and_grad(
+        shard_reference, ids, weight, upstream, vocab_start=40, trainable_rows=trainable
+    )
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+    frozen = torch.ones(40, dtype=torch.bool, device=DEVICE)
+    frozen[10:30] = False
+    assert torch.count_nonzero(grad[frozen]) == 0
+    assert torch.count_nonzero(grad[~frozen]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_runs_bitwise_identical(backend):
+    ids, weight = make_inputs((8, 64), 16, 24, dtype=torch.bfloat16)
+    upstream = torch.randn(8, 64, 24, device=DEVICE).bfloat16()
+    first = lookup_and_grad(vocab_parallel_embedding, ids, weight, upstream, backend=backend)
+    second = lookup_and_grad(vocab_parallel_embedding, ids, weight, upstream, backend=backend)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_main_grad_touches_only_occurring_rows(backend):
+    ids = torch.tensor([[1, 5, 5, 9]], device=DEVICE)
+    weight = torch.randn(12, 8, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    weight.main_grad = torch.randn(12, 8, device=DEVICE)
+    weight.grad_added_to_main_grad = False
+    before = weight.main_grad.clone()
+    upstream = torch.randn(1, 4, 8, device=DEVICE)
+    vocab_parallel_embedding(ids, weight, backend=backend).backward(upstream.bfloat16())
+    assert weight.grad_added_to_main_grad
+    untouched = torch.ones(12, dtype=torch.bool, device=DEVICE)
+    untouched[[1, 5, 9]] = False
+    assert torch.equal(weight.main_grad[untouched], before[untouched])
+    added = weight.main_grad - before
+    expected = torch.zeros(12, 8, device=DEVICE)
+    expected.index_add_(0, ids[0], upstream[0].bfloat16().float())
+    torch.testing.assert_close(added, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_reference_gradcheck_float64():
+    ids = torch.tensor([[0, 3, 3, 7, 9]])
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(w):
+        return vocab_parallel_embedding(
+            ids, w, vocab_start=2, trainable_rows=(3, 8), backend="torch"
+        )
+
+    assert torch.autograd.gradcheck(fn, (weight,))
