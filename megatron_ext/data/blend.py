@@ -57,7 +57,8 @@ def load_manifest(path: str | os.PathLike) -> BlendManifest:
     """Read and check a blend manifest.
 
     The YAML has ``languages`` (a mapping from name to ``inputs``, ``share`` and optionally
-    ``lang``, ``normalize``), and optionally ``output_prefix`` and ``train_tokens``.
+    ``lang``, ``normalize``), and optionally ``output_prefix`` and ``train_tokens``. Inputs may
+    use ``$VARIABLES`` and ``~``; relative ones are relative to the manifest's folder.
 
     Raises:
         ManifestError: Naming the file and the problem.
@@ -95,7 +96,7 @@ def load_manifest(path: str | os.PathLike) -> BlendManifest:
         languages.append(
             LanguageSpec(
                 name=str(name),
-                inputs=[i if os.path.isabs(i) else str(base / i) for i in inputs],
+                inputs=[_resolve(i, base) for i in inputs],
                 share=float(share),
                 lang=spec.get("lang"),
                 normalize=normalize,
@@ -110,6 +111,12 @@ def load_manifest(path: str | os.PathLike) -> BlendManifest:
         except (TypeError, ValueError) as err:
             raise ManifestError(f"{path}: train_tokens must be a number") from err
     return BlendManifest(languages, data.get("output_prefix"), train_tokens, str(path))
+
+
+def _resolve(path: str, base: Path) -> str:
+    """Expand ``$VARS`` and ``~``; relative paths are relative to the manifest's folder."""
+    path = os.path.expanduser(os.path.expandvars(path))
+    return path if os.path.isabs(path) else str(base / path)
 
 
 def blend_weights(shares: Sequence[float]) -> list[float]:

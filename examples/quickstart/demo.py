@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""The whole megatron-ext pipeline on CPU, end to end, ending in a report with plots (`make demo`).
+
+Each capability adds its stage here. Stages so far:
+
+1. sample data: the corpora (shared/corpora, or built from package registries) and the
+   Apache-2.0 Mistral-7B v0.1 tokenizer (Llama-2's own is used only for compatibility tests);
+2. preprocess: an English:Arabic 1:3 blend into Megatron indexed datasets, with the
+   ``--data-path`` that realises the shares.
+
+Outputs go to ``--output-dir`` (default ``demo_output/``); ``report.md`` there is the summary.
+Re-running reuses outputs that are up to date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def stage(title: str) -> None:
+    """Print a stage banner."""
+    print(f"\n=== {title} ===", flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    """Run a ``megatron-ext`` command as a user types it (with this interpreter); fail loudly."""
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, "-m", "megatron_ext.cli", *cmd[1:]], check=True)
+
+
+def sample_data() -> tuple[Path, Path]:
+    """Corpora folder and tokenizer path, fetched (and verified) when missing."""
+    from megatron_ext.assets import TOKENIZERS, fetch_corpora, fetch_tokenizer
+
+    stage("1. sample data")
+    corpora = fetch_corpora()
+    tokenizer = fetch_tokenizer("mistral")
+    print(f"corpora:   {corpora}")
+    print(f"tokenizer: {tokenizer} ({TOKENIZERS['mistral'].licence})")
+    return corpora, tokenizer
+
+
+def preprocess(out: Path, corpora: Path, tokenizer: Path) -> dict:
+    """Blend English and Arabic 1:3 by tokens into indexed datasets."""
+    stage("2. preprocess: corpora -> Megatron indexed datasets (en:ar = 1:3 by tokens)")
+    os.environ["MEGATRON_EXT_CORPORA"] = str(corpora)
+    prefix = out / "data" / "corpus"
+    run(
+        [
+            "megatron-ext", "preprocess",
+            "--manifest", str(HERE / "blend.yaml"),
+            "--output-prefix", str(prefix),
+            "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", str(tokenizer),
+            "--append-eod",
+            "--workers", str(min(os.cpu_count() or 1, 4)),
+        ]
+    )  # fmt: skip
+    blend = json.loads(Path(f"{prefix}_blend.json").read_text())
+    for entry in blend["languages"]:
+        stats_file = Path(entry["dataset"] + ".stats.json")
+        entry["stats"] = json.loads(stats_file.read_text())
+    return blend
+
+
+def plot_preprocess(blend: dict, path: Path) -> None:
+    """Bar charts: tokens per language (corpus vs blended share) and characters per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["name"] for e in blend["languages"]]
+    tokens = [e["tokens"] / 1e6 for e in blend["languages"]]
+    shares = [e["requested_share"] for e in blend["languages"]]
+    chars_per_token = [e["stats"]["characters"] / e["stats"]["tokens"] for e in blend["languages"]]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].bar(names, tokens, color="#4C72B0")
+    axes[0].set_title("corpus tokens (millions)")
+    corpus_share = [t / sum(tokens) for t in tokens]
+    x = range(len(names))
+    axes[1].bar([i - 0.2 for i in x], corpus_share, width=0.4, label="corpus")
+    axes[1].bar([i + 0.2 for i in x], shares, width=0.4, label="training blend")
+    axes[1].set_xticks(list(x), names)
+    axes[1].set_title("share of tokens")
+    axes[1].legend()
+    axes[2].bar(names, chars_per_token, color="#55A868")
+    axes[2].set_title("characters per token (base tokenizer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, blend: dict, seconds: float) -> Path:
+    """The demo's markdown report."""
+    plot_preprocess(blend, out / "preprocess.png")
+    rows = [
+        "| language | documents | tokens | characters | chars/token | skipped | blend share | "
+        "epochs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for e in blend["languages"]:
+        s = e["stats"]
+        rows.append(
+            f"| {e['name']} | {s['documents']:,} | {s['tokens']:,} | {s['characters']:,} | "
+            f"{s['characters'] / s['tokens']:.2f} | {s['skipped_total']:,} | "
+            f"{e['requested_share']:.2f} | {e.get('epochs', 0):.2f} |"
+        )
+    report = out / "report.md"
+    report.write_text(
+        "# megatron-ext demo report\n\n"
+        f"Ran on CPU in {seconds:.0f} s. Tokenizer: Mistral-7B v0.1 (Apache-2.0, 32,000 pieces, "
+        "the same SentencePiece BPE design as Llama-2's).\n\n"
+        "## Preprocessing\n\n"
+        "English (World English Bible) and classical Arabic (hadith) blended 1:3 by tokens. "
+        "Arabic costs the base tokenizer far more tokens per character than English: that is "
+        "what tokenizer expansion fixes.\n\n" + "\n".join(rows) + "\n\n"
+        f"Megatron `--data-path`:\n\n```\n{blend['data_path']}\n```\n\n"
+        "![preprocessing](preprocess.png)\n",
+        encoding="utf-8",
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every stage; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="demo_output", type=Path)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    corpora, tokenizer = sample_data()
+    blend = preprocess(args.output_dir, corpora, tokenizer)
+    report = write_report(args.output_dir, blend, time.perf_counter() - started)
+    stage("done")
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
