@@ -41,7 +41,7 @@ _FORMATS = {
 }
 _COMPRESSION = (".gz", ".zst")
 _BOM = b"\xef\xbb\xbf"
-DEFAULT_BLOCK_BYTES = 4 << 20
+DEFAULT_BLOCK_BYTES = 1 << 20
 _PARQUET_ROWS = 2048
 
 

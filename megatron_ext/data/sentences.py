@@ -14,13 +14,10 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from nltk.tokenize.punkt import (
-    PunktLanguageVars,
-    PunktParameters,
-    PunktSentenceTokenizer,
-    PunktTrainer,
-)
+if TYPE_CHECKING:  # nltk costs 0.3 s to import: only runs that split sentences pay for it
+    from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters
 
 # Sentence-final punctuation beyond Latin ". ? !", by language (ISO 639-1 or NLTK's names).
 _EXTRA_SENT_END = {
@@ -71,6 +68,8 @@ _DIRECTION_MARKS_AS_SPACES = str.maketrans(dict.fromkeys("\u200e\u200f\u061c", "
 
 
 def _language_vars(code: str) -> PunktLanguageVars:
+    from nltk.tokenize.punkt import PunktLanguageVars
+
     extra = _EXTRA_SENT_END.get(code, ())
     attrs = {"sent_end_chars": PunktLanguageVars.sent_end_chars + extra}
     return type("LanguageVars", (PunktLanguageVars,), attrs)()
@@ -97,6 +96,8 @@ class SentenceSplitter:
     def __post_init__(self) -> None:
         self._punkt = None
         if language_code(self.lang) not in _UNSPACED:
+            from nltk.tokenize.punkt import PunktSentenceTokenizer
+
             vars_ = _language_vars(language_code(self.lang))
             self._punkt = PunktSentenceTokenizer(lang_vars=vars_)
             if self.params is not None:
@@ -147,6 +148,8 @@ def _split_unspaced(text: str, keep_newlines: bool) -> list[str]:
 
 def train_punkt(texts: Iterable[str], lang: str) -> PunktParameters:
     """Learn Punkt parameters (abbreviations, collocations, sentence starters) from ``texts``."""
+    from nltk.tokenize.punkt import PunktTrainer
+
     trainer = PunktTrainer(lang_vars=_language_vars(language_code(lang)))
     for text in texts:
         trainer.train(text, finalize=False)
@@ -172,6 +175,8 @@ def load_punkt_params(path: str | os.PathLike) -> PunktParameters:
     Raises:
         ValueError: If the file is missing or malformed (never falls back to a download).
     """
+    from nltk.tokenize.punkt import PunktParameters
+
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
