@@ -106,6 +106,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         matches = (
             sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         )
+        if os.path.isdir(pattern):
+            raise InputError(f"--input {pattern}: a directory; give files or a glob (dir/*.jsonl)")
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise InputError(f"--input {pattern}: no such file")

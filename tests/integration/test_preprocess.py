@@ -72,6 +72,24 @@ def test_documents_equal_sentencepiece_with_any_worker_count(
     assert stats["dtype"] == "uint16"
 
 
+def test_huggingface_tokenizer_in_worker_processes(
+    tmp_path, corpora, llama2_tokenizer, hf_tokenizer_dir
+):
+    transformers = pytest.importorskip("transformers")
+    hf_dir = hf_tokenizer_dir
+    source = corpora / "edge" / "mixed_script.jsonl"
+    cfg = config(llama2_tokenizer, [source], tmp_path / "hf_out", workers=2, block_bytes=512)
+    cfg.tokenizer_type, cfg.tokenizer_model = "HuggingFaceTokenizer", str(hf_dir)
+    cfg.tokenizer_hf_include_special_tokens = True
+    run_preprocess(cfg, progress=False)
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    dataset = IndexedDataset(str(tmp_path / "hf_out_text_document"))
+    texts = read_texts(source)
+    expected = [reference(t)["input_ids"] + [reference.eos_token_id] for t in texts]
+    assert min(map(len, expected)) > 5 and all(e[0] == reference.bos_token_id for e in expected)
+    assert [d.tolist() for d in dataset] == expected
+
+
 def test_sentence_level_output(tmp_path, corpora, llama2_tokenizer):
     source = corpora / "en" / "valid.jsonl"
     run_preprocess(

@@ -36,17 +36,18 @@ def test_sentencepiece_types_match_megatron_core(tokenizer_type, llama2_tokenize
     assert (ours.eod, ours.vocab_size) == (reference.eod, reference.vocab_size)
 
 
-def test_huggingface_type_matches_megatron_core(tmp_path, llama2_tokenizer, corpora):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("tokenizers")
-    slow = transformers.LlamaTokenizerFast(vocab_file=str(llama2_tokenizer), legacy=False)
-    slow.save_pretrained(tmp_path)
+def test_huggingface_type_matches_megatron_core(hf_tokenizer_dir, corpora):
     texts = read_texts(corpora / "edge" / "mixed_script.jsonl")
     for include in (False, True):
-        ours = build_encoder("HuggingFaceTokenizer", tmp_path, hf_include_special_tokens=include)
-        reference = megatron_tokenizer("HuggingFaceTokenizer", tmp_path, include)
-        assert ours.encode_batch(texts) == [reference.tokenize(t) for t in texts]
-        assert ours.eod == reference.eod
+        ours = build_encoder(
+            "HuggingFaceTokenizer", hf_tokenizer_dir, hf_include_special_tokens=include
+        )
+        reference = megatron_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir, include)
+        expected = [reference.tokenize(t) for t in texts]
+        assert min(map(len, expected)) > 5
+        assert all((e[0] == 1) == include for e in expected)  # <s> only with special tokens
+        assert ours.encode_batch(texts) == expected
+        assert (ours.eod, ours.vocab_size) == (reference.eod, reference.vocab_size) == (2, 3000)
 
 
 def test_bad_tokenizer_files_are_named(tmp_path):
