@@ -399,3 +399,35 @@ def test_cli_help_lists_commands_and_flags():
     script = Path(sys.executable).parent / "megatron-ext"
     console = subprocess.run([str(script), "preprocess", "--help"], capture_output=True, text=True)
     assert console.returncode == 0 and "--manifest" in console.stdout
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_input_size(tmp_path, corpora, llama2_tokenizer):
+    """Peak RSS for 4x the input stays within a few MB of 1x: inputs are streamed, never held."""
+    source = (corpora / "ar" / "train.jsonl").read_bytes()
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc to read the peak RSS of one process")
+    # VmHWM, not ru_maxrss: the latter keeps the pytest parent's peak across fork and exec.
+    probe = (
+        "import re, sys\n"
+        "from megatron_ext.commands.preprocess import main\n"
+        "code = main(sys.argv[1:])\n"
+        "status = open('/proc/self/status').read()\n"
+        "print('maxrss_kb', re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+        "sys.exit(code)\n"
+    )
+    peaks = {}
+    for copies in (1, 4):
+        path = tmp_path / f"x{copies}.jsonl"
+        path.write_bytes(source * copies)
+        result = subprocess.run(
+            [sys.executable, "-c", probe, "--input", str(path), "--output-prefix",
+             str(tmp_path / f"out{copies}"), "--tokenizer-type", "Llama2Tokenizer",
+             "--tokenizer-model", str(llama2_tokenizer), "--append-eod", "--workers", "1"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        peaks[copies] = int(re.search(r"maxrss_kb (\d+)", result.stdout).group(1)) / 1024
+    grown = peaks[4] - peaks[1]
+    # 48 MB more input (and ~24 MB more token ids) must not show up in memory.
+    assert grown < 16, f"peak RSS grew by {grown:.0f} MB ({peaks})"
