@@ -191,45 +191,45 @@ def test_existing_outputs_need_force(tmp_path, corpora, llama2_tokenizer):
     assert files_of(tmp_path / "zh")[0].read_bytes() != before[files_of(tmp_path / "zh")[0]]
 
 
-def test_sigkill_leaves_no_final_file_and_rerun_succeeds(tmp_path, corpora, llama2_tokenizer):
-    big = tmp_path / "big.jsonl"
-    with open(big, "wb") as out:
-        for _ in range(3):
-            out.write((corpora / "ar" / "train.jsonl").read_bytes())
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_ext.cli",
-        "preprocess",
-        "--input",
-        str(big),
-        "--output-prefix",
-        str(tmp_path / "out" / "ar"),
-        "--tokenizer-type",
-        "Llama2Tokenizer",
-        "--tokenizer-model",
-        str(llama2_tokenizer),
-        "--append-eod",
-        "--workers",
-        "2",
-    ]
+def _start_and_interrupt(tmp_path, cmd, sig):
+    """Start ``cmd``, wait until it writes temporary outputs, then send ``sig``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "out").glob("*.tmp.*")):
         time.sleep(0.01)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    # Workers die with their parent's pool pipes; give them a moment.
-    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+@pytest.fixture
+def big_run(tmp_path, corpora, llama2_tokenizer):
+    big = tmp_path / "big.jsonl"
+    big.write_bytes((corpora / "ar" / "train.jsonl").read_bytes() * 3)
+    return [
+        sys.executable, "-m", "megatron_ext.cli", "preprocess", "--input", str(big),
+        "--output-prefix", str(tmp_path / "out" / "ar"), "--tokenizer-type", "Llama2Tokenizer",
+        "--tokenizer-model", str(llama2_tokenizer), "--append-eod", "--workers", "2",
+    ]  # fmt: skip
+
+
+def test_sigkill_leaves_no_final_file_and_rerun_succeeds(tmp_path, big_run):
+    _start_and_interrupt(tmp_path, big_run, signal.SIGKILL)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left and all(".tmp." in name for name in left), left
 
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(big_run, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["ar_text_document.bin", "ar_text_document.idx", "ar_text_document.stats.json"]
     assert len(IndexedDataset(str(tmp_path / "out" / "ar_text_document"))) == 3 * 14193
+
+
+def test_sigterm_exits_cleanly_without_leftovers(tmp_path, big_run):
+    proc = _start_and_interrupt(tmp_path, big_run, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_compressed_and_parquet_inputs_give_identical_bytes(tmp_path, corpora, llama2_tokenizer):
