@@ -4,13 +4,16 @@
 calls a few CUDA-only functions, so :func:`install_cpu_shims` replaces exactly those (and nothing
 on machines with a GPU): ``torch.cuda.current_device`` returns ``"cpu"`` (megatron-core passes it
 as a ``device=`` argument), ``torch.cuda.synchronize`` does nothing (dist_checkpointing's writer
-calls it), and megatron-core's CUDA RNG tracker is replaced by :class:`CpuRNGStatesTracker`,
-which forks the CPU generator so that dropout stays reproducible and its state checkpointable.
+calls it), ``device="cuda"`` allocations inside a few megatron-core modules (causal masks,
+pipeline schedules) go to the CPU, and megatron-core's CUDA RNG tracker is replaced by
+:class:`CpuRNGStatesTracker`, which forks the CPU generator so that dropout stays reproducible
+and its state checkpointable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
 
@@ -55,6 +58,34 @@ def _cpu_initialize_rng_tracker(*args: object, force_reset: bool = False, **kwar
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+class _CpuDeviceTorch:
+    """``torch`` as seen by megatron-core modules that hard-code ``device="cuda"`` allocations.
+
+    Attribute access goes to ``torch``; calls given ``device="cuda"`` get ``device="cpu"``.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(torch, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def call(*args: object, **kwargs: object) -> object:
+            if kwargs.get("device") == "cuda":
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return call
+
+
+# megatron-core modules whose module-level ``torch`` allocates on "cuda" (causal masks, pipeline
+# schedules' receive buffers).
+_CUDA_ALLOCATING_MODULES = (
+    "megatron.core.transformer.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+)
+
+
 def install_cpu_shims() -> None:
     """Make megatron-core's CUDA-only calls work on a machine without a GPU (idempotent).
 
@@ -66,6 +97,8 @@ def install_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     mcore_random.initialize_rng_tracker = _cpu_initialize_rng_tracker
+    for module_name in _CUDA_ALLOCATING_MODULES:
+        importlib.import_module(module_name).torch = _CpuDeviceTorch()
     if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         _cpu_initialize_rng_tracker(force_reset=True)
 

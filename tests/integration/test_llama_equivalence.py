@@ -1,0 +1,79 @@
+"""transformers' LlamaForCausalLM and our megatron-core model give the same logits (fp32)."""
+
+import pytest
+import torch
+from torch.nn import functional
+
+from megatron_ext.arch import LlamaArch
+from megatron_ext.checkpoint.layout import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_LAYER,
+    hf_layer_to_megatron,
+    hf_name,
+    split_tensor_parallel,
+)
+from tests.distributed import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(kv_heads: int):
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=300,  # not a multiple of 128: padding is exercised
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        initializer_range=0.2,  # large enough weights that logits differ by more than noise
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def megatron_shard(hf_model, arch: LlamaArch, tp: int, rank: int) -> dict:
+    """This TP rank's state dict in megatron-core names, vocab padded with zero rows."""
+    hf = hf_model.state_dict()
+    padded = arch.padded_vocab_size(tp)
+    full = {}
+    for layer in range(arch.num_layers):
+        full.update(hf_layer_to_megatron(hf.__getitem__, layer, arch))
+    for name in (EMBEDDING, FINAL_NORM, OUTPUT_LAYER):
+        full[name] = hf[hf_name(name)]
+    for name in (EMBEDDING, OUTPUT_LAYER):
+        full[name] = functional.pad(full[name], (0, 0, 0, padded - arch.vocab_size))
+    return {name: split_tensor_parallel(name, t, tp)[rank] for name, t in full.items()}
+
+
+def compare_logits(rank, world_size, kv_heads):
+    from megatron_ext.model.gpt import build_gpt_model
+
+    hf_model = tiny_llama(kv_heads)
+    arch = LlamaArch.from_hf_config(hf_model.config.to_dict())
+    model = build_gpt_model(
+        arch,
+        arch.transformer_config(world_size, 1),
+        arch.padded_vocab_size(world_size),
+        parallel_output=False,
+    ).eval()
+    missing, unexpected = model.load_state_dict(
+        megatron_shard(hf_model, arch, world_size, rank), strict=False
+    )
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+    tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        ours = model(tokens, positions, attention_mask=None)[..., : arch.vocab_size]
+        reference = hf_model(tokens).logits
+    assert reference.abs().max() > 1.0  # the comparison below is not trivially small
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_logits_match_transformers(tp, kv_heads):
+    run_ranks(compare_logits, tp, kv_heads)
