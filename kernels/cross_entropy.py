@@ -259,7 +259,7 @@ def _chunk_rows(n: int, hidden_size: int, shard_vocab: int, on_gpu: bool) -> int
     rows = -(-n * hidden_size // shard_vocab)
     if on_gpu:
         rows = max(rows, MIN_GPU_CHUNK_ROWS)
-    return min(n, triton.next_power_of_2(rows))
+    return max(1, min(n, triton.next_power_of_2(rows)))  # at least 1: N=0 must loop zero times
 
 
 def _backprop_chunks(
@@ -318,11 +318,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grads_now = cfg.reduction != "none" and (need_dh or need_dw)
         grad_hidden = _empty_rows_like(hidden) if grads_now and need_dh else None
         acc = _acc_dtype(hidden)
-        grad_weight = (
-            torch.empty(weight.shape, dtype=acc, device=weight.device)  # filled by chunk 0
-            if grads_now and need_dw
-            else None
-        )
+        grad_weight = None
+        if grads_now and need_dw:
+            # Chunk 0 overwrites it (saving a memset); with no tokens there is no chunk 0.
+            make = torch.empty if n else torch.zeros
+            grad_weight = make(weight.shape, dtype=acc, device=weight.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         loss = torch.empty(n, dtype=acc, device=hidden.device)
         chunk = _chunk_rows(n, hidden.shape[1], weight.shape[0], hidden.is_cuda)
@@ -351,12 +351,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.grads_now:
             grad_hidden, grad_weight, weight = ctx.saved_tensors
-            # loss.backward() passes exactly 1: skip two passes over dW and dH then (the check
-            # syncs, but backward of the loss starts right after the forward anyway).
-            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            # loss.backward() passes exactly 1: skip two passes over dW and dH then (reading the
+            # scalar syncs, but backward of the loss starts right after the forward anyway). A
+            # Python float keeps the factor exact where a tensor would be rounded to bf16 first.
+            factor = grad_loss.item()
+            if factor != 1.0:
                 for grad in (grad_hidden, grad_weight):
                     if grad is not None:
-                        grad.mul_(grad_loss.to(grad.dtype))
+                        grad.mul_(factor)
         else:
             hidden, weight, target, lse, scale = ctx.saved_tensors
             grad_hidden = _empty_rows_like(hidden) if need_dh else None

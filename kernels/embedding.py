@@ -108,7 +108,7 @@ def _lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, triton_pa
     """Rows of this shard for ``ids``; zeros for ids owned by other ranks."""
     flat = ids.reshape(-1)
     out = torch.empty(flat.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
-    if triton_path:
+    if triton_path and flat.numel() > 0:
         block_h = min(256, triton.next_power_of_2(weight.shape[1]))
         grid = (triton.cdiv(flat.numel(), 32), triton.cdiv(weight.shape[1], block_h))
         _embedding_fwd_kernel[grid](
@@ -123,7 +123,7 @@ def _lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, triton_pa
             BLOCK_N=32,
             BLOCK_H=block_h,
         )
-    else:
+    elif not triton_path:
         rows = flat - vocab_start
         hit = (rows >= 0) & (rows < weight.shape[0])
         torch.mul(weight[rows.where(hit, 0)], hit[:, None], out=out)

@@ -113,6 +113,28 @@ def _cross_entropy_rank(rank, world):
         truth = torch_loss_and_grads(hidden, weight, labels, rank, world, z_loss=1e-3, softcap=2.0)
         assert_all_close(fused, truth, 1e-5, f"{backend} z-loss+softcap vs torch")
 
+        # Per-token losses: backward recomputes the chunks and all-reduces dH itself.
+        hid = hidden.detach().clone().requires_grad_()
+        mine_w = mine.detach().clone().requires_grad_()
+        per_token = ce.fused_linear_cross_entropy(
+            hid, mine_w, labels, reduction="none", z_loss=1e-3, backend=backend
+        )
+        upstream = torch.randn(N, generator=torch.Generator().manual_seed(5))
+        (per_token * upstream).sum().backward()
+        ref_h = hidden.detach().clone().requires_grad_()
+        ref_w = weight.detach().clone().requires_grad_()
+        ref_logits = ref_h @ ref_w.t()
+        valid = labels != -100
+        ref = F.cross_entropy(ref_logits, labels, reduction="none")
+        ref = ref + 1e-3 * torch.logsumexp(ref_logits, -1).square() * valid
+        (ref * upstream).sum().backward()
+        assert_all_close(
+            (per_token.detach(), hid.grad, mine_w.grad),
+            (ref.detach(), ref_h.grad, shard(ref_w.grad, rank, world)),
+            1e-5,
+            f"{backend} reduction=none vs torch",
+        )
+
         # bf16: megatron-core upcasts the bf16 logits to fp32, as the fused kernels do per block.
         hidden, weight, labels = global_inputs(torch.bfloat16)
         mine = shard(weight, rank, world)
@@ -152,6 +174,7 @@ def _embedding_rank(rank, world):
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, V, (2, 6), generator=gen)
         ids[0, :4] = V - 1  # repeated row on the last shard
+        ids[1, :4] = torch.tensor([0, V // 2 - 1, V // 2, V // 2 + 1])  # the shard boundaries
         out_theirs = theirs(ids)
         upstream = torch.randn(out_theirs.shape, generator=gen)
         out_theirs.backward(upstream)

@@ -191,6 +191,12 @@ def test_all_ignored_mean_is_zero_with_zero_grads(backend):
     assert loss.item() == 0.0
     assert not dh.any() and not dw.any()
 
+    # An empty micro-batch behaves the same way.
+    loss, dh, dw = loss_and_grads(
+        fused_linear_cross_entropy, hidden[:0], weight, labels[:0], backend=backend
+    )
+    assert loss.item() == 0.0 and dh.shape == (0, 8) and not dw.any()
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bitwise_reproducible(backend):

@@ -44,7 +44,7 @@ def lookup_and_grad(fn, ids, weight, upstream, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(3, 7), (1,)], ids=["batch", "one-token"])
+@pytest.mark.parametrize("shape", [(3, 7), (1,), (0,)], ids=["batch", "one-token", "empty"])
 @pytest.mark.parametrize("vocab_start", [0, 37])
 def test_matches_masked_f_embedding(backend, shape, vocab_start):
     ids, weight = make_inputs(shape, 37, 20)

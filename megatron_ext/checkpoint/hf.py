@@ -1,0 +1,205 @@
+"""Hugging Face Llama checkpoints: lazy, validated reading; sharded safetensors writing.
+
+Reading never loads the whole model: tensors come one at a time from safetensors (memory-mapped)
+or from ``pytorch_model*.bin`` files opened with ``torch.load(weights_only=True, mmap=True)``.
+Every problem names the file or the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from megatron_ext.arch import ArchitectureError, LlamaArch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted (message names the file or tensor)."""
+
+
+def expected_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
+    """Every weight of a Hugging Face ``LlamaForCausalLM`` with its shape."""
+    h, d = arch.hidden_size, arch.head_dim
+    shapes = {
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
+                p + "self_attn.k_proj.weight": (arch.num_query_groups * d, h),
+                p + "self_attn.v_proj.weight": (arch.num_query_groups * d, h),
+                p + "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
+                p + "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
+                p + "mlp.up_proj.weight": (arch.ffn_hidden_size, h),
+                p + "mlp.down_proj.weight": (h, arch.ffn_hidden_size),
+            }
+        )
+    return shapes
+
+
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE = ("model.safetensors", "pytorch_model.bin")
+
+
+class HFCheckpoint:
+    """A Hugging Face Llama checkpoint directory, read lazily.
+
+    Args:
+        directory: Holds ``config.json`` and the weights (single file or sharded with an index).
+
+    Raises:
+        CheckpointError: Missing config or weight files, a non-Llama architecture, tensors
+            missing or of the wrong shape.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        config_path = self.directory / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: not found")
+        try:
+            self.config = json.loads(config_path.read_text(encoding="utf-8"))
+            self.arch = LlamaArch.from_hf_config(self.config, str(config_path))
+        except (json.JSONDecodeError, ArchitectureError) as err:
+            raise CheckpointError(str(err)) from err
+        self.files = self._weight_map()
+        self._open: dict[Path, object] = {}
+        self._validate()
+
+    def _weight_map(self) -> dict[str, Path]:
+        for index_name in _INDEXES:
+            index = self.directory / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = {name: self.directory / f for name, f in weight_map.items()}
+                missing = sorted({str(f) for f in files.values() if not f.is_file()})
+                if missing:
+                    raise CheckpointError(f"{index}: shard(s) missing: {', '.join(missing)}")
+                return files
+        for single in _SINGLE:
+            path = self.directory / single
+            if path.is_file():
+                return {name: path for name in self._names_in(path)}
+        raise CheckpointError(
+            f"{self.directory}: no weights (expected {', '.join(_SINGLE + _INDEXES)})"
+        )
+
+    @staticmethod
+    def _names_in(path: Path) -> Iterable[str]:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+    def _validate(self) -> None:
+        expected = expected_shapes(self.arch)
+        names = set(self.files) - {n for n in self.files if n.endswith("rotary_emb.inv_freq")}
+        missing = sorted(set(expected) - names)
+        if missing:
+            raise CheckpointError(
+                f"{self.directory}: tensor {missing[0]} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        unexpected = sorted(names - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{self.directory}: unexpected tensor {unexpected[0]}")
+        for name, shape in expected.items():
+            actual = tuple(self.shape(name))
+            if actual != shape:
+                hint = ""
+                if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                    hint = f" (config.json says vocab_size {self.arch.vocab_size})"
+                raise CheckpointError(
+                    f"{self.files[name]}: tensor {name} has shape {actual}, expected {shape}{hint}"
+                )
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._open[path] = safe_open(str(path), framework="pt")
+            else:
+                self._open[path] = torch.load(
+                    path, map_location="cpu", weights_only=True, mmap=True
+                )
+        return self._open[path]
+
+    def shape(self, name: str) -> torch.Size:
+        """Shape of a tensor without reading it (safetensors) or from its memory map (.bin)."""
+        handle = self._handle(self.files[name])
+        if isinstance(handle, dict):
+            return handle[name].shape
+        return torch.Size(handle.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read now."""
+        if name not in self.files:
+            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+        handle = self._handle(self.files[name])
+        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+
+
+def save_hf_checkpoint(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: str | os.PathLike,
+    config: dict,
+    max_shard_bytes: int = 5 << 30,
+) -> None:
+    """Write tensors as sharded safetensors with an index, plus ``config.json``.
+
+    Tensors are consumed one at a time and each shard is written as soon as it is full, so at
+    most one shard is held in memory.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    total_bytes = 0
+    weight_map: dict[str, int] = {}
+    written: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(written) + 1:05d}.safetensors"
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            written.append(name)
+            shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        shard_bytes += size
+        total_bytes += size
+        weight_map[name] = len(written)
+    flush()
+    total = len(written)
+    final_names = {}
+    for i, name in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        os.replace(directory / name, directory / final)
+        final_names[i] = final
+    index = {
+        "metadata": {"total_size": total_bytes},
+        "weight_map": {name: final_names[i] for name, i in sorted(weight_map.items())},
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

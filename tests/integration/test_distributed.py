@@ -1,0 +1,51 @@
+"""megatron_ext.distributed on CPU: gloo, parallel_state, and the CPU stand-ins for CUDA calls."""
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+from megatron_ext import distributed
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only shims")
+
+
+def _dropout_mask():
+    return torch.nn.functional.dropout(torch.ones(64), p=0.5)
+
+
+def _rank(rank, world):
+    assert torch.distributed.get_backend() == "gloo"
+    assert parallel_state.get_tensor_model_parallel_world_size() == world
+    assert parallel_state.get_tensor_model_parallel_rank() == rank
+    assert torch.cuda.current_device() == "cpu"
+    torch.cuda.synchronize()  # a no-op instead of "Torch not compiled with CUDA enabled"
+
+    tracker = get_cuda_rng_tracker()
+    assert isinstance(tracker, distributed.CpuRNGStatesTracker)
+    outside = torch.get_rng_state()
+    with tracker.fork():
+        first = _dropout_mask()
+        second = _dropout_mask()
+    assert torch.equal(torch.get_rng_state(), outside), "fork must restore the caller's state"
+    assert not torch.equal(first, second), "the forked state must advance inside the block"
+
+    # Re-seeding reproduces the same stream; the states can be saved and restored (checkpoints).
+    model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
+    tracker = get_cuda_rng_tracker()
+    assert isinstance(tracker, distributed.CpuRNGStatesTracker)
+    saved = {name: state.clone() for name, state in tracker.get_states().items()}
+    with tracker.fork():
+        again = _dropout_mask()
+    assert torch.equal(again, first)
+    tracker.set_states(saved)
+    with tracker.fork():
+        assert torch.equal(_dropout_mask(), first)
+    return first
+
+
+def test_cpu_shims_and_rng_tracker_across_tp_ranks():
+    masks = run_ranks(_rank, 2)
+    # The model-parallel stream is seeded per TP rank, so dropout differs across ranks.
+    assert not torch.equal(masks[0], masks[1])
