@@ -126,31 +126,33 @@ class HFCheckpoint:
                     f"{self.files[name]}: tensor {name} has shape {actual}, expected {shape}{hint}"
                 )
 
-    def _handle(self, path: Path):
+    def _bin(self, path: Path) -> dict[str, torch.Tensor]:
+        # .bin shards are memory-mapped once; their pages are read only when a tensor is used.
         if path not in self._open:
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._open[path] = safe_open(str(path), framework="pt")
-            else:
-                self._open[path] = torch.load(
-                    path, map_location="cpu", weights_only=True, mmap=True
-                )
+            self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return self._open[path]
 
     def shape(self, name: str) -> torch.Size:
-        """Shape of a tensor without reading it (safetensors) or from its memory map (.bin)."""
-        handle = self._handle(self.files[name])
-        if isinstance(handle, dict):
-            return handle[name].shape
-        return torch.Size(handle.get_slice(name).get_shape())
+        """Shape of a tensor, without reading its data."""
+        path = self.files[name]
+        if path.suffix != ".safetensors":
+            return self._bin(path)[name].shape
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return torch.Size(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read now."""
+        """One tensor, read now (a safetensors file is unmapped again right after)."""
         if name not in self.files:
             raise CheckpointError(f"{self.directory}: tensor {name} is missing")
-        handle = self._handle(self.files[name])
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        path = self.files[name]
+        if path.suffix != ".safetensors":
+            return self._bin(path)[name]
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def save_hf_checkpoint(

@@ -1,0 +1,279 @@
+"""Hugging Face Llama <-> megatron-core distributed checkpoints, with vocabulary expansion.
+
+``hf_to_megatron`` streams the HF tensors one at a time into megatron-core's layout (bf16 or
+fp32) and saves them with ``dist_checkpointing`` (torch_dist). The sharded state dict comes from a
+model built on the *meta* device, so no memory is spent on a model copy: the peak is the converted
+tensors themselves. Keys and global shapes are megatron-core's own, so the checkpoint loads at any
+TP/PP (``load_into``); only the vocabulary padding (a multiple of 128 x TP) depends on the TP
+given at conversion, and it is recorded in ``megatron_ext.json`` with the true vocabulary size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from megatron_ext.arch import LlamaArch
+from megatron_ext.checkpoint.hf import CheckpointError, HFCheckpoint, save_hf_checkpoint
+from megatron_ext.checkpoint.layout import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_LAYER,
+    hf_layer_to_megatron,
+    hf_name,
+    megatron_layer_to_hf,
+)
+from megatron_ext.embeddings.init import init_new_rows, subword_decomposition
+from megatron_ext.hashing import sha256_file
+from megatron_ext.tokenizer.encoders import load_sentencepiece
+
+METADATA = "megatron_ext.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _vocabulary_plan(
+    hf: HFCheckpoint, tokenizer_model: str | None, base_tokenizer_model: str | None
+) -> tuple[int, list[str], str | None]:
+    """(new vocabulary size, new pieces, base tokenizer path) after checking the tokenizers."""
+    if tokenizer_model is None:
+        return hf.arch.vocab_size, [], None
+    new = load_sentencepiece(tokenizer_model)
+    base_path = base_tokenizer_model or str(hf.directory / "tokenizer.model")
+    if not os.path.isfile(base_path):
+        raise CheckpointError(
+            f"{base_path}: the base tokenizer is needed to grow the vocabulary "
+            "(pass --base-tokenizer-model)"
+        )
+    base = load_sentencepiece(base_path)
+    old_size = hf.arch.vocab_size
+    if len(new) < old_size:
+        raise CheckpointError(
+            f"{tokenizer_model}: {len(new)} pieces, fewer than the checkpoint's vocabulary of "
+            f"{old_size} (a checkpoint with added tokens, e.g. 32001, needs a tokenizer that has "
+            "them too)"
+        )
+    if len(base) != old_size:
+        raise CheckpointError(
+            f"{base_path}: {len(base)} pieces but the checkpoint's vocabulary is {old_size}"
+        )
+    for i in range(old_size):
+        if new.id_to_piece(i) != base.id_to_piece(i):
+            raise CheckpointError(
+                f"{tokenizer_model}: piece {i} is {new.id_to_piece(i)!r}, the base has "
+                f"{base.id_to_piece(i)!r}: the new tokenizer must extend the base one"
+            )
+    pieces = [new.id_to_piece(i) for i in range(old_size, len(new))]
+    return len(new), pieces, base_path
+
+
+def _vocab_rows(
+    base_rows: torch.Tensor,
+    padded: int,
+    method: str,
+    new_pieces: list[str],
+    decomposition: list[list[int]] | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    parts = [base_rows]
+    if new_pieces:
+        parts.append(
+            init_new_rows(
+                method,
+                base_rows,
+                len(new_pieces),
+                decomposition=decomposition,
+                generator=generator,
+            )
+        )
+    true_size = base_rows.shape[0] + len(new_pieces)
+    # Padding rows are zero: their logits are exactly 0 and are dropped on export.
+    parts.append(torch.zeros(padded - true_size, base_rows.shape[1], dtype=base_rows.dtype))
+    return torch.cat(parts)
+
+
+def _meta_model(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype):
+    from megatron_ext.model.gpt import build_gpt_model
+
+    config = arch.transformer_config(
+        1, 1, perform_initialization=False, params_dtype=dtype, use_cpu_initialization=True
+    )
+    with torch.device("meta"):
+        return build_gpt_model(arch, config, padded_vocab, use_transformer_engine=False)
+
+
+def hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    tokenizer_model: str | None = None,
+    base_tokenizer_model: str | None = None,
+    embedding_init: str = "avg_subwords",
+    make_vocab_size_divisible_by: int = 128,
+    dtype: str = "bf16",
+    freeze_base_rows: bool = False,
+    seed: int = 1234,
+    force: bool = False,
+) -> dict:
+    """Convert (and optionally grow) a Hugging Face Llama checkpoint to megatron-core.
+
+    Needs ``torch.distributed`` initialised (one process is enough: ``distributed.init()``).
+
+    Returns:
+        The metadata written next to the checkpoint.
+
+    Raises:
+        CheckpointError: Bad inputs (the message names the file or tensor).
+        OutputExistsError: ``output_dir`` exists and ``force`` is false.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.outputs import OutputExistsError
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not force:
+        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
+    hf = HFCheckpoint(hf_dir)
+    hf.arch.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+    vocab_size, new_pieces, base_path = _vocabulary_plan(hf, tokenizer_model, base_tokenizer_model)
+    arch = hf.arch.with_vocab_size(vocab_size)
+    padded = arch.padded_vocab_size(tensor_model_parallel_size, make_vocab_size_divisible_by)
+    torch_dtype = DTYPES[dtype]
+
+    decomposition = None
+    if new_pieces and embedding_init == "avg_subwords":
+        decomposition = subword_decomposition(new_pieces, base_path, hf.arch.vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+
+    def converted():
+        for name in (EMBEDDING,) if arch.tie_word_embeddings else (EMBEDDING, OUTPUT_LAYER):
+            rows = hf.get(hf_name(name)).float()
+            yield (
+                name,
+                _vocab_rows(rows, padded, embedding_init, new_pieces, decomposition, generator),
+            )
+        yield FINAL_NORM, hf.get(hf_name(FINAL_NORM))
+        for layer in range(arch.num_layers):
+            yield from hf_layer_to_megatron(hf.get, layer, arch)
+
+    sharded = _meta_model(arch, padded, torch_dtype).sharded_state_dict()
+    for name, tensor in converted():
+        if name not in sharded:
+            raise CheckpointError(f"no megatron-core weight {name} for this architecture")
+        sharded[name].data = tensor.to(torch_dtype).contiguous()
+    sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
+
+    staging = output_dir.with_name(output_dir.name + f".tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        dist_checkpointing.save(sharded, str(staging))
+        metadata = {
+            "format": "megatron-core dist_checkpointing (torch_dist)",
+            "arch": asdict(arch),
+            "vocab_size": vocab_size,
+            "padded_vocab_size": padded,
+            "base_vocab_size": hf.arch.vocab_size,
+            "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+            "tensor_model_parallel_size": tensor_model_parallel_size,
+            "pipeline_model_parallel_size": pipeline_model_parallel_size,
+            "dtype": dtype,
+            "embedding_init": embedding_init if new_pieces else None,
+            "freeze_base_rows": freeze_base_rows,
+            "trainable_rows": [hf.arch.vocab_size, vocab_size] if freeze_base_rows else None,
+            "tokenizer_sha256": sha256_file(tokenizer_model) if tokenizer_model else None,
+            "source": str(hf.directory),
+        }
+        (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
+
+
+def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
+    """The ``megatron_ext.json`` of a converted checkpoint."""
+    path = Path(checkpoint_dir) / METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (not a checkpoint written by megatron-ext)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
+    """Load a converted checkpoint into this rank's model (any TP/PP), resharding as needed."""
+    from megatron.core import dist_checkpointing
+
+    sharded = {
+        k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")
+    }
+    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def megatron_to_hf(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer_model: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Export a converted (or trained) checkpoint back to a Hugging Face directory.
+
+    Padding rows are stripped, so ``config.json``'s ``vocab_size`` is the tokenizer's size.
+    Needs ``torch.distributed`` initialised (one process).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.outputs import OutputExistsError
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not force:
+        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
+    metadata = read_metadata(checkpoint_dir)
+    arch = LlamaArch(**metadata["arch"])
+    dtype = DTYPES[metadata["dtype"]]
+    model = _meta_model(arch, metadata["padded_vocab_size"], dtype)
+    sharded = {
+        k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")
+    }
+    for value in sharded.values():
+        if hasattr(value, "data") and isinstance(value.data, torch.Tensor):
+            value.data = torch.empty(value.data.shape, dtype=value.data.dtype)
+    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+
+    def tensors():
+        true = arch.vocab_size
+        yield "model.embed_tokens.weight", state[EMBEDDING][:true]
+        if not arch.tie_word_embeddings:
+            yield "lm_head.weight", state[OUTPUT_LAYER][:true]
+        yield "model.norm.weight", state[FINAL_NORM]
+        for layer in range(arch.num_layers):
+            yield from megatron_layer_to_hf(state.__getitem__, layer, arch)
+
+    staging = output_dir.with_name(output_dir.name + f".tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        config = arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=1,
+                                   eos_token_id=2)  # fmt: skip
+        save_hf_checkpoint(tensors(), staging, config)
+        if tokenizer_model:
+            shutil.copy(tokenizer_model, staging / "tokenizer.model")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return config
