@@ -92,3 +92,94 @@ def test_bad_checkpoints_are_named(tmp_path, hf_dir):
     (broken / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights"):
         HFCheckpoint(broken)
+
+
+@pytest.fixture(scope="module")
+def tokenizers_300(tmp_path_factory, corpora):
+    """A 300-piece base tokenizer (the tiny model's vocabulary) and an extension of it."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from tests.helpers import read_texts
+
+    directory = tmp_path_factory.mktemp("sp300")
+    text = directory / "text.txt"
+    text.write_text(
+        "\n".join(t.replace("\n", " ") for t in read_texts(corpora / "en" / "valid.jsonl"))
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(directory / "base"), model_type="bpe", vocab_size=300,
+        byte_fallback=True, split_digits=True, minloglevel=2, character_coverage=0.98,
+    )  # fmt: skip
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((directory / "base.model").read_bytes())
+    lowest = min(p.score for p in proto.pieces)
+    for i, word in enumerate(["▁the", "▁and", "▁of", "ing", "▁kingdom", "▁كتاب", "تاب"]):
+        if all(p.piece != word for p in proto.pieces):
+            proto.pieces.add(piece=word, score=lowest - 1 - i)
+    (directory / "expanded.model").write_bytes(proto.SerializeToString())
+    return directory / "base.model", directory / "expanded.model"
+
+
+def test_vocabulary_expansion_keeps_old_logits_and_inits_new_rows(tmp_path, hf_dir, tokenizers_300):
+    import shutil
+
+    import sentencepiece as spm
+
+    base, expanded = tokenizers_300
+    hf_with_tokenizer = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf_with_tokenizer)
+    shutil.copy(base, hf_with_tokenizer / "tokenizer.model")
+    new_size = len(spm.SentencePieceProcessor(model_file=str(expanded)))
+    assert new_size > 300
+
+    for method in ("avg_subwords", "mean"):
+        ckpt = tmp_path / method
+        kwargs = {"tokenizer_model": str(expanded), "embedding_init": method, "dtype": "fp32"}
+        meta = run_ranks(convert, 1, hf_with_tokenizer, ckpt, kwargs)[0]
+        assert meta["vocab_size"] == new_size and meta["padded_vocab_size"] == 384
+        tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5))
+        (logits,) = run_ranks(logits_from_checkpoint, 1, ckpt, tokens)
+        reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+        with torch.no_grad():
+            expected = reference(tokens).logits
+        torch.testing.assert_close(logits[..., :300], expected, rtol=0, atol=1e-4)
+
+        run_ranks(export, 1, ckpt, tmp_path / f"{method}_hf")
+        exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{method}_hf")
+        assert exported.config.vocab_size == new_size
+        emb = exported.get_input_embeddings().weight.detach()
+        old = reference.get_input_embeddings().weight.detach()
+        assert torch.equal(emb[:300], old)
+        if method == "mean":
+            torch.testing.assert_close(emb[300:], old.mean(0).expand(new_size - 300, -1))
+        else:  # a word-initial piece is the mean of what the base tokenizer splits the word into
+            new_sp = spm.SentencePieceProcessor(model_file=str(expanded))
+            base_sp = spm.SentencePieceProcessor(model_file=str(base))
+            for i in range(300, new_size):
+                piece = new_sp.id_to_piece(i)
+                if piece.startswith("▁"):
+                    parts = base_sp.encode(piece[1:])
+                    torch.testing.assert_close(emb[i], old[parts].mean(0))
+        out = exported.generate(tokens[:, :4], max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 7)
+
+
+def test_tokenizer_must_extend_the_checkpoint(tmp_path, hf_dir, tokenizers_300, llama2_tokenizer):
+    from megatron_ext.checkpoint.convert import _vocabulary_plan
+
+    base, expanded = tokenizers_300
+    hf = HFCheckpoint(hf_dir)
+    with pytest.raises(CheckpointError, match="base tokenizer is needed"):
+        _vocabulary_plan(hf, str(expanded), None)
+    with pytest.raises(CheckpointError, match="must extend the base"):
+        _vocabulary_plan(hf, str(llama2_tokenizer), str(base))
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(base.read_bytes())
+    del proto.pieces[290:]
+    truncated = tmp_path / "truncated.model"
+    truncated.write_bytes(proto.SerializeToString())
+    with pytest.raises(CheckpointError, match="290 pieces, fewer than the checkpoint's vocabulary"):
+        _vocabulary_plan(hf, str(truncated), str(base))
