@@ -15,6 +15,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_ext.commands.preprocess",
         "corpora (jsonl/txt/parquet, .gz/.zst) -> Megatron indexed datasets; language blends",
     ),
+    "convert": (
+        "megatron_ext.commands.convert",
+        "Llama-2 Hugging Face <-> megatron-core checkpoints, growing the vocabulary",
+    ),
+    "expand-tokenizer": (
+        "megatron_ext.commands.expand_tokenizer",
+        "add target-language pieces to a SentencePiece BPE tokenizer (+ Hugging Face files)",
+    ),
+    "tokenizer-report": (
+        "megatron_ext.commands.tokenizer_report",
+        "fertility, chars/bytes per token, byte fallback and parallel parity of tokenizers",
+    ),
     "fetch-sample-data": (
         "megatron_ext.commands.fetch_sample_data",
         "build the sample corpora and fetch the tokenizers used by the demo and tests",

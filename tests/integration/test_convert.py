@@ -183,3 +183,62 @@ def test_tokenizer_must_extend_the_checkpoint(tmp_path, hf_dir, tokenizers_300, 
     truncated.write_bytes(proto.SerializeToString())
     with pytest.raises(CheckpointError, match="290 pieces, fewer than the checkpoint's vocabulary"):
         _vocabulary_plan(hf, str(truncated), str(base))
+
+
+def test_cli_round_trip(tmp_path, hf_dir):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "megatron_ext.cli", "convert"]
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    to_mc = cli + ["hf-to-megatron", "--hf-dir", str(hf_dir), "--output-dir", str(ckpt),
+                   "--tensor-model-parallel-size", "2", "--dtype", "fp32"]  # fmt: skip
+    result = subprocess.run(to_mc, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "vocab 300 -> 300 (padded 512)" in result.stdout
+    again = subprocess.run(to_mc, capture_output=True, text=True)
+    assert again.returncode == 1 and "--force" in again.stderr
+    to_hf = cli + ["megatron-to-hf", "--megatron-dir", str(ckpt), "--output-dir", str(back)]
+    result = subprocess.run(to_hf, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert transformers.AutoConfig.from_pretrained(back).vocab_size == 300
+    assert not list(tmp_path.glob("*.tmp.*"))
+
+
+def full_size_shapes(rank, world_size, preset):
+    """Our mapping of a full-size HF model (meta tensors) against megatron-core's own shapes."""
+    from megatron_ext.arch import PRESETS
+    from megatron_ext.checkpoint.convert import _meta_model
+    from megatron_ext.checkpoint.layout import (
+        hf_layer_to_megatron,
+        split_tensor_parallel,
+        stage_layers,
+    )
+
+    arch = PRESETS[preset]
+    arch.check_parallel(8, 4)
+    config = transformers.LlamaConfig(**arch.to_hf_config())
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(config).state_dict()
+    padded = arch.padded_vocab_size(8)
+    model = _meta_model(arch, padded, torch.bfloat16)
+    reference = {k: v.shape for k, v in model.state_dict().items() if "_extra_state" not in k}
+    ours = {}
+    for layer in range(arch.num_layers):
+        ours.update({k: v.shape for k, v in hf_layer_to_megatron(hf.__getitem__, layer, arch)})
+    layer_keys = {k for k in reference if k.startswith("decoder.layers.")}
+    assert layer_keys == set(ours)
+    assert all(ours[k] == reference[k] for k in ours)
+    assert reference["embedding.word_embeddings.weight"] == (padded, arch.hidden_size)
+    # TP=8 shards of layer 0 are what a TP=8 rank holds; PP=4 stages split the layers evenly.
+    for name, tensor in hf_layer_to_megatron(hf.__getitem__, 0, arch):
+        shards = split_tensor_parallel(name, tensor, 8)
+        assert len({s.shape for s in shards}) == 1
+        replicated = name.endswith("layernorm.weight")
+        assert shards[0].numel() * (1 if replicated else 8) == tensor.numel(), name
+    assert sum(len(stage_layers(arch.num_layers, 4, s)) for s in range(4)) == arch.num_layers
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "llama2-13b", "llama2-70b"])
+def test_full_size_mappings_on_meta_device(preset):
+    run_ranks(full_size_shapes, 1, preset)

@@ -1,0 +1,136 @@
+r"""``megatron-ext convert``: Llama-2 Hugging Face <-> megatron-core checkpoints.
+
+Examples::
+
+    megatron-ext convert hf-to-megatron --hf-dir llama-2-7b-hf --output-dir ckpt/7b-ar \
+        --tensor-model-parallel-size 8 --pipeline-model-parallel-size 1 \
+        --tokenizer-model expanded/tokenizer.model --embedding-init avg_subwords
+    megatron-ext convert megatron-to-hf --megatron-dir ckpt/7b-ar --output-dir 7b-ar-hf \
+        --tokenizer-model expanded/tokenizer.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+from megatron_ext.checkpoint.convert import DTYPES
+from megatron_ext.embeddings.init import INIT_METHODS
+
+PROG = "megatron-ext convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (Megatron-LM flag names)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mc = sub.add_parser("hf-to-megatron", help="HF Llama -> megatron-core dist checkpoint")
+    to_mc.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json)")
+    to_mc.add_argument("--output-dir", required=True, help="megatron-core checkpoint directory")
+    to_mc.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP the model will train with (sets vocab padding; loads at any TP)",
+    )
+    to_mc.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="PP the model will train with (checked; loads at any PP)",
+    )
+    to_mc.add_argument("--tokenizer-model", help="expanded tokenizer: grow embedding and output")
+    to_mc.add_argument(
+        "--base-tokenizer-model",
+        help="the checkpoint's tokenizer (default: tokenizer.model in --hf-dir)",
+    )
+    to_mc.add_argument(
+        "--embedding-init",
+        choices=INIT_METHODS,
+        default="avg_subwords",
+        help="initialisation of new rows (default: avg_subwords)",
+    )
+    to_mc.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="vocab padding multiple, times TP (default: 128)",
+    )
+    to_mc.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype (default: bf16)"
+    )
+    to_mc.add_argument(
+        "--freeze-base-rows",
+        action="store_true",
+        help="record that training should update only the new rows at first",
+    )
+    to_mc.add_argument("--seed", type=int, default=1234, help="seed of random inits")
+    to_mc.add_argument("--force", action="store_true", help="overwrite --output-dir")
+    to_hf = sub.add_parser("megatron-to-hf", help="megatron-core checkpoint -> HF Llama")
+    to_hf.add_argument("--megatron-dir", required=True, help="checkpoint written by megatron-ext")
+    to_hf.add_argument("--output-dir", required=True, help="HF directory to write")
+    to_hf.add_argument("--tokenizer-model", help="tokenizer.model to copy next to the weights")
+    to_hf.add_argument("--force", action="store_true", help="overwrite --output-dir")
+    return parser
+
+
+def _single_process_group() -> None:
+    from megatron_ext import distributed
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    distributed.init(1, rank=0, world_size=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    from megatron_ext.arch import ArchitectureError
+    from megatron_ext.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_ext.checkpoint.hf import CheckpointError
+    from megatron_ext.outputs import OutputExistsError
+    from megatron_ext.tokenizer.encoders import TokenizerLoadError
+
+    started = time.perf_counter()
+    try:
+        _single_process_group()
+        if args.direction == "hf-to-megatron":
+            meta = hf_to_megatron(
+                args.hf_dir,
+                args.output_dir,
+                tensor_model_parallel_size=args.tensor_model_parallel_size,
+                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                tokenizer_model=args.tokenizer_model,
+                base_tokenizer_model=args.base_tokenizer_model,
+                embedding_init=args.embedding_init,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                dtype=args.dtype,
+                freeze_base_rows=args.freeze_base_rows,
+                seed=args.seed,
+                force=args.force,
+            )
+            summary = (
+                f"vocab {meta['base_vocab_size']:,} -> {meta['vocab_size']:,} "
+                f"(padded {meta['padded_vocab_size']:,}), {meta['dtype']}"
+            )
+        else:
+            config = megatron_to_hf(
+                args.megatron_dir, args.output_dir, tokenizer_model=args.tokenizer_model,
+                force=args.force,
+            )  # fmt: skip
+            summary = f"vocab {config['vocab_size']:,}, {config['num_hidden_layers']} layers"
+    except (CheckpointError, ArchitectureError, OutputExistsError, TokenizerLoadError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"convert: done: {args.direction} -> {args.output_dir}: {summary}, "
+          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
