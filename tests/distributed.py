@@ -2,9 +2,10 @@
 
 ``run_ranks(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in ``world_size``
 fresh processes with ``megatron_ext.distributed.init`` already called (TP = ``world_size`` unless
-``tensor_model_parallel_size`` says otherwise) and re-raises the first failure in the test
-process. ``fn`` must be importable (module level) and should put what it wants checked in
-assertions inside the rank, or return picklable values, which come back in rank order.
+``tensor_model_parallel_size`` or ``pipeline_model_parallel_size`` say otherwise) and
+re-raises the first failure in the test process. ``fn`` must be importable (module level) and
+should put what it wants checked in assertions inside the rank, or return picklable values,
+which come back in rank order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, tp, fn, args, results):
+def _worker(rank, world_size, port, tp, pp, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # One thread per rank: the test machine has two cores.
     import torch
@@ -34,7 +35,7 @@ def _worker(rank, world_size, port, tp, fn, args, results):
     from megatron_ext import distributed
 
     try:
-        distributed.init(tp, rank=rank, world_size=world_size, seed=1234)
+        distributed.init(tp, pp, rank=rank, world_size=world_size, seed=1234)
         results.put((rank, fn(rank, world_size, *args), None))
     except BaseException:  # reported to the parent, which re-raises
         results.put((rank, None, traceback.format_exc()))
@@ -50,15 +51,17 @@ def run_ranks(
     world_size: int,
     *args: Any,
     tensor_model_parallel_size: int | None = None,
+    pipeline_model_parallel_size: int = 1,
     timeout: float = 300.0,
 ) -> list[Any]:
     """Run ``fn`` on ``world_size`` gloo ranks; return its results in rank order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    tp = world_size if tensor_model_parallel_size is None else tensor_model_parallel_size
+    pp = pipeline_model_parallel_size
+    tp = world_size // pp if tensor_model_parallel_size is None else tensor_model_parallel_size
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, tp, fn, args, results))
+        ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, results))
         for r in range(world_size)
     ]
     for proc in procs:

@@ -48,9 +48,8 @@ def hf_dir(tmp_path_factory):
 
 def test_convert_load_at_tp2_and_export_round_trip(tmp_path, hf_dir):
     ckpt = tmp_path / "mcore"
-    meta = run_ranks(convert, 1, hf_dir, ckpt, {"tensor_model_parallel_size": 2, "dtype": "fp32"})[
-        0
-    ]
+    layout = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "dtype": "fp32"}
+    meta = run_ranks(convert, 1, hf_dir, ckpt, layout)[0]
     assert (meta["vocab_size"], meta["padded_vocab_size"]) == (300, 512)
 
     reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
@@ -242,3 +241,49 @@ def full_size_shapes(rank, world_size, preset):
 @pytest.mark.parametrize("preset", ["llama2-7b", "llama2-13b", "llama2-70b"])
 def test_full_size_mappings_on_meta_device(preset):
     run_ranks(full_size_shapes, 1, preset)
+
+
+def pipeline_logits(rank, world_size, ckpt_dir, tokens):
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext.arch import LlamaArch
+    from megatron_ext.checkpoint.convert import load_into, read_metadata
+    from megatron_ext.model.gpt import build_gpt_model
+
+    meta = read_metadata(ckpt_dir)
+    arch = LlamaArch(**meta["arch"])
+    config = arch.transformer_config(
+        1, world_size, params_dtype=torch.float32, pipeline_dtype=torch.float32
+    )
+    last = parallel_state.is_pipeline_last_stage()
+    model = build_gpt_model(
+        arch, config, meta["padded_vocab_size"], parallel_output=False,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=last,
+    ).eval()  # fmt: skip
+    load_into(model, ckpt_dir)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+
+    def step(data_iterator, model):
+        output = model(next(data_iterator), positions, attention_mask=None)
+        return output, lambda out: (out.sum() * 0, {"logits": out})
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([tokens]), model=[model],
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )  # fmt: skip
+    return outputs[0]["logits"] if last else None
+
+
+def test_pipeline_parallel_logits(tmp_path, hf_dir):
+    ckpt = tmp_path / "mcore"
+    run_ranks(convert, 1, hf_dir, ckpt, {"pipeline_model_parallel_size": 2, "dtype": "fp32"})
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(4))
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    first, last = run_ranks(pipeline_logits, 2, ckpt, tokens, pipeline_model_parallel_size=2)
+    assert first is None
+    torch.testing.assert_close(last[..., :300], expected, rtol=0, atol=1e-4)

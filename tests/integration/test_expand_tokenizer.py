@@ -1,0 +1,198 @@
+"""``megatron-ext expand-tokenizer`` and ``tokenizer-report`` end to end, as a user runs them.
+
+The Hugging Face files are checked against sentencepiece on every shared corpus, through the
+loaders a transformers user calls (``AutoTokenizer``, ``PreTrainedTokenizerFast``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from megatron_ext.commands import expand_tokenizer, tokenizer_report
+from megatron_ext.hashing import sha256_file
+from megatron_ext.tokenizer.corpus import iter_documents
+
+BUDGET = 600
+
+
+@pytest.fixture(scope="module")
+def small_corpus(corpora, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "ar.jsonl"
+    with open(corpora / "ar" / "train.jsonl", encoding="utf-8") as src:
+        path.write_text("".join(islice(src, 1200)), encoding="utf-8")
+    return path
+
+
+def _expand(base: Path, corpus: Path, out: Path, *extra: str) -> int:
+    return expand_tokenizer.main(
+        [
+            "--base-model", str(base),
+            "--corpus", str(corpus),
+            "--num-new-tokens", str(BUDGET),
+            "--output-dir", str(out),
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def expanded(llama2_tokenizer, small_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("expanded") / "tok"
+    assert _expand(llama2_tokenizer, small_corpus, out) == 0
+    return out
+
+
+def _all_texts(corpora: Path) -> list[str]:
+    texts: list[str] = []
+    for path in sorted(corpora.glob("*/*.jsonl")):
+        if path.name != "train.jsonl" or path.parent.name != "ar":
+            texts += iter_documents([str(path)], skip_bad_lines=True)
+    # A slice of the 16 MB Arabic training file keeps the test short.
+    texts += islice(iter_documents([str(corpora / "ar" / "train.jsonl")]), 3000)
+    return texts
+
+
+def test_outputs_and_metadata(expanded, llama2_tokenizer, small_corpus):
+    names = sorted(p.name for p in expanded.iterdir())
+    assert names == [
+        "expansion.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    meta = json.loads((expanded / "expansion.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=str(expanded / "tokenizer.model"))
+    assert (meta["base_size"], meta["new_size"], meta["added"]) == (
+        32000,
+        sp.get_piece_size(),
+        BUDGET,
+    )
+    assert meta["inputs"]["base_model"]["sha256"] == sha256_file(llama2_tokenizer)
+    assert meta["inputs"]["corpus"][0]["sha256"] == sha256_file(small_corpus)
+    assert meta["settings"]["num_new_tokens"] == BUDGET
+    for entry in meta["new_pieces"][:50]:
+        assert sp.id_to_piece(entry["id"]) == entry["piece"]
+        assert entry["frequency"] >= 2
+    assert not list(expanded.parent.glob("*.tmp.*"))
+
+
+@pytest.mark.parametrize("loader", ["auto", "fast"])
+def test_hugging_face_files_agree_with_sentencepiece(expanded, corpora, loader):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if loader == "auto":
+        hf = AutoTokenizer.from_pretrained(expanded)
+    else:
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(expanded / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_file=str(expanded / "tokenizer.model"))
+    texts = _all_texts(corpora) + ["a  b", "  two leading", "trailing  ", "x\n\n y", "ـــ ً"]
+    expected = sp.encode(texts)
+    got = hf(texts, add_special_tokens=False)["input_ids"]
+    mismatched = [t[:80] for t, a, b in zip(texts, expected, got, strict=True) if a != b]
+    assert not mismatched
+    assert hf.decode(got[0]) == texts[0]
+    assert hf.batch_decode(got[-200:]) == texts[-200:]
+
+
+def test_hugging_face_special_tokens(expanded):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(expanded)
+    sp = spm.SentencePieceProcessor(model_file=str(expanded / "tokenizer.model"))
+    text = "قال النبي hello"
+    assert hf(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (
+        sp.bos_id(),
+        sp.eos_id(),
+        sp.unk_id(),
+    )
+    assert len(hf) == sp.get_piece_size()
+
+
+def test_same_seed_same_files(expanded, llama2_tokenizer, small_corpus, tmp_path):
+    assert _expand(llama2_tokenizer, small_corpus, tmp_path / "again") == 0
+    for name in ("tokenizer.model", "tokenizer.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (expanded / name).read_bytes()
+
+
+def test_not_a_sentencepiece_model(small_corpus, tmp_path, capsys):
+    fake = tmp_path / "tokenizer.model"
+    fake.write_text("this is not a model")
+    assert _expand(fake, small_corpus, tmp_path / "out") == 1
+    assert "not a SentencePiece model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["", '{"text": "   "}\n', '{"text": "قال"}\n' * 5])
+def test_empty_or_too_small_corpus(llama2_tokenizer, tmp_path, capsys, content):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text(content, encoding="utf-8")
+    assert _expand(llama2_tokenizer, corpus, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "no text" in err or "new pieces can be learned" in err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out.tmp.*"))
+
+
+def test_malformed_line_is_named(llama2_tokenizer, corpora, tmp_path, capsys):
+    bad = corpora / "edge" / "bad_lines.jsonl"
+    assert _expand(llama2_tokenizer, bad, tmp_path / "out") == 1
+    assert f"{bad}:4:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(expanded, llama2_tokenizer, small_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(expanded, out)
+    (out / "tokenizer.model").write_bytes(b"old")
+    assert _expand(llama2_tokenizer, small_corpus, out) == 1
+    assert "--force" in capsys.readouterr().err
+    assert (out / "tokenizer.model").read_bytes() == b"old"
+    assert _expand(llama2_tokenizer, small_corpus, out, "--force") == 0
+    assert (out / "tokenizer.model").read_bytes() == (expanded / "tokenizer.model").read_bytes()
+
+
+def test_report(expanded, llama2_tokenizer, corpora, tmp_path):
+    out = tmp_path / "report"
+    code = tokenizer_report.main(
+        [
+            "--tokenizer", f"base={llama2_tokenizer}",
+            "--tokenizer", f"ours={expanded / 'tokenizer.model'}",
+            "--corpus", f"ar={corpora / 'ar' / 'valid.jsonl'}",
+            "--corpus", f"en={corpora / 'en' / 'valid.jsonl'}",
+            "--parallel", str(corpora / "parallel" / "udhr.jsonl"),
+            "--output-dir", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| ar | ours |" in (out / "report.md").read_text()
+    # Token counts straight from sentencepiece.
+    texts = [json.loads(line)["text"] for line in open(corpora / "ar" / "valid.jsonl")]
+    for name, model in (("base", llama2_tokenizer), ("ours", expanded / "tokenizer.model")):
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        tokens = sum(map(len, sp.encode(texts)))
+        assert report["corpora"]["ar"][name]["tokens"] == tokens
+        assert report["corpora"]["ar"][name]["chars_per_token"] == round(
+            sum(map(len, texts)) / tokens, 4
+        )
+        udhr = {
+            r["lang"]: r["text"] for r in map(json.loads, open(corpora / "parallel" / "udhr.jsonl"))
+        }
+        expected = len(sp.encode(udhr["arb"])) / len(sp.encode(udhr["eng"]))
+        assert report["parallel"]["arb"][name]["parity"] == pytest.approx(expected, abs=1e-4)
+    assert (
+        report["parallel"]["eng"]["ours"]["tokens"] == report["parallel"]["eng"]["base"]["tokens"]
+    )
+    assert (
+        report["corpora"]["ar"]["ours"]["fertility"]
+        < report["corpora"]["ar"]["base"]["fertility"] / 2
+    )
