@@ -23,7 +23,6 @@ setup(
         "torch",
         "triton",
         "sentencepiece>=0.2",
-        "protobuf",  # sentencepiece_model_pb2: editing tokenizer models
         "numpy",
         "nltk>=3.9",
         "tqdm",

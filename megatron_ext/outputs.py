@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -108,3 +109,36 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A directory that appears under its final name only when the block completes.
+
+    Yields a temporary sibling (``{name}.tmp.{pid}``) to fill; on success it is renamed to
+    ``path`` (an existing ``path`` is replaced only with ``force``), on an exception it is deleted.
+    Temporary directories left by dead processes are removed first.
+
+    Raises:
+        OutputExistsError: On entry, if ``path`` exists and ``force`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"output already exists (pass --force to overwrite): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for candidate, pid in _temporaries(path):
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+    tmp = path.with_name(f"{path.name}{_TMP_MARKER}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f"{path.name}.old.{os.getpid()}")
+        if path.exists():
+            # Two renames, so a failure between them still leaves the complete old output.
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,15 +24,15 @@ GAUSSIAN_STD = 0.02
 def _prefixless_processor(model_path: str | os.PathLike):
     """The base model with no dummy prefix and no whitespace trimming, for mid-word pieces."""
     import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    from megatron_ext.tokenizer.sp_proto import parse_model
+
     with open(model_path, "rb") as f:
-        proto.ParseFromString(f.read())
-    proto.normalizer_spec.add_dummy_prefix = False
-    proto.normalizer_spec.remove_extra_whitespaces = False
+        proto = parse_model(f.read()).with_normalizer_flags(
+            add_dummy_prefix=False, remove_extra_whitespaces=False
+        )
     processor = sentencepiece.SentencePieceProcessor()
-    processor.LoadFromSerializedProto(proto.SerializeToString())
+    processor.LoadFromSerializedProto(proto.serialize())
     return processor
 
 

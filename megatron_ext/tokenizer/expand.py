@@ -4,8 +4,8 @@ Method (decisions and measurements in ``docs/tokenizer.md``):
 
 1. Learn target pieces with SentencePiece BPE using the base model's own settings (byte fallback,
    digit splitting, dummy prefix, script and whitespace splitting), on the corpus *and* on a copy
-   of it with combining marks removed (``marks="both"``): diacritised classical Arabic then still
-   teaches the plain-letter pieces that undiacritised modern text needs.
+   of it with combining marks removed, counted ``unmarked_weight`` times: diacritised classical
+   Arabic then still teaches the plain-letter pieces that undiacritised modern text needs.
 2. Take new pieces in BPE merge order, which is greedy by compression (each merge is the pair
    whose fusion removes the most tokens from the corpus at that point), skipping pieces the base
    has, pieces without a non-ASCII letter, mark or digit (so text the base covered, such as
@@ -21,6 +21,7 @@ the corpus as is, append every piece the base lacks with score 0.
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import time
 import unicodedata
@@ -40,8 +41,9 @@ from megatron_ext.tokenizer.sp_proto import (
     parse_model,
 )
 
+logger = logging.getLogger(__name__)
+
 METHODS = ("gain", "append")
-MARKS_MODES = ("both", "keep")
 # Lines are cut at spaces into chunks below SentencePiece's max_sentence_length (4192 bytes):
 # pieces never cross whitespace, so cutting there loses nothing, while longer lines are dropped.
 _CHUNK_BYTES = 2048
@@ -63,8 +65,8 @@ class ExpansionConfig:
     Attributes:
         num_new_tokens: Number of pieces to add (the budget).
         method: ``gain`` (ours) or ``append`` (the Chinese-LLaMA baseline).
-        marks: ``both``: learn from the text and from a copy without combining marks;
-            ``keep``: from the text only.
+        unmarked_weight: How many times a copy of the text without combining marks joins the
+            training text (0: learn from the text as it is).
         min_frequency: Pieces built fewer times than this on the training text are not added.
         seed: Seed of SentencePiece's trainer.
         num_threads: Trainer and encoder threads.
@@ -72,7 +74,7 @@ class ExpansionConfig:
 
     num_new_tokens: int
     method: str = "gain"
-    marks: str = "both"
+    unmarked_weight: int = 2
     min_frequency: int = 2
     seed: int = 0
     num_threads: int = 2
@@ -83,8 +85,8 @@ class ExpansionConfig:
             raise ExpansionError("--num-new-tokens must be at least 1")
         if self.method not in METHODS:
             raise ExpansionError(f"--method must be one of {', '.join(METHODS)}")
-        if self.marks not in MARKS_MODES:
-            raise ExpansionError(f"--marks must be one of {', '.join(MARKS_MODES)}")
+        if self.unmarked_weight < 0:
+            raise ExpansionError("--unmarked-weight must be 0 or more")
         if self.min_frequency < 1:
             raise ExpansionError("--min-frequency must be at least 1")
 
@@ -138,8 +140,8 @@ def has_new_script(piece: str) -> bool:
     return any(ord(c) > 127 and unicodedata.category(c)[0] in "LMN" for c in piece)
 
 
-def training_texts(documents: Iterable[str], marks: str) -> list[str]:
-    """Lines of ``documents`` cut into trainer-sized chunks; with ``marks="both"`` also unmarked.
+def training_texts(documents: Iterable[str], unmarked_weight: int) -> list[str]:
+    """Lines of ``documents`` in trainer-sized chunks, plus ``unmarked_weight`` unmarked copies.
 
     Raises:
         ExpansionError: If there is no text at all.
@@ -152,10 +154,9 @@ def training_texts(documents: Iterable[str], marks: str) -> list[str]:
             chunks.extend(_chunk(line))
     if not chunks:
         raise ExpansionError("the corpus has no text")
-    if marks == "both":
-        chunks += [s for s in map(strip_marks, chunks) if s.strip()] * int(
-            __import__("os").environ.get("W", "1")
-        )
+    if unmarked_weight:
+        unmarked = [s for s in map(strip_marks, chunks) if s.strip()]
+        chunks += unmarked * unmarked_weight
     return chunks
 
 
@@ -320,7 +321,7 @@ def merge_pieces(base: ModelProto, chosen: list[tuple[str, int]], method: str) -
     return Expansion(ModelProto(pieces, base.other_fields), len(base.pieces), new)
 
 
-def load_base(path: str | Path) -> tuple[ModelProto, bytes]:
+def load_base(path: str | Path) -> ModelProto:
     """Load and check a base model: a SentencePiece BPE with byte fallback.
 
     Raises:
@@ -328,14 +329,13 @@ def load_base(path: str | Path) -> tuple[ModelProto, bytes]:
         ExpansionError: If it is not a BPE model.
     """
     load_sentencepiece(path)  # the reference loader gives the clearest error for a wrong file
-    data = Path(path).read_bytes()
-    model = parse_model(data)
+    model = parse_model(Path(path).read_bytes())
     if model.trainer_spec()["model_type"] != "bpe":
         raise ExpansionError(
             f"{path}: a {model.trainer_spec()['model_type']} model; expansion merges BPE pieces "
             "and needs a BPE base model (Llama, Mistral)"
         )
-    return model, data
+    return model
 
 
 def expand(base: ModelProto, documents: Iterable[str], config: ExpansionConfig) -> Expansion:
@@ -346,7 +346,8 @@ def expand(base: ModelProto, documents: Iterable[str], config: ExpansionConfig) 
     """
     config.validate()
     started = time.perf_counter()
-    texts = training_texts(documents, "keep" if config.method == "append" else config.marks)
+    weight = 0 if config.method == "append" else config.unmarked_weight
+    texts = training_texts(documents, weight)
     if config.method == "append":
         aux_bytes = _train_fitting(texts, base, config.num_new_tokens, config)
         aux = parse_model(aux_bytes)
@@ -380,6 +381,7 @@ def _learn_gain(
         aux = parse_model(aux_bytes)
         built = build_frequencies(aux, aux_bytes, texts, config.num_threads)
         chosen = select_pieces(base, aux, built, config)
+        logger.info("selected %d new pieces of %d learned", len(chosen), len(aux.pieces))
         if len(chosen) >= budget:
             return chosen, vocab_size
         if len(aux.pieces) < vocab_size:
@@ -403,6 +405,12 @@ def _train_fitting(
     texts: Sequence[str], base: ModelProto, vocab_size: int, config: ExpansionConfig
 ) -> bytes:
     """Train ``vocab_size`` pieces, or as many as the corpus allows."""
+    logger.info(
+        "training BPE: %d pieces on %d texts (%s characters)",
+        vocab_size,
+        len(texts),
+        f"{sum(map(len, texts)):,}",
+    )
     try:
         return train_bpe(texts, base, vocab_size, config.seed, config.num_threads)
     except ExpansionError as err:

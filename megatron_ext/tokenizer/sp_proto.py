@@ -115,6 +115,31 @@ class ModelProto:
         """Normalizer options of the model (defaults filled in), keyed by proto field name."""
         return _read_spec(self._submessage(3), _NORMALIZER_FIELDS, _NORMALIZER_DEFAULTS)
 
+    def with_normalizer_flags(self, **flags: bool) -> ModelProto:
+        """A copy with boolean ``normalizer_spec`` options set (``add_dummy_prefix=False``).
+
+        Every other field is kept as read.
+        """
+        numbers = {}
+        for name, value in flags.items():
+            number = next((n for n, (f, kind) in _NORMALIZER_FIELDS.items() if f == name), None)
+            if number is None or _NORMALIZER_FIELDS[number][1] != "bool":
+                raise ValueError(f"{name} is not a boolean normalizer option")
+            numbers[number] = value
+        options = b"".join(_key(n, _VARINT) + _varint(int(v)) for n, v in numbers.items())
+        other = []
+        found = False
+        for num, wire, raw in self.other_fields:
+            if num == 3 and wire == _LEN:
+                found = True
+                body = next(_fields(raw))[2]
+                kept = b"".join(r for n, _, _, r in _fields(body) if n not in numbers)
+                raw = _key(3, _LEN) + _length_delimited(kept + options)
+            other.append((num, wire, raw))
+        if not found:
+            other.append((3, _LEN, _key(3, _LEN) + _length_delimited(options)))
+        return ModelProto(list(self.pieces), other)
+
     def serialize(self) -> bytes:
         """The model as ``ModelProto`` bytes: pieces first, then the other fields as read."""
         out = bytearray()

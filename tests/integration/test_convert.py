@@ -97,8 +97,8 @@ def test_bad_checkpoints_are_named(tmp_path, hf_dir):
 def tokenizers_300(tmp_path_factory, corpora):
     """A 300-piece base tokenizer (the tiny model's vocabulary) and an extension of it."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
 
+    from megatron_ext.tokenizer.sp_proto import Piece, parse_model
     from tests.helpers import read_texts
 
     directory = tmp_path_factory.mktemp("sp300")
@@ -110,13 +110,12 @@ def tokenizers_300(tmp_path_factory, corpora):
         input=str(text), model_prefix=str(directory / "base"), model_type="bpe", vocab_size=300,
         byte_fallback=True, split_digits=True, minloglevel=2, character_coverage=0.98,
     )  # fmt: skip
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString((directory / "base.model").read_bytes())
+    proto = parse_model((directory / "base.model").read_bytes())
     lowest = min(p.score for p in proto.pieces)
     for i, word in enumerate(["▁the", "▁and", "▁of", "ing", "▁kingdom", "▁كتاب", "تاب"]):
         if all(p.piece != word for p in proto.pieces):
-            proto.pieces.add(piece=word, score=lowest - 1 - i)
-    (directory / "expanded.model").write_bytes(proto.SerializeToString())
+            proto.pieces.append(Piece(word, lowest - 1 - i))
+    (directory / "expanded.model").write_bytes(proto.serialize())
     return directory / "base.model", directory / "expanded.model"
 
 
@@ -173,13 +172,12 @@ def test_tokenizer_must_extend_the_checkpoint(tmp_path, hf_dir, tokenizers_300, 
         _vocabulary_plan(hf, str(expanded), None)
     with pytest.raises(CheckpointError, match="must extend the base"):
         _vocabulary_plan(hf, str(llama2_tokenizer), str(base))
-    from sentencepiece import sentencepiece_model_pb2
+    from megatron_ext.tokenizer.sp_proto import parse_model
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(base.read_bytes())
+    proto = parse_model(base.read_bytes())
     del proto.pieces[290:]
     truncated = tmp_path / "truncated.model"
-    truncated.write_bytes(proto.SerializeToString())
+    truncated.write_bytes(proto.serialize())
     with pytest.raises(CheckpointError, match="290 pieces, fewer than the checkpoint's vocabulary"):
         _vocabulary_plan(hf, str(truncated), str(base))
 

@@ -17,6 +17,7 @@ import sentencepiece as spm
 from megatron_ext.commands import expand_tokenizer, tokenizer_report
 from megatron_ext.hashing import sha256_file
 from megatron_ext.tokenizer.corpus import iter_documents
+from tests.helpers import read_texts
 
 BUDGET = 600
 
@@ -176,7 +177,9 @@ def test_report(expanded, llama2_tokenizer, corpora, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| ar | ours |" in (out / "report.md").read_text()
     # Token counts straight from sentencepiece.
-    texts = [json.loads(line)["text"] for line in open(corpora / "ar" / "valid.jsonl")]
+    texts = read_texts(corpora / "ar" / "valid.jsonl")
+    udhr_path = corpora / "parallel" / "udhr.jsonl"
+    udhr = dict(zip(read_texts(udhr_path, "lang"), read_texts(udhr_path), strict=True))
     for name, model in (("base", llama2_tokenizer), ("ours", expanded / "tokenizer.model")):
         sp = spm.SentencePieceProcessor(model_file=str(model))
         tokens = sum(map(len, sp.encode(texts)))
@@ -184,9 +187,6 @@ def test_report(expanded, llama2_tokenizer, corpora, tmp_path):
         assert report["corpora"]["ar"][name]["chars_per_token"] == round(
             sum(map(len, texts)) / tokens, 4
         )
-        udhr = {
-            r["lang"]: r["text"] for r in map(json.loads, open(corpora / "parallel" / "udhr.jsonl"))
-        }
         expected = len(sp.encode(udhr["arb"])) / len(sp.encode(udhr["eng"]))
         assert report["parallel"]["arb"][name]["parity"] == pytest.approx(expected, abs=1e-4)
     assert (

@@ -6,7 +6,6 @@ fast; the 25,000-piece numbers are in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import json
 from itertools import islice
 
 import numpy as np
@@ -27,6 +26,7 @@ from tests.helpers import read_texts
 
 BUDGET = 1000
 SPACE = "▁"
+ARABIC_SCRIPT = ("arb", "pes", "urd")
 
 
 def _is_arabic(piece: str) -> bool:
@@ -35,7 +35,7 @@ def _is_arabic(piece: str) -> bool:
 
 @pytest.fixture(scope="module")
 def base(llama2_tokenizer):
-    return load_base(llama2_tokenizer)[0]
+    return load_base(llama2_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,12 @@ def test_every_base_piece_is_unchanged(ours_sp, base_sp):
 def test_english_and_other_scripts_keep_their_ids(ours_sp, base_sp, corpora):
     texts = read_texts(corpora / "en" / "train.jsonl") + read_texts(corpora / "en" / "valid.jsonl")
     texts += read_texts(corpora / "zh" / "train.jsonl")
-    udhr = [json.loads(line) for line in open(corpora / "parallel" / "udhr.jsonl")]
+    udhr = corpora / "parallel" / "udhr.jsonl"
     # Languages in scripts other than Arabic's: no new piece can touch them.
-    texts += [r["text"] for r in udhr if r["lang"] not in ("arb", "pes", "urd")]
+    langs = read_texts(udhr, "lang")
+    texts += [
+        t for t, lang in zip(read_texts(udhr), langs, strict=True) if lang not in ARABIC_SCRIPT
+    ]
     assert ours_sp.encode(texts) == base_sp.encode(texts)
 
 
@@ -132,8 +135,8 @@ def test_merge_list_grows_with_the_pieces_only(ours, base):
 
 
 def test_beats_naive_merge_on_undiacritised_text(ours_sp, naive, corpora):
-    udhr = [json.loads(line) for line in open(corpora / "parallel" / "udhr.jsonl")]
-    arabic = next(r["text"] for r in udhr if r["lang"] == "arb")
+    udhr = corpora / "parallel" / "udhr.jsonl"
+    arabic = read_texts(udhr)[read_texts(udhr, "lang").index("arb")]
     naive_sp = spm.SentencePieceProcessor(model_proto=naive.model.serialize())
     assert len(ours_sp.encode(arabic)) < 0.8 * len(naive_sp.encode(arabic))
 
@@ -171,3 +174,12 @@ def test_empty_corpus(base):
 def test_strip_marks_removes_harakat_only():
     assert strip_marks("قَالَ رَسُولُ اللَّهِ") == "قال رسول الله"
     assert strip_marks("English stays") == "English stays"
+
+
+def test_corpus_reader_accepts_compressed_text_files(corpora, tmp_path):
+    import gzip
+
+    texts = read_texts(corpora / "edge" / "mixed_script.jsonl")
+    with gzip.open(tmp_path / "mixed.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n\n".join(texts) + "\n")  # blank lines are dropped, not documents
+    assert list(iter_documents([str(tmp_path / "*.txt.gz")])) == texts

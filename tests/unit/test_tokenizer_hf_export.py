@@ -1,0 +1,60 @@
+"""Hugging Face export of the unexpanded Llama-2 model, against sentencepiece."""
+
+from __future__ import annotations
+
+import pytest
+import sentencepiece as spm
+
+from megatron_ext.tokenizer.hf_export import HFExportError, build_tokenizer, check_exportable
+from megatron_ext.tokenizer.sp_proto import parse_model
+from tests.helpers import read_texts
+
+TRICKY = [
+    "a  b",
+    "   three leading",
+    "trailing   ",
+    "tab\tand\nnewline\n\n",
+    "NUL\x00inside",
+    "emoji 😀 and 🇸🇦 need bytes",
+    "digits 1234567 and ١٢٣",
+    "ـــ tatweel and ً tanween",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(llama2_tokenizer):
+    model = parse_model(llama2_tokenizer.read_bytes())
+    return spm.SentencePieceProcessor(model_file=str(llama2_tokenizer)), build_tokenizer(model)
+
+
+def test_base_model_export_matches_sentencepiece(pair, corpora):
+    sp, hf = pair
+    texts = TRICKY + read_texts(corpora / "en" / "valid.jsonl")
+    texts += read_texts(corpora / "ar" / "valid.jsonl") + read_texts(corpora / "zh" / "train.jsonl")
+    texts += read_texts(corpora / "parallel" / "udhr_articles.jsonl")
+    got = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    assert got == sp.encode(texts)
+    assert hf.decode_batch(got[: len(TRICKY)], skip_special_tokens=False) == TRICKY
+
+
+def test_bos_is_prepended_like_llama(pair):
+    sp, hf = pair
+    assert hf.encode("hello").ids == [sp.bos_id(), *sp.encode("hello")]
+
+
+def test_unsupported_normalisation_is_refused(llama2_tokenizer):
+    model = parse_model(llama2_tokenizer.read_bytes())
+    # Rewrite the normalizer spec's name (field 1 of field 3) to nmt_nfkc, as sentencepiece's
+    # default models have it.
+    raw_norm = next(raw for num, _, raw in model.other_fields if num == 3)
+    name = b"identity"
+    patched = raw_norm.replace(bytes([0x0A, len(name)]) + name, bytes([0x0A, 8]) + b"nmt_nfkc")
+    patched = patched[:1] + bytes([len(patched) - 2]) + patched[2:]
+    model.other_fields = [
+        (num, wire, patched if num == 3 else raw) for num, wire, raw in model.other_fields
+    ]
+    assert model.normalizer_spec()["name"] == "nmt_nfkc"
+    with pytest.raises(HFExportError, match="nmt_nfkc"):
+        check_exportable(model)

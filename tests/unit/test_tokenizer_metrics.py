@@ -1,0 +1,53 @@
+"""Word counting and tokenizer metrics, against hand counts and sentencepiece."""
+
+from __future__ import annotations
+
+import pytest
+import sentencepiece as spm
+
+from megatron_ext.tokenizer.metrics import count_words, measure, parity
+from tests.helpers import read_texts
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("Hello, world!", 2),
+        ("قَالَ رَسُولُ اللَّهِ ﷺ: «إِنَّمَا الأَعْمَالُ»", 6),  # harakat stay inside words
+        ("قال رسول الله", 3),
+        ("床前明月光，疑是地上霜。", 10),  # one word per Han character
+        ("नमस्ते दुनिया", 2),  # Devanagari vowel signs and virama are marks
+        ("2024 — 3.5 kg", 4),
+        ("", 0),
+        ("  ...  ", 0),
+    ],
+)
+def test_count_words(text, words):
+    assert count_words(text) == words
+
+
+@pytest.fixture(scope="module")
+def sp(llama2_tokenizer):
+    return spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+
+
+def test_measure_matches_sentencepiece(sp, corpora):
+    texts = read_texts(corpora / "edge" / "mixed_script.jsonl") + ["😀 emoji", "plain"]
+    m = measure(sp, texts)
+    ids = sp.encode(texts)
+    assert m.tokens == sum(map(len, ids))
+    pieces = [sp.id_to_piece(i) for row in ids for i in row]
+    assert m.byte_tokens == sum(p.startswith("<0x") and p.endswith(">") for p in pieces) > 0
+    assert m.characters == sum(map(len, texts))
+    assert m.bytes == sum(len(t.encode()) for t in texts)
+    assert m.fertility == m.tokens / m.words
+    assert m.as_dict()["bytes_per_token"] == round(m.bytes / m.tokens, 4)
+
+
+def test_parity_is_relative_to_the_reference(sp):
+    texts = {"eng": "The cat sat on the mat.", "arb": "جلس القط على الحصيرة."}
+    ratios = parity(sp, texts)
+    assert ratios["eng"] == 1.0
+    assert ratios["arb"] == len(sp.encode(texts["arb"])) / len(sp.encode(texts["eng"]))
+    with pytest.raises(KeyError):
+        parity(sp, {"arb": "x"})
