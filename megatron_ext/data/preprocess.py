@@ -20,6 +20,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -268,17 +269,22 @@ def ordered_map(
         return
     # Never fork this process: it may hold threads (torch, tqdm) whose locks a child would
     # inherit mid-use and deadlock on. forkserver forks workers from a clean, single-threaded
-    # server that has the pipeline's modules imported once.
+    # server that has the pipeline's modules imported once. ProcessPoolExecutor, not
+    # multiprocessing.Pool: under forkserver, Pool's worker-handler thread polls the workers'
+    # sentinels in a busy loop and takes the GIL from this process (profiled: 2 million polls
+    # in one run, 1.4x instead of 2x from the second worker).
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    with context.Pool(workers, initializer=_init_worker, initargs=(factory,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(factory,)
+    ) as pool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.apply_async(_run_worker, (item,)))
+            pending.append(pool.submit(_run_worker, item))
             if len(pending) >= ahead * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def _build_encoder(config: PreprocessConfig, num_threads: int = -1) -> TextEncoder:

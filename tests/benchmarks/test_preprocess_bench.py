@@ -8,6 +8,7 @@ sentencepiece alone encoding the already-parsed texts on one core: the floor.
 
 import json
 import multiprocessing
+import os
 
 import pytest
 import sentencepiece as spm
@@ -117,3 +118,27 @@ def test_ours(benchmark, corpus, llama2_tokenizer, tmp_path, workers):
         assert (tmp_path / f"ours_text_document{ext}").read_bytes() == base.with_suffix(
             ext
         ).read_bytes(), "ours and the baseline must write identical bytes"
+
+
+@pytest.fixture(scope="module")
+def large_input(tmp_path_factory, corpora):
+    """Eight copies of the Arabic corpus (128 MB): start-up costs no longer hide the scaling."""
+    path = tmp_path_factory.mktemp("large") / "ar8.jsonl"
+    data = (corpora / "ar" / "train.jsonl").read_bytes()
+    with open(path, "wb") as out:
+        for _ in range(8):
+            out.write(data)
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_scaling_with_workers(benchmark, large_input, llama2_tokenizer, tmp_path, workers):
+    if workers > (os.cpu_count() or 1):
+        pytest.skip(f"{workers} workers need {workers} cores; this machine has {os.cpu_count()}")
+    benchmark.pedantic(
+        ours,
+        args=(large_input, llama2_tokenizer, tmp_path / "big", workers),
+        rounds=1,
+        iterations=1,
+    )
+    record("ar x8", "ours", workers, benchmark.stats.stats.median)
