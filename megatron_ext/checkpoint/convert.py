@@ -30,6 +30,7 @@ from megatron_ext.checkpoint.layout import (
 )
 from megatron_ext.embeddings.init import init_new_rows, subword_decomposition
 from megatron_ext.hashing import sha256_file
+from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import load_sentencepiece
 
 METADATA = "megatron_ext.json"
@@ -134,8 +135,6 @@ def hf_to_megatron(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_ext.outputs import OutputExistsError
-
     output_dir = Path(output_dir)
     if output_dir.exists() and not force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
@@ -169,10 +168,7 @@ def hf_to_megatron(
         sharded[name].data = tensor.to(torch_dtype).contiguous()
     sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
 
-    staging = output_dir.with_name(output_dir.name + f".tmp.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with atomic_directory(output_dir, force=force) as staging:
         dist_checkpointing.save(sharded, str(staging))
         metadata = {
             "format": "megatron-core dist_checkpointing (torch_dist)",
@@ -191,11 +187,6 @@ def hf_to_megatron(
             "source": str(hf.directory),
         }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return metadata
 
 
@@ -237,8 +228,6 @@ def megatron_to_hf(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_ext.outputs import OutputExistsError
-
     output_dir = Path(output_dir)
     if output_dir.exists() and not force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
@@ -263,17 +252,10 @@ def megatron_to_hf(
         for layer in range(arch.num_layers):
             yield from megatron_layer_to_hf(state.__getitem__, layer, arch)
 
-    staging = output_dir.with_name(output_dir.name + f".tmp.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_directory(output_dir, force=force) as staging:
         config = arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=1,
                                    eos_token_id=2)  # fmt: skip
         save_hf_checkpoint(tensors(), staging, config)
         if tokenizer_model:
             shutil.copy(tokenizer_model, staging / "tokenizer.model")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return config

@@ -33,6 +33,15 @@ def config(tokenizer, inputs, prefix, **kwargs):
     )
 
 
+def cli_args(source_flag, source, prefix, tokenizer, *extra):
+    """Command-line arguments for a Llama2Tokenizer run with EOD and two workers."""
+    return [
+        source_flag, str(source), "--output-prefix", str(prefix),
+        "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(tokenizer),
+        "--append-eod", "--workers", "2", *extra,
+    ]  # fmt: skip
+
+
 def files_of(prefix, level="document"):
     stem = f"{prefix}_text_{level}"
     return [Path(stem + ext) for ext in (".bin", ".idx", ".stats.json")]
@@ -159,19 +168,7 @@ def test_edge_file_skip_mode_writes_exactly_the_usable_documents(
 
 def test_edge_file_default_mode_names_file_and_line(tmp_path, corpora, llama2_tokenizer, capsys):
     source = corpora / "edge" / "bad_lines.jsonl"
-    argv = [
-        "--input",
-        str(source),
-        "--output-prefix",
-        str(tmp_path / "edge"),
-        "--tokenizer-type",
-        "Llama2Tokenizer",
-        "--tokenizer-model",
-        str(llama2_tokenizer),
-        "--append-eod",
-        "--workers",
-        "2",
-    ]
+    argv = cli_args("--input", source, tmp_path / "edge", llama2_tokenizer)
     assert preprocess_cmd.main(argv) == 1
     err = capsys.readouterr().err
     assert f"{source}:4: invalid JSON" in err
@@ -273,19 +270,7 @@ def test_manifest_blend_realises_token_shares(tmp_path, corpora, llama2_tokenize
         f"  en: {{inputs: [{corpora / 'en' / 'train.jsonl'}], share: 1}}\n"
         f"  ar: {{inputs: [{corpora / 'ar' / 'valid.jsonl'}], share: 3}}\n"
     )
-    argv = [
-        "--manifest",
-        str(manifest),
-        "--output-prefix",
-        str(tmp_path / "data" / "mix"),
-        "--tokenizer-type",
-        "Llama2Tokenizer",
-        "--tokenizer-model",
-        str(llama2_tokenizer),
-        "--append-eod",
-        "--workers",
-        "2",
-    ]
+    argv = cli_args("--manifest", manifest, tmp_path / "data" / "mix", llama2_tokenizer)
     assert preprocess_cmd.main(argv) == 0
     out = capsys.readouterr().out
     data_path = re.search(r"^--data-path (.+)$", out, re.M).group(1)
