@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from megatron_ext.commands.options import add_corpus_reading_options
 from megatron_ext.data.readers import InputError
 from megatron_ext.hashing import sha256_file
 from megatron_ext.outputs import OutputExistsError, atomic_directory
@@ -73,13 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gain: best-compression pieces, ordered for BPE (default); append: Chinese-LLaMA "
         "baseline (train N pieces, append the new ones with score 0), for comparison only",
     )
-    parser.add_argument("--json-key", default="text", help="JSON field with the text")
-    parser.add_argument(
-        "--on-bad-line",
-        choices=["error", "skip"],
-        default="error",
-        help="malformed input lines: stop with file:line (default) or skip them",
-    )
+    add_corpus_reading_options(parser)
     parser.add_argument("--threads", type=int, default=2, help="trainer and encoder threads")
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     return parser

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_ext.commands.options import add_corpus_reading_options
 from megatron_ext.data.readers import InputError
 from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
@@ -59,13 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="eng",
         help="language parity is measured against (default eng)",
     )
-    parser.add_argument("--json-key", default="text", help="JSON field with the text")
-    parser.add_argument(
-        "--on-bad-line",
-        choices=["error", "skip"],
-        default="error",
-        help="malformed corpus lines: stop with file:line (default) or skip them",
-    )
+    add_corpus_reading_options(parser)
     parser.add_argument("--output-dir", required=True, help="directory to create")
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     return parser
