@@ -11,6 +11,7 @@ which come back in rank order.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -36,7 +37,9 @@ def _worker(rank, world_size, port, tp, pp, fn, args, results):
 
     try:
         distributed.init(tp, pp, rank=rank, world_size=world_size, seed=1234)
-        results.put((rank, fn(rank, world_size, *args), None))
+        # Plain pickle bytes: torch's queue pickler would pass tensors as shared-memory file
+        # descriptors, which vanish if this process exits before the parent reads them.
+        results.put((rank, pickle.dumps(fn(rank, world_size, *args)), None))
     except BaseException:  # reported to the parent, which re-raises
         results.put((rank, None, traceback.format_exc()))
     finally:
@@ -76,4 +79,4 @@ def run_ranks(
     errors = [f"rank {rank}:\n{err}" for rank, _, err in sorted(outcome) if err]
     if errors:
         raise AssertionError("\n".join(errors))
-    return [value for _, value, _ in sorted(outcome, key=lambda item: item[0])]
+    return [pickle.loads(value) for _, value, _ in sorted(outcome, key=lambda item: item[0])]
