@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_ext.commands.tokenizer_report",
         "fertility, chars/bytes per token, byte fallback and parallel parity of tokenizers",
     ),
+    "train": (
+        "megatron_ext.commands.train",
+        "continued pretraining on megatron-core (TP/PP/DP, stages, checkpoints) from a config",
+    ),
     "fetch-sample-data": (
         "megatron_ext.commands.fetch_sample_data",
         "build the sample corpora and fetch the tokenizers used by the demo and tests",

@@ -5,7 +5,7 @@ calls a few CUDA-only functions, so :func:`install_cpu_shims` replaces exactly t
 on machines with a GPU): ``torch.cuda.current_device`` returns ``"cpu"`` (megatron-core passes it
 as a ``device=`` argument), ``torch.cuda.synchronize`` does nothing (dist_checkpointing's writer
 calls it), ``device="cuda"`` allocations inside a few megatron-core modules (causal masks,
-pipeline schedules) go to the CPU, and megatron-core's CUDA RNG tracker is replaced by
+pipeline schedules, optimizers) go to the CPU, and megatron-core's CUDA RNG tracker is replaced by
 :class:`CpuRNGStatesTracker`, which forks the CPU generator so that dropout stays reproducible
 and its state checkpointable.
 """
@@ -78,11 +78,15 @@ class _CpuDeviceTorch:
 
 
 # megatron-core modules whose module-level ``torch`` allocates on "cuda" (causal masks, pipeline
-# schedules' receive buffers).
+# schedules' receive buffers, the optimizers' scalar flags and gradient-norm buffers).
 _CUDA_ALLOCATING_MODULES = (
     "megatron.core.transformer.utils",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
 )
 
 

@@ -16,9 +16,9 @@ import os
 import socket
 import sys
 import time
-import warnings
 
 from megatron_ext.checkpoint.convert import DTYPES
+from megatron_ext.commands.options import quiet_known_warnings
 from megatron_ext.embeddings.init import INIT_METHODS
 
 PROG = "megatron-ext convert"
@@ -88,22 +88,10 @@ def _single_process_group() -> None:
     distributed.init(1, rank=0, world_size=1)
 
 
-def _quiet_known_warnings() -> None:
-    # Noise on every CPU run that says nothing about the user's checkpoint.
-    for message in (
-        "Transformer Engine and Apex are not installed",
-        "Apex is not installed",
-        "full scope is deprecated",
-        ".*ShardedTensor",
-        ".*load_state_dict.*deprecated",
-    ):
-        warnings.filterwarnings("ignore", message=message)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     from megatron_ext.arch import ArchitectureError
     from megatron_ext.checkpoint.convert import hf_to_megatron, megatron_to_hf
     from megatron_ext.checkpoint.hf import CheckpointError

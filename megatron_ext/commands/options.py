@@ -1,8 +1,9 @@
-"""Command-line options shared by the tools that read corpora."""
+"""Command-line options and console settings shared by the tools."""
 
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from megatron_ext.data.preprocess import ON_BAD_LINE
 
@@ -16,3 +17,15 @@ def add_corpus_reading_options(parser: argparse.ArgumentParser | argparse._Argum
         default="error",
         help="malformed input lines: stop with file:line (default) or skip them",
     )
+
+
+def quiet_known_warnings() -> None:
+    """Silence megatron-core's warnings that every CPU run prints and that need no action."""
+    for message in (
+        "Transformer Engine and Apex are not installed",
+        "Apex is not installed",
+        "full scope is deprecated",
+        ".*ShardedTensor",
+        ".*load_state_dict.*deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)

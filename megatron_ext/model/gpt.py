@@ -1,9 +1,20 @@
-"""megatron-core ``GPTModel`` built from a :class:`~megatron_ext.arch.LlamaArch`."""
+"""megatron-core ``GPTModel`` built from a :class:`~megatron_ext.arch.LlamaArch`.
+
+With ``fused_kernels`` the model runs this project's kernels where megatron-core would run its
+own: the vocab-parallel embedding (:mod:`kernels.embedding`) and, when labels are given, the
+fused linear cross-entropy (:mod:`kernels.cross_entropy`), which never materialises the logits.
+Parameters, sharding and checkpoint keys are megatron-core's either way, so checkpoints move
+freely between the two.
+"""
 
 from __future__ import annotations
 
 import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
+from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.embedding import FusedVocabParallelEmbedding
 from megatron_ext.arch import LlamaArch
 
 
@@ -36,7 +47,8 @@ def build_gpt_model(
     post_process: bool = True,
     parallel_output: bool = True,
     use_transformer_engine: bool | None = None,
-):
+    fused_kernels: bool = False,
+) -> LlamaGPTModel:
     """A ``GPTModel`` (this rank's pipeline stage) with Llama's RoPE and untied output layer.
 
     Args:
@@ -47,10 +59,10 @@ def build_gpt_model(
         post_process: This stage has the final norm and output layer.
         parallel_output: Keep logits split over tensor-parallel ranks (False gathers them).
         use_transformer_engine: Force the layer spec (None: TE on a GPU when installed).
+        fused_kernels: Run this project's embedding and linear cross-entropy kernels.
     """
-    from megatron.core.models.gpt import GPTModel
-
-    return GPTModel(
+    return LlamaGPTModel(
+        fused_kernels=fused_kernels,
         config=config,
         transformer_layer_spec=layer_spec(use_transformer_engine),
         vocab_size=padded_vocab_size,
@@ -63,3 +75,83 @@ def build_gpt_model(
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
     )
+
+
+class LlamaGPTModel(GPTModel):
+    """``GPTModel`` whose training forward returns the masked loss sum, optionally fused.
+
+    ``forward(..., labels=labels, loss_mask=loss_mask)`` returns the scalar
+    ``sum(loss_mask * per-token loss)`` (fp32), with megatron-core's output layer and
+    cross-entropy or, with ``fused_kernels``, the fused linear cross-entropy, which then costs
+    the three lm-head GEMMs and no ``[tokens, vocab]`` logits. With ``labels`` only, per-token
+    losses ``[b, s]`` as in megatron-core; without labels, logits.
+    """
+
+    def __init__(self, *args, fused_kernels: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused_kernels = fused_kernels
+        if fused_kernels and self.pre_process:
+            self.embedding.word_embeddings = _fused_embedding(
+                self.embedding.word_embeddings, self.config
+            )
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        loss_mask = kwargs.get("loss_mask")
+        in_training_loss = (
+            self.post_process
+            and labels is not None
+            and kwargs.get("inference_context") is None
+            and not kwargs.get("mtp_in_postprocess")
+            and self.config.mtp_num_layers is None
+        )
+        if not in_training_loss:
+            return super()._postprocess(
+                hidden_states, input_ids, position_ids, labels, *args, **kwargs
+            )
+        if not self.fused_kernels:
+            losses = super()._postprocess(
+                hidden_states, input_ids, position_ids, labels, *args, **kwargs
+            )
+            return losses if loss_mask is None else (losses.float() * loss_mask).sum()
+        if self.output_layer.sequence_parallel:
+            # The kernel all-reduces dH over TP itself, so the gather's backward only splits.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.output_layer.tp_group
+            )
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else self.output_layer.weight
+        )
+        return fused_linear_cross_entropy(
+            hidden_states.transpose(0, 1),
+            weight,
+            labels,
+            reduction="none" if loss_mask is None else "sum",
+            loss_mask=loss_mask,
+            tp_group=self.output_layer.tp_group,
+        )
+
+    def set_trainable_rows(self, rows: tuple[int, int] | None) -> None:
+        """Only embedding rows in ``[start, end)`` get gradients (fused embedding only)."""
+        if self.pre_process:
+            embedding = self.embedding.word_embeddings
+            if not isinstance(embedding, FusedVocabParallelEmbedding):
+                raise ValueError("trainable rows need the fused embedding (kernels: fused)")
+            embedding.trainable_rows = rows
+
+
+def _fused_embedding(original, config) -> FusedVocabParallelEmbedding:
+    """A fused embedding module around ``original``'s weight (no new initialisation)."""
+    fused = FusedVocabParallelEmbedding(
+        original.num_embeddings,
+        original.embedding_dim,
+        # The weight is replaced by the original one: skip initialising (and drawing random
+        # numbers for) a second copy, so both kernel choices build identical models.
+        init_method=lambda weight: None,
+        reduce_scatter_embeddings=original.reduce_scatter_embeddings,
+        config=config,
+        tp_group=original.tp_group,
+    )
+    fused.weight = original.weight
+    return fused

@@ -153,3 +153,24 @@ def parity(processor, texts_by_lang: dict[str, str], reference: str = "eng") -> 
     counts = {lang: len(processor.encode(text)) for lang, text in texts_by_lang.items()}
     ref = counts[reference]
     return {lang: count / ref for lang, count in counts.items()}
+
+
+def characters_per_piece(processor) -> np.ndarray:
+    """Characters of text each token id stands for, so that ``sum(table[ids])`` counts the text.
+
+    This makes bits per character computable from token ids alone: ``▁`` is the space it
+    encodes; a byte-fallback piece counts 1 if it starts a UTF-8 character (not ``0b10xxxxxx``),
+    so the pieces of one multi-byte character count 1 together; control and unknown pieces
+    (bos, eos) count 0. The only difference from the text is the dummy-prefix space
+    SentencePiece adds at the start of each encoded text (one per document).
+    """
+    table = np.zeros(processor.get_piece_size(), dtype=np.int64)
+    for i in range(len(table)):
+        if processor.is_control(i) or processor.is_unknown(i):
+            continue
+        piece = processor.id_to_piece(i)
+        if processor.is_byte(i):
+            table[i] = int((int(piece[3:5], 16) & 0xC0) != 0x80)
+        else:
+            table[i] = len(piece)
+    return table

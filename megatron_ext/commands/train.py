@@ -1,0 +1,114 @@
+"""``megatron-ext train``: continued pretraining on Megatron-Core from a YAML config.
+
+Run one process per GPU (``torchrun --nproc-per-node 8 -m megatron_ext.cli train ...``, or the
+Slurm scripts in ``examples/slurm/``); on a CPU, gloo processes (``torchrun --nproc-per-node 2``).
+Settings after ``--config`` override the YAML with Megatron-LM's flag names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_ext.commands.options import quiet_known_warnings
+from megatron_ext.training.config import ConfigError, load_config
+
+EPILOG = """\
+Any setting of the config can be overridden with Megatron-LM's flag name, e.g.
+  --train-iters 1000 --micro-batch-size 2 --global-batch-size 64 --seq-length 4096
+  --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel
+  --data-path 0.25 data/en_text_document 0.75 data/ar_text_document
+  --tokenizer-model tokenizer.model --pretrained-checkpoint converted/ --save ckpt --load ckpt
+  --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 100 --kernels megatron --bf16
+See megatron_ext/training/config.py (TrainConfig) for every setting.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's own options; everything else is a config override."""
+    parser = argparse.ArgumentParser(
+        prog="megatron-ext train",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML training config (e.g. examples/configs/tiny.yaml)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the parallel layout, parameters and memory per GPU and tokens per step, "
+        "then exit without training",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        help="processes to plan for with --dry-run (default: $WORLD_SIZE, else TP x PP)",
+    )
+    return parser
+
+
+def dry_run(config, world_size: int | None) -> int:
+    """Print the resolved plan; touches neither a GPU nor the data."""
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.loop import resolve_arch
+    from megatron_ext.training.plan import plan_run
+
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", tp * pp))
+    config.validate(world_size)
+    vocab = SentencePieceEncoder(config.tokenizer_model).vocab_size
+    plan = resolve_arch(config, vocab, None)
+    run = plan_run(config, plan.arch, plan.padded_vocab_size, world_size)
+    arch = plan.arch
+    print(
+        f"model: {arch.num_layers} layers, hidden {arch.hidden_size}, heads "
+        f"{arch.num_attention_heads} ({arch.num_query_groups} KV groups), ffn "
+        f"{arch.ffn_hidden_size}, vocabulary {arch.vocab_size} (padded {plan.padded_vocab_size})"
+    )
+    for line in run.lines(config):
+        print(line)
+    for i, stage in enumerate(config.resolved_stages(), 1):
+        rows = " (new rows only)" if stage.new_rows_only else ""
+        print(
+            f"stage {i} {stage.name!r}: {stage.train_iters} iterations, trains "
+            f"{stage.trainable}{rows}, lr {stage.lr:g} -> {stage.min_lr:g} "
+            f"({stage.lr_decay_style}, warm-up {stage.lr_warmup_iters})"
+        )
+    tokens = run.tokens_per_step * config.train_iters
+    print(f"total: {config.train_iters} iterations, {tokens:,} tokens")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args, overrides = build_parser().parse_known_args(argv)
+    quiet_known_warnings()
+    try:
+        config = load_config(args.config, overrides)
+        if args.dry_run:
+            return dry_run(config, args.world_size)
+        from megatron_ext.training.loop import TrainingError, train
+
+        try:
+            result = train(config)
+        except TrainingError as err:
+            print(f"megatron-ext train: {err}", file=sys.stderr)
+            return 1
+    except ConfigError as err:
+        print(f"megatron-ext train: {err}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        status = "interrupted (SIGTERM), checkpoint saved" if result.interrupted else "done"
+        print(
+            f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped; "
+            f"checkpoint {result.checkpoint or '(none: no --save)'}"
+        )
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Training checkpoints: megatron-core ``dist_checkpointing``, written atomically, keep-last-k.
+
+Layout (Megatron-LM's)::
+
+    <save>/iter_0000100/                  dist_checkpointing (torch_dist) of model + optimizer
+           iter_0000100/train_state.json  iteration, stage, scheduler, skipped steps, layout
+           iter_0000100/megatron_ext.json architecture and vocabulary (``convert megatron-to-hf``)
+    <save>/latest_checkpointed_iteration.txt
+
+A checkpoint is written into ``iter_XXXXXXX.tmp`` by all ranks, renamed by rank 0 once complete,
+and only then does the ``latest`` pointer (replaced atomically) name it; a job killed at any
+moment leaves either the previous checkpoint as latest or the new one complete, and its
+half-written temporary directory is removed by the next save. Model and optimizer state are
+resharded on load, so a run saved at TP=2 resumes at TP=1; the per-rank RNG states are restored
+only when the parallel layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest_checkpointed_iteration.txt"
+TRAIN_STATE = "train_state.json"
+METADATA = "megatron_ext.json"
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that cannot be resumed from (the message names the path)."""
+
+
+def checkpoint_dir(save: str | os.PathLike, iteration: int) -> Path:
+    """Directory of the checkpoint taken after ``iteration``."""
+    return Path(save) / f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(load: str | os.PathLike) -> Path | None:
+    """The checkpoint the ``latest`` pointer names, or None if there is none yet.
+
+    Raises:
+        CheckpointLoadError: If the pointer names a checkpoint that is missing or incomplete.
+    """
+    pointer = Path(load) / LATEST
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError as err:
+        raise CheckpointLoadError(f"{pointer}: expected an iteration number, got {text!r}") from err
+    path = checkpoint_dir(load, iteration)
+    if not (path / TRAIN_STATE).is_file():
+        raise CheckpointLoadError(f"{pointer} names {path}, which is missing or incomplete")
+    return path
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_object(state: Any) -> ShardedObject:
+    """This rank's RNG states as one entry of a (PP, TP, DP) grid."""
+    layout = _layout()
+    return ShardedObject(
+        "rng_state",
+        state,
+        (
+            layout["pipeline_model_parallel_size"],
+            layout["tensor_model_parallel_size"],
+            layout["data_parallel_size"],
+        ),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        ),
+        replica_id=0,
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+    if with_rng:
+        state["rng_state"] = _rng_object(_rng_state())
+    return state
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    save: str | os.PathLike,
+    iteration: int,
+    model,
+    optimizer,
+    train_state: dict[str, Any],
+    metadata: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write the checkpoint of ``iteration`` on all ranks (collective) and point ``latest`` at it.
+
+    Args:
+        save: The checkpoint root.
+        iteration: Iterations completed.
+        model: This rank's (unwrapped) model chunk.
+        optimizer: The megatron-core optimizer.
+        train_state: JSON-able loop state (written by rank 0).
+        metadata: ``megatron_ext.json`` contents (architecture, vocabulary, dtype).
+        keep_last: Delete all but the newest ``keep_last`` checkpoints (0: keep all).
+
+    Returns:
+        The checkpoint directory.
+    """
+    final = checkpoint_dir(save, iteration)
+    staging = final.with_name(final.name + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(staging, ignore_errors=True)  # a half-written one from a killed job
+        staging.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, False, True), str(staging))
+    dist.barrier()
+    if rank0:
+        _write_json(staging / METADATA, metadata)
+        _write_json(staging / TRAIN_STATE, {**train_state, "layout": _layout()})
+        if final.exists():  # re-saving an iteration after a resume: the new one replaces it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        pointer = Path(save) / LATEST
+        tmp_pointer = pointer.with_name(pointer.name + ".tmp")
+        tmp_pointer.write_text(f"{iteration}\n")
+        os.replace(tmp_pointer, pointer)
+        _fsync_dir(Path(save))
+        if keep_last:
+            _prune(Path(save), keep_last)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(save: Path, keep_last: int) -> None:
+    done = sorted(p for p in save.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``train_state.json`` of a checkpoint."""
+    return json.loads((Path(path) / TRAIN_STATE).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]:
+    """Restore model, optimizer (None: weights only) and, if the layout matches, RNG states.
+
+    Returns:
+        The checkpoint's train state.
+    """
+    train_state = read_train_state(path)
+    same_layout = train_state.get("layout") == _layout()
+    sharded = _sharded_state(model, optimizer, True, same_layout)
+    sharded["model"] = {k: v for k, v in sharded["model"].items() if not k.endswith("_extra_state")}
+    try:
+        state = dist_checkpointing.load(sharded, str(path))
+    except Exception as err:  # dist_checkpointing raises many types; name the checkpoint
+        raise CheckpointLoadError(f"{path}: cannot load ({type(err).__name__}: {err})") from err
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointLoadError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if same_layout:
+        _set_rng_state(state["rng_state"])
+    else:
+        logger.warning(
+            "%s: saved with %s, resumed with %s: RNG states start afresh",
+            path,
+            train_state.get("layout"),
+            _layout(),
+        )
+    return train_state

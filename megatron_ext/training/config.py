@@ -1,0 +1,417 @@
+"""The training configuration: one dataclass, read from YAML, overridden with Megatron-LM flags.
+
+YAML keys and command-line overrides use Megatron-LM's argument names (``train_iters`` in YAML
+or ``--train-iters`` on the command line), so a Megatron user can bring a launch script along::
+
+    megatron-ext train --config examples/configs/tiny.yaml --train-iters 200 \\
+        --data-path 0.25 data/en_text_document 0.75 data/ar_text_document --save ckpt
+
+Training runs in *stages*, each with its own trainable parameters and learning-rate schedule
+(warm-up, then decay). Without a ``stages`` list there is one stage training everything with the
+top-level optimiser settings; a stage leaves out what it inherits from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used (the message names the file or flag)."""
+
+
+TRAINABLE = ("all", "embeddings")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class StageConfig:
+    """One training stage.
+
+    Attributes:
+        name: Shown in logs and metrics.
+        train_iters: Iterations in this stage; the last stage may leave it out and runs until the
+            run's ``train_iters``.
+        trainable: ``all`` or ``embeddings`` (input embedding and output layer only).
+        new_rows_only: With ``embeddings``: only the rows of the new tokens (ids from the base
+            vocabulary size on) change; the base rows stay bitwise unchanged.
+        lr: Peak learning rate (None: the run's ``lr``); likewise the fields below.
+        min_lr: Learning rate at the end of the decay.
+        lr_warmup_iters: Linear warm-up from 0 over this many iterations of the stage.
+        lr_decay_style: ``cosine``, ``linear`` or ``constant`` over the rest of the stage.
+        weight_decay: AdamW weight decay.
+    """
+
+    name: str
+    train_iters: int | None = None
+    trainable: str = "all"
+    new_rows_only: bool = False
+    lr: float | None = None
+    min_lr: float | None = None
+    lr_warmup_iters: int | None = None
+    lr_decay_style: str | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; field names are Megatron-LM's argument names.
+
+    Attributes:
+        arch: A preset name (``llama2-7b``, ``tiny``, ...) or a mapping of ``LlamaArch`` fields,
+            optionally with ``preset`` to start from. Taken from the checkpoint's metadata when
+            ``pretrained_checkpoint`` is set.
+        tokenizer_model: SentencePiece model; sets the vocabulary size and the end-of-document id.
+        pretrained_checkpoint: A converted checkpoint (``megatron-ext convert``) to start from:
+            weights only.
+        base_vocab_size: First id of the new tokens for ``new_rows_only`` stages (default: the
+            converted checkpoint's base vocabulary).
+        kernels: ``fused`` (this project's embedding and linear cross-entropy kernels) or
+            ``megatron`` (megatron-core's embedding, output layer and cross-entropy).
+        transformer_impl: ``transformer_engine``, ``local`` or ``auto`` (TE on a GPU if installed).
+        bf16: bf16 parameters and activations with fp32 main weights and gradients.
+        recompute_activations: Recompute each transformer layer's activations in backward.
+        make_vocab_size_divisible_by: Vocabulary padding unit (times the TP size).
+        tensor_model_parallel_size: TP size.
+        pipeline_model_parallel_size: PP size.
+        sequence_parallel: Megatron sequence parallelism (needs TP > 1).
+        use_distributed_optimizer: Shard optimizer state over data-parallel ranks.
+        micro_batch_size: Sequences per micro-batch per data-parallel rank.
+        global_batch_size: Sequences per iteration (all ranks, all micro-batches).
+        seq_length: Tokens per sequence.
+        train_iters: Total iterations over all stages.
+        data_path: Megatron's ``--data-path``: ``[w1, prefix1, w2, prefix2, ...]`` or prefixes.
+        data_names: Names of the datasets in metrics (default: from the prefixes, e.g. ``ar``).
+        split: Train/validation/test split of every dataset (Megatron's ``--split``).
+        data_cache_path: Where megatron-core caches the dataset indices (default: beside data).
+        reset_position_ids: Document-aware packing: positions restart after each end-of-document.
+        reset_attention_mask: Document-aware packing: tokens attend only within their document.
+        eod_mask_loss: No loss on predicting from the end-of-document token.
+        lr: Peak learning rate.
+        min_lr: Final learning rate.
+        lr_warmup_iters: Warm-up iterations.
+        lr_decay_style: ``cosine``, ``linear`` or ``constant``.
+        weight_decay: AdamW weight decay (not applied to norms).
+        adam_beta1: AdamW beta1.
+        adam_beta2: AdamW beta2.
+        adam_eps: AdamW epsilon.
+        clip_grad: Gradient clipping by global norm (0: off).
+        stages: The training stages (empty: one stage training everything).
+        eval_interval: Iterations between validations (0: only at the end).
+        eval_iters: Validation iterations per language.
+        save: Checkpoint directory (also where ``metrics.jsonl`` goes).
+        load: Checkpoint directory to resume from (usually the same as ``save``).
+        save_interval: Iterations between checkpoints (0: only at the end and on SIGTERM).
+        keep_last_checkpoints: Older checkpoints are deleted (0: keep all).
+        log_interval: Iterations between console lines (metrics.jsonl gets every iteration).
+        tensorboard_dir: TensorBoard event files (None: no TensorBoard).
+        on_nonfinite: ``skip``: a NaN/Inf loss or gradient norm skips the update (counted);
+            ``stop``: stop with an error.
+        max_skipped_iters: Stop after this many consecutive skipped iterations.
+        exit_signal_handler: On SIGTERM (Slurm pre-emption) save a checkpoint and exit cleanly.
+        peak_tflops: Per-device peak TFLOP/s for MFU (default: known GPUs; None on a CPU).
+        seed: Random seed (weights, data order).
+    """
+
+    arch: str | dict[str, Any] = "tiny"
+    tokenizer_model: str | None = None
+    pretrained_checkpoint: str | None = None
+    base_vocab_size: int | None = None
+    kernels: str = "fused"
+    transformer_impl: str = "auto"
+    bf16: bool = False
+    recompute_activations: bool = False
+    make_vocab_size_divisible_by: int = 128
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 256
+    train_iters: int = 100
+    data_path: list[str] = field(default_factory=list)
+    data_names: list[str] | None = None
+    split: str = "98,2,0"
+    data_cache_path: str | None = None
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    stages: list[StageConfig] = field(default_factory=list)
+    eval_interval: int = 0
+    eval_iters: int = 2
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 0
+    keep_last_checkpoints: int = 2
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    on_nonfinite: str = "skip"
+    max_skipped_iters: int = 10
+    exit_signal_handler: bool = True
+    peak_tflops: float | None = None
+    seed: int = 1234
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stages with inherited settings filled in and the last one running to the end.
+
+        Raises:
+            ConfigError: If the stages need more iterations than ``train_iters``.
+        """
+        stages = self.stages or [StageConfig(name="train")]
+        out = []
+        used = 0
+        for i, stage in enumerate(stages):
+            last = i == len(stages) - 1
+            iters = stage.train_iters
+            if iters is None:
+                if not last:
+                    raise ConfigError(f"stage {stage.name!r}: train_iters is needed (not last)")
+                iters = self.train_iters - used
+            elif last and used + iters != self.train_iters:
+                # The last stage is the one --train-iters lengthens or shortens.
+                iters = self.train_iters - used
+            if iters <= 0:
+                raise ConfigError(
+                    f"stage {stage.name!r} gets {iters} iterations: the stages need more than "
+                    f"train_iters={self.train_iters}"
+                )
+            used += iters
+            inherit = {
+                name: getattr(self, name) if getattr(stage, name) is None else getattr(stage, name)
+                for name in ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay")
+            }
+            out.append(dataclasses.replace(stage, train_iters=iters, **inherit))
+        return out
+
+    @property
+    def data_blend(self) -> tuple[list[str], list[float] | None]:
+        """(prefixes, weights or None) from ``data_path``, as megatron-core reads it."""
+        from megatron.core.datasets.utils import get_blend_from_list
+
+        return get_blend_from_list([str(x) for x in self.data_path])
+
+    def dataset_names(self) -> list[str]:
+        """One short name per dataset: ``data_names``, or the prefixes minus shared parts."""
+        prefixes = self.data_blend[0]
+        if self.data_names:
+            return list(self.data_names)
+        stems = [Path(p).name.removesuffix("_text_document") for p in prefixes]
+        if len(stems) > 1:
+            common = os.path.commonprefix(stems)
+            common = common[: common.rfind("_") + 1]  # only whole "_"-separated words
+            stems = [s[len(common) :] or s for s in stems]
+        return stems
+
+    def validate(self, world_size: int) -> None:
+        """Check the settings against each other and the number of processes.
+
+        Raises:
+            ConfigError: Naming the setting (as a command-line flag) and the problem.
+        """
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"{world_size} processes cannot be split into --tensor-model-parallel-size {tp} "
+                f"x --pipeline-model-parallel-size {pp}"
+            )
+        dp = world_size // (tp * pp)
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of "
+                f"--micro-batch-size {self.micro_batch_size} x {dp} data-parallel ranks"
+            )
+        if not self.data_path:
+            raise ConfigError("--data-path is required (e.g. --data-path 0.25 en 0.75 ar)")
+        if self.tokenizer_model is None:
+            raise ConfigError("--tokenizer-model is required (the SentencePiece model)")
+        if self.data_names and len(self.data_names) != len(self.data_blend[0]):
+            raise ConfigError(
+                f"--data-names has {len(self.data_names)} names for "
+                f"{len(self.data_blend[0])} datasets"
+            )
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        choices = {
+            "kernels": ("fused", "megatron"),
+            "transformer_impl": ("auto", "local", "transformer_engine"),
+            "on_nonfinite": ("skip", "stop"),
+            "lr_decay_style": LR_DECAY_STYLES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}")
+        for stage in self.resolved_stages():
+            if stage.trainable not in TRAINABLE:
+                raise ConfigError(f"stage {stage.name!r}: trainable must be one of {TRAINABLE}")
+            if stage.lr_decay_style not in LR_DECAY_STYLES:
+                raise ConfigError(f"stage {stage.name!r}: unknown lr_decay_style")
+            if stage.new_rows_only and stage.trainable != "embeddings":
+                raise ConfigError(f"stage {stage.name!r}: new_rows_only needs trainable=embeddings")
+            if stage.lr_warmup_iters > stage.train_iters:
+                raise ConfigError(f"stage {stage.name!r}: more warm-up than iterations")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _scalar_type(hint: Any) -> Any:
+    """The non-None type of ``X | None``; the hint itself otherwise."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """``value`` (from YAML or the command line) as the type of field ``name``."""
+    hint = _HINTS[name]
+    if value is None:
+        return None
+    if name == "stages":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: stages must be a list of mappings")
+        return [_stage(s, f"{where}: stages[{i}]") for i, s in enumerate(value)]
+    if name == "arch":
+        if isinstance(value, str | dict):
+            return value
+        raise ConfigError(f"{where}: arch must be a preset name or a mapping")
+    target = _scalar_type(hint)
+    if typing.get_origin(target) is list:
+        items = value if isinstance(value, list) else [value]
+        return [str(x) for x in items]
+    if isinstance(value, list):
+        raise ConfigError(f"{where}: {_flag(name)} takes one value, got {value}")
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError(value)
+            return int(number)
+        if target is float:
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError(value)
+            return number
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{where}: {_flag(name)} expects {target.__name__}, got {value!r}"
+        ) from err
+
+
+def _stage(data: Any, where: str) -> StageConfig:
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError(f"{where}: a stage is a mapping with at least a name")
+    known = {f.name for f in dataclasses.fields(StageConfig)}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        values[name] = value
+    stage = StageConfig(**values)
+    for name in ("lr", "min_lr", "weight_decay"):
+        if getattr(stage, name) is not None:
+            setattr(stage, name, float(getattr(stage, name)))
+    return stage
+
+
+def _known(name: str, where: str, spelled: str) -> str:
+    if name in _FIELDS:
+        return name
+    close = difflib.get_close_matches(name, _FIELDS, n=1)
+    hint = f" (did you mean {_flag(close[0])}?)" if close else ""
+    raise ConfigError(f"{where}: unknown setting {spelled!r}{hint}")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--train-iters", "10", "--data-path", "0.3", "a", "0.7", "b", "--bf16"]`` -> values.
+
+    A flag takes the values up to the next flag: one for a scalar (none for a boolean, meaning
+    true), any number for a list such as ``--data-path``.
+    """
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"command line: expected a --flag, got {token!r}")
+        name = _known(token[2:].replace("-", "_"), "command line", token)
+        j = i + 1
+        while j < len(argv) and not (argv[j].startswith("--") and argv[j][2:3].isalpha()):
+            j += 1
+        args = argv[i + 1 : j]
+        target = _scalar_type(_HINTS[name])
+        if typing.get_origin(target) is list:
+            values[name] = args
+        elif not args and target is bool:
+            values[name] = True
+        elif len(args) == 1:
+            values[name] = _coerce(name, args[0], "command line")
+        else:
+            raise ConfigError(f"command line: {token} takes one value, got {args}")
+        i = j
+    return values
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (None: defaults), then apply command-line ``overrides``.
+
+    Relative paths inside the YAML stay relative to the working directory, as Megatron-LM's do.
+
+    Raises:
+        ConfigError: Naming the file or flag.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{where}: cannot read config ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings")
+        for key, value in data.items():
+            name = _known(str(key).replace("-", "_"), where, str(key))
+            values[name] = _coerce(name, value, where)
+    values.update(parse_overrides(overrides or []))
+    return TrainConfig(**values)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The configuration as plain data (for the checkpoint and the run log)."""
+    return dataclasses.asdict(config)

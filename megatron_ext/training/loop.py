@@ -1,0 +1,670 @@
+"""The training loop: stages, megatron-core schedules, DDP, optimizer, validation, checkpoints.
+
+One call, :func:`train`, runs a whole configuration on the processes of the current job (one
+process per GPU under ``torchrun``/``srun``, or gloo processes on a CPU). Each stage builds its
+own model wrapper (megatron-core ``DistributedDataParallel``), optimizer (megatron-core's, the
+distributed one by default) and learning-rate schedule, because what a stage trains decides what
+DDP and the optimizer hold; the weights carry over from stage to stage.
+
+The loss is summed over tokens in every micro-batch and divided once by the number of loss
+tokens of the whole global batch (megatron-core's ``calculate_per_token_loss``), so runs with any
+TP, PP, DP and micro-batch split optimise the same objective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext import distributed
+from megatron_ext.arch import PRESETS, LlamaArch
+from megatron_ext.checkpoint.convert import load_into, read_metadata
+from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model
+from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+from megatron_ext.tokenizer.metrics import characters_per_piece
+from megatron_ext.training import checkpointing
+from megatron_ext.training.config import ConfigError, StageConfig, TrainConfig, config_dict
+from megatron_ext.training.data import Batch, DatasetTokenizer, build_datasets, micro_batches
+from megatron_ext.training.metrics import MetricsLog
+from megatron_ext.training.plan import peak_tflops, training_flops_per_token
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_WEIGHT = "embedding.word_embeddings.weight"
+OUTPUT_WEIGHT = "output_layer.weight"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss with ``on_nonfinite: stop``, too many skips)."""
+
+
+@dataclass
+class ModelPlan:
+    """The network to train and where its first weights come from."""
+
+    arch: LlamaArch
+    padded_vocab_size: int
+    base_vocab_size: int | None
+    dtype: torch.dtype
+
+
+@dataclass
+class LoopState:
+    """Where the run is; saved in every checkpoint (``train_state.json``)."""
+
+    iteration: int = 0
+    stage: int = 0
+    stage_iteration: int = 0
+    skipped_iters: int = 0
+    consecutive_skips: int = 0
+    scheduler_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a run did (on every rank; losses are known on the last pipeline stage)."""
+
+    iteration: int
+    losses: list[float] = field(default_factory=list)
+    skipped_iters: int = 0
+    checkpoint: str | None = None
+    interrupted: bool = False
+    valid: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def resolve_arch(config: TrainConfig, vocab_size: int, resume: Path | None) -> ModelPlan:
+    """Architecture, padded vocabulary and base vocabulary from the config or a checkpoint.
+
+    Raises:
+        ConfigError: The tokenizer does not match the checkpoint, or the padded vocabulary
+            cannot be split over the tensor-parallel ranks.
+    """
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    tp = config.tensor_model_parallel_size
+    source = resume or (
+        Path(config.pretrained_checkpoint) if config.pretrained_checkpoint else None
+    )
+    if source is not None:
+        meta = read_metadata(source)
+        arch = LlamaArch(**meta["arch"])
+        padded = meta["padded_vocab_size"]
+        base = config.base_vocab_size or meta.get("base_vocab_size")
+        where = f"{source}/{checkpointing.METADATA}"
+    else:
+        arch = _arch_from_config(config.arch).with_vocab_size(vocab_size)
+        padded = arch.padded_vocab_size(tp, config.make_vocab_size_divisible_by)
+        base = config.base_vocab_size
+        where = "config"
+    if arch.vocab_size != vocab_size:
+        raise ConfigError(
+            f"{where}: vocabulary of {arch.vocab_size} but --tokenizer-model "
+            f"{config.tokenizer_model} has {vocab_size} pieces"
+        )
+    if padded % tp:
+        raise ConfigError(
+            f"{where}: padded vocabulary {padded} cannot be split over "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    arch.check_parallel(tp, config.pipeline_model_parallel_size)
+    return ModelPlan(arch, padded, base, dtype)
+
+
+def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
+    if isinstance(arch, str):
+        if arch not in PRESETS:
+            raise ConfigError(f"--arch {arch}: unknown preset (known: {', '.join(PRESETS)})")
+        return PRESETS[arch]
+    fields = dict(arch)
+    preset = fields.pop("preset", None)
+    if preset is not None:
+        base = asdict(_arch_from_config(preset))
+        base.update(fields)
+        fields = base
+    fields.setdefault("vocab_size", 0)  # the tokenizer's size replaces it
+    try:
+        return LlamaArch(**fields)
+    except TypeError as err:
+        raise ConfigError(f"arch: {err}") from err
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
+    """This rank's pipeline stage of the model, on the training device."""
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    overrides: dict[str, Any] = {
+        "params_dtype": plan.dtype,
+        "pipeline_dtype": plan.dtype,
+        "bf16": config.bf16,
+        "sequence_parallel": config.sequence_parallel,
+        "calculate_per_token_loss": True,
+    }
+    if config.recompute_activations:
+        overrides.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
+    use_te = {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
+    if config.reset_attention_mask and use_te is not False and torch.cuda.is_available():
+        raise ConfigError(
+            "--reset-attention-mask needs --transformer-impl local (per-document attention "
+            "masks are not wired to Transformer Engine's packed-sequence attention yet)"
+        )
+    model = build_gpt_model(
+        plan.arch,
+        transformer_config,
+        plan.padded_vocab_size,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_transformer_engine=use_te,
+        fused_kernels=config.kernels == "fused",
+    )
+    return model.to(_device())
+
+
+def use_distributed_optimizer(config: TrainConfig) -> bool:
+    """The distributed optimizer if asked for and on a GPU.
+
+    megatron-core's ``DistributedOptimizer`` accepts only ``torch.cuda.*Tensor`` parameters, so a
+    CPU run keeps a full optimizer state on every data-parallel rank instead (same updates).
+    """
+    return config.use_distributed_optimizer and torch.cuda.is_available()
+
+
+def _trainable(name: str, stage: StageConfig) -> bool:
+    return stage.trainable == "all" or name in (EMBEDDING_WEIGHT, OUTPUT_WEIGHT)
+
+
+def _new_rows(stage: StageConfig, plan: ModelPlan) -> tuple[int, int] | None:
+    """Global ids whose embedding/output rows a ``new_rows_only`` stage trains."""
+    if not stage.new_rows_only:
+        return None
+    if plan.base_vocab_size is None:
+        raise ConfigError(
+            f"stage {stage.name!r}: new_rows_only needs --base-vocab-size (or a converted "
+            "checkpoint that records it)"
+        )
+    return (plan.base_vocab_size, plan.arch.vocab_size)
+
+
+def _mask_frozen_rows(module: LlamaGPTModel, rows: tuple[int, int]) -> None:
+    """Zero the gradient of embedding/output rows outside ``rows`` (this rank's vocab shard)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in module.named_parameters():
+        if name in (EMBEDDING_WEIGHT, OUTPUT_WEIGHT) and param.requires_grad:
+            shard = param.shape[0]
+            ids = torch.arange(shard, device=param.device) + tp_rank * shard
+            frozen = (ids < rows[0]) | (ids >= rows[1])
+            grad = param.main_grad if hasattr(param, "main_grad") else param.grad
+            if grad is not None:
+                grad[frozen] = 0
+
+
+@dataclass
+class StageRun:
+    """What one stage trains with."""
+
+    module: LlamaGPTModel
+    model: DistributedDataParallel
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+
+
+def build_stage(
+    config: TrainConfig, plan: ModelPlan, stage: StageConfig, module: LlamaGPTModel
+) -> StageRun:
+    """Freeze what ``stage`` does not train, then wrap ``module`` in DDP and build its optimizer."""
+    for name, param in module.named_parameters():
+        param.requires_grad = _trainable(name, stage)
+    rows = _new_rows(stage, plan)
+    if rows is not None and config.kernels == "fused":
+        module.set_trainable_rows(rows)  # the embedding then skips the frozen rows outright
+    elif config.kernels == "fused":
+        module.set_trainable_rows(None)
+
+    def finalize(model_chunks, *args, **kwargs):
+        if rows is not None:
+            _mask_frozen_rows(module, rows)
+        return finalize_model_grads(model_chunks, *args, **kwargs)
+
+    module.config.finalize_model_grads_func = finalize
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(config),
+    )
+    model = DistributedDataParallel(module.config, ddp_config, module)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=stage.lr,
+            min_lr=stage.min_lr,
+            weight_decay=stage.weight_decay,
+            adam_beta1=config.adam_beta1,
+            adam_beta2=config.adam_beta2,
+            adam_eps=config.adam_eps,
+            clip_grad=0.0,  # clipped in optimizer_step, after the non-finite check
+            bf16=config.bf16,
+            params_dtype=plan.dtype,
+            use_distributed_optimizer=use_distributed_optimizer(config),
+        ),
+        [model],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=stage.lr,
+        min_lr=stage.min_lr,
+        lr_warmup_steps=stage.lr_warmup_iters,
+        lr_decay_steps=stage.train_iters,
+        lr_decay_style=stage.lr_decay_style,
+        start_wd=stage.weight_decay,
+        end_wd=stage.weight_decay,
+        wd_incr_steps=stage.train_iters,
+        wd_incr_style="constant",
+    )
+    # Iteration k of a stage (1-based) uses the schedule's value at k: no zero-lr first step.
+    scheduler.step(1)
+    return StageRun(module, model, optimizer, scheduler)
+
+
+def _forward_step(char_table: torch.Tensor, data_iterator, model):
+    batch: Batch = next(data_iterator)
+    loss_sum = model(
+        batch.tokens,
+        batch.position_ids,
+        batch.attention_mask,
+        labels=batch.labels,
+        loss_mask=batch.loss_mask,
+    )
+    return loss_sum, partial(_loss_func, char_table, batch)
+
+
+def _loss_func(char_table: torch.Tensor, batch: Batch, loss_sum: torch.Tensor):
+    tokens = batch.loss_mask.sum()
+    chars = (char_table[batch.labels] * batch.loss_mask).sum()
+    report = torch.stack([loss_sum.detach().float(), tokens.float(), chars.float()])
+    return loss_sum, tokens.to(torch.int), {"lm loss": report}
+
+
+def _reduce_report(losses_reduced: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """[loss sum, tokens, characters] over micro-batches and DP ranks (last stage), else None."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    if losses_reduced:
+        total = torch.stack([x["lm loss"] for x in losses_reduced]).sum(0)
+    else:
+        total = torch.zeros(3, device=_device())
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total
+
+
+def optimizer_step(optimizer, clip_grad: float) -> tuple[bool, float]:
+    """Clip and apply the gradients unless their norm is NaN/Inf; returns (applied, norm)."""
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(grad_norm):
+        return False, grad_norm
+    if clip_grad > 0:
+        _clip_grads(optimizer.get_parameters(), clip_grad, grad_norm)
+    optimizer.step_with_ready_grads()
+    return True, grad_norm
+
+
+def _clip_grads(params: list[torch.Tensor], max_norm: float, total_norm: float) -> None:
+    """Scale the (main) gradients so that their global norm is at most ``max_norm``.
+
+    megatron-core's ``clip_grad_by_total_norm_fp32`` with the same coefficient, without its
+    CUDA-only type assertion.
+    """
+    coefficient = max_norm / (total_norm + 1e-6)
+    grads = [p.grad for p in params if p.grad is not None]
+    if coefficient < 1.0 and grads:
+        torch._foreach_mul_(grads, coefficient)
+
+
+class _Preemption:
+    """Remembers a SIGTERM so that the loop can save and exit at the end of the iteration."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        self._previous = None
+        if enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([int(self.received)], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig` on the processes of this job."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        distributed.init(
+            config.tensor_model_parallel_size, config.pipeline_model_parallel_size, seed=config.seed
+        )
+        self.world_size = dist.get_world_size()
+        config.validate(self.world_size)
+        self.device = _device()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_logger = dist.get_rank() == self.world_size - 1  # on the last pipeline stage
+        tokenizer = SentencePieceEncoder(config.tokenizer_model, num_threads=1)
+        self.char_table = torch.from_numpy(characters_per_piece(tokenizer.processor)).to(
+            self.device
+        )
+        self.resume = checkpointing.latest_checkpoint(config.load) if config.load else None
+        self.plan = resolve_arch(config, tokenizer.vocab_size, self.resume)
+        self.datasets = build_datasets(config, DatasetTokenizer(tokenizer, config.tokenizer_model))
+        self.stages = config.resolved_stages()
+        self.micro_batches = config.global_batch_size // (config.micro_batch_size * self.dp_size)
+        self.flops_per_token = training_flops_per_token(
+            self.plan.arch, self.plan.padded_vocab_size, config.seq_length
+        )
+        self.peak = peak_tflops(config.peak_tflops)
+        self.forward_backward = get_forward_backward_func()
+
+    def metadata(self) -> dict[str, Any]:
+        """``megatron_ext.json`` of the checkpoints (read by ``convert megatron-to-hf``)."""
+        return {
+            "format": "megatron-core dist_checkpointing (torch_dist)",
+            "arch": asdict(self.plan.arch),
+            "vocab_size": self.plan.arch.vocab_size,
+            "padded_vocab_size": self.plan.padded_vocab_size,
+            "base_vocab_size": self.plan.base_vocab_size,
+            "tensor_model_parallel_size": self.config.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": self.config.pipeline_model_parallel_size,
+            "dtype": "bf16" if self.config.bf16 else "fp32",
+            "source": self.config.pretrained_checkpoint,
+        }
+
+    def _batches(self, dataset, first_sample: int):
+        return micro_batches(
+            dataset, first_sample, self.config, self.dp_rank, self.dp_size, self.device
+        )
+
+    def _run_schedule(self, run: StageRun, batches, forward_only: bool) -> torch.Tensor | None:
+        return _reduce_report(
+            self.forward_backward(
+                forward_step_func=partial(_forward_step, self.char_table),
+                data_iterator=batches,
+                model=[run.model],
+                num_microbatches=self.micro_batches,
+                seq_length=self.config.seq_length,
+                micro_batch_size=self.config.micro_batch_size,
+                forward_only=forward_only,
+            )
+        )
+
+    def train_step(self, run: StageRun, state: LoopState) -> tuple[float | None, bool, float]:
+        """One iteration: (loss on the last stage else None, update applied, grad norm)."""
+        run.model.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        first_sample = state.iteration * self.config.global_batch_size
+        report = self._run_schedule(
+            run, self._batches(self.datasets.train, first_sample), forward_only=False
+        )
+        applied, grad_norm = optimizer_step(run.optimizer, self.config.clip_grad)
+        loss = None if report is None else float(report[0] / report[1].clamp_min(1))
+        return loss, applied, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, run: StageRun) -> dict[str, dict[str, float]]:
+        """Loss and bits per character of each dataset's validation split (last stage only)."""
+        run.model.eval()
+        results = {}
+        for name, dataset in self.datasets.valid.items():
+            total = torch.zeros(3, device=self.device)
+            for i in range(self.config.eval_iters):
+                report = self._run_schedule(
+                    run,
+                    self._batches(dataset, i * self.config.global_batch_size),
+                    forward_only=True,
+                )
+                if report is not None:
+                    total += report
+            loss_sum, tokens, chars = (float(x) for x in total)
+            results[name] = {
+                "loss": loss_sum / max(tokens, 1),
+                "bpc": loss_sum / math.log(2) / max(chars, 1),
+                "tokens": int(tokens),
+            }
+        run.model.train()
+        return results
+
+    def run(self) -> TrainResult:
+        """Train to ``train_iters`` (or until SIGTERM); returns what happened."""
+        config = self.config
+        state = LoopState()
+        if self.resume is not None:
+            saved = checkpointing.read_train_state(self.resume)
+            state = LoopState(**{k: saved[k] for k in asdict(state)})
+            self._log_rank0(f"resuming from {self.resume} (iteration {state.iteration})")
+        metrics = MetricsLog(
+            Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,
+            config.tensorboard_dir if self.is_logger else None,
+            resume_step=state.iteration if self.resume else None,
+        )
+        preemption = _Preemption(config.exit_signal_handler)
+        result = TrainResult(iteration=state.iteration)
+        module = build_model(config, self.plan)
+        if self.resume is None and config.pretrained_checkpoint:
+            load_into(module, config.pretrained_checkpoint)
+        resuming = self.resume is not None
+        run = None
+        try:
+            while self._advance(state):
+                stage = self.stages[state.stage]
+                if run is not None:
+                    module = self._next_stage_module(run)
+                run = build_stage(config, self.plan, stage, module)
+                # Mid-stage, the optimizer and schedule continue; a new stage starts them afresh.
+                continuing = resuming and state.stage_iteration > 0
+                if resuming:
+                    checkpointing.load_checkpoint(
+                        self.resume, module, run.optimizer if continuing else None
+                    )
+                if continuing:
+                    run.scheduler.step(state.scheduler_steps - run.scheduler.num_steps)
+                else:
+                    run.optimizer.reload_model_params()
+                    state.scheduler_steps = run.scheduler.num_steps
+                resuming = False
+                self._log_rank0(
+                    f"stage {state.stage + 1}/{len(self.stages)} {stage.name!r}: "
+                    f"{stage.train_iters} iterations, trains {stage.trainable}"
+                    + (" (new rows only)" if stage.new_rows_only else "")
+                    + f", lr {stage.lr:g}"
+                )
+                if self._train_stage(run, stage, state, metrics, preemption, result):
+                    result.interrupted = True
+                    break
+            if run is not None and not result.interrupted:
+                if config.save and not self._saved_at(state.iteration):
+                    self._save(run, state)
+                result.valid = self._validate(run, state, metrics)
+        finally:
+            preemption.restore()
+            metrics.close()
+        result.iteration = state.iteration
+        result.skipped_iters = state.skipped_iters
+        if config.save:
+            latest = checkpointing.latest_checkpoint(config.save)
+            result.checkpoint = str(latest) if latest else None
+        return result
+
+    def _advance(self, state: LoopState) -> bool:
+        """Move past finished stages; False when every stage is done."""
+        while (
+            state.stage < len(self.stages)
+            and state.stage_iteration >= self.stages[state.stage].train_iters
+        ):
+            state.stage += 1
+            state.stage_iteration = 0
+        return state.stage < len(self.stages)
+
+    def _next_stage_module(self, run: StageRun) -> LlamaGPTModel:
+        """A fresh model with the trained weights, for the next stage's DDP and optimizer."""
+        weights = {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in run.module.state_dict().items()
+        }
+        del run
+        module = build_model(self.config, self.plan)
+        module.load_state_dict(weights)
+        return module
+
+    def _train_stage(
+        self,
+        run: StageRun,
+        stage: StageConfig,
+        state: LoopState,
+        metrics: MetricsLog,
+        preemption: _Preemption,
+        result: TrainResult,
+    ) -> bool:
+        """Iterate to the end of the stage; True if interrupted by SIGTERM (after saving)."""
+        config = self.config
+        tokens_per_step = config.global_batch_size * config.seq_length
+        while state.stage_iteration < stage.train_iters:
+            start = time.perf_counter()
+            loss, applied, grad_norm = self.train_step(run, state)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            state.iteration += 1
+            state.stage_iteration += 1
+            lr = run.optimizer.param_groups[0]["lr"]
+            if applied:
+                state.consecutive_skips = 0
+                run.scheduler.step(1)
+                state.scheduler_steps = run.scheduler.num_steps
+            else:
+                state.skipped_iters += 1
+                state.consecutive_skips += 1
+                message = f"iteration {state.iteration}: grad norm is {grad_norm} (loss {loss})"
+                if config.on_nonfinite == "stop":
+                    raise TrainingError(f"{message}; stopping (--on-nonfinite stop)")
+                if state.consecutive_skips > config.max_skipped_iters:
+                    raise TrainingError(
+                        f"{message}; {state.consecutive_skips} iterations in a row skipped "
+                        f"(--max-skipped-iters {config.max_skipped_iters})"
+                    )
+                self._log_rank0(f"{message}: update skipped")
+            if loss is not None:
+                result.losses.append(loss)
+            tokens_per_s = tokens_per_step / elapsed
+            mfu = None
+            if self.peak:
+                achieved = self.flops_per_token * tokens_per_s / self.world_size
+                mfu = achieved / (self.peak * 1e12)
+            entry = {
+                "step": state.iteration,
+                "stage": stage.name,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                "skipped": not applied,
+            }
+            if self.is_logger:
+                metrics.write(entry)
+                if state.iteration % config.log_interval == 0 or state.iteration == 1:
+                    print(_console_line(entry, config.train_iters), flush=True)
+            last = state.iteration == config.train_iters
+            if config.eval_interval and state.iteration % config.eval_interval == 0 and not last:
+                self._validate(run, state, metrics)
+            interrupted = preemption.any_rank()
+            periodic = config.save_interval and state.iteration % config.save_interval == 0
+            if config.save and (periodic or interrupted):
+                self._save(run, state)
+            if interrupted:
+                self._log_rank0(f"SIGTERM: saved at iteration {state.iteration}, exiting")
+                return True
+        return False
+
+    def _saved_at(self, iteration: int) -> bool:
+        latest = checkpointing.latest_checkpoint(self.config.save)
+        return latest is not None and latest == checkpointing.checkpoint_dir(
+            self.config.save, iteration
+        )
+
+    def _save(self, run: StageRun, state: LoopState) -> Path:
+        train_state = {**asdict(state), "config": config_dict(self.config)}
+        path = checkpointing.save_checkpoint(
+            self.config.save,
+            state.iteration,
+            run.module,
+            run.optimizer,
+            train_state,
+            self.metadata(),
+            keep_last=self.config.keep_last_checkpoints,
+        )
+        self._log_rank0(f"saved {path}")
+        return path
+
+    def _validate(
+        self, run: StageRun, state: LoopState, metrics: MetricsLog
+    ) -> dict[str, dict[str, float]]:
+        if not self.config.eval_iters:
+            return {}
+        results = self.evaluate(run)
+        if self.is_logger:
+            for lang, values in results.items():
+                metrics.write({"step": state.iteration, "split": "valid", "lang": lang, **values})
+                print(
+                    f"validation {lang}: loss {values['loss']:.4f}, bpc {values['bpc']:.4f}",
+                    flush=True,
+                )
+        return results
+
+    def _log_rank0(self, message: str) -> None:
+        if dist.get_rank() == 0:
+            print(message, flush=True)
+
+
+def _console_line(entry: dict[str, Any], total: int) -> str:
+    loss = "n/a" if entry["loss"] is None else f"{entry['loss']:.4f}"
+    grad = entry["grad_norm"]
+    grad = f"{grad:.3f}" if isinstance(grad, float) else grad
+    mfu = "" if entry["mfu"] is None else f" | MFU {100 * entry['mfu']:.1f}%"
+    return (
+        f"iter {entry['step']}/{total} | {entry['stage']} | loss {loss} | lr {entry['lr']:.3g} | "
+        f"grad norm {grad} | {entry['tokens_per_s']:,.0f} tokens/s{mfu}"
+        + (" | skipped" if entry["skipped"] else "")
+    )
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run ``config`` on this job's processes (see :class:`Trainer`)."""
+    return Trainer(config).run()

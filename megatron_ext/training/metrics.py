@@ -1,0 +1,83 @@
+"""Run metrics: one JSON line per event in ``<save>/metrics.jsonl``, mirrored to TensorBoard.
+
+Training entries carry ``step``, ``stage``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
+``mfu`` (None where the device peak is unknown) and ``skipped``; validation entries carry
+``"split": "valid"``, ``lang``, ``loss`` and ``bpc`` (bits per character). Only one rank writes.
+A resumed run first drops the entries after the checkpoint it resumes from, so the file reads as
+one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends metric entries to a JSONL file and, optionally, TensorBoard."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        tensorboard_dir: str | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        self.path = Path(path) if path else None
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                _truncate_after(self.path, resume_step)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        self._tensorboard = None
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError(
+                    "--tensorboard-dir needs the tensorboard package: "
+                    "pip install 'megatron-ext[tensorboard]'"
+                ) from err
+            self._tensorboard = SummaryWriter(tensorboard_dir, purge_step=resume_step)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Record one entry (a training step or a validation result)."""
+        if self._file is not None:
+            self._file.write(json.dumps(entry) + "\n")
+            self._file.flush()
+        if self._tensorboard is not None:
+            prefix = f"valid/{entry['lang']}" if entry.get("split") == "valid" else "train"
+            for key, value in entry.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                    self._tensorboard.add_scalar(f"{prefix}/{key}", value, entry["step"])
+
+    def close(self) -> None:
+        """Flush and close the outputs."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop entries with ``step`` after ``step`` (written before a crash, redone on resume)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if entry.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All entries of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]

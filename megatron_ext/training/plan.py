@@ -1,0 +1,127 @@
+"""What a run costs before it starts: parameters and memory per GPU, FLOPs per token, MFU.
+
+Used by ``megatron-ext train --dry-run`` (printed without touching a GPU or the data) and by the
+training loop (model FLOPs utilisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ext.arch import LlamaArch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(override: float | None = None) -> float | None:
+    """``override``, else the peak of this process's GPU if known, else None (e.g. a CPU)."""
+    if override is not None:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def layer_params(arch: LlamaArch) -> int:
+    """Parameters of one decoder layer (attention, SwiGLU MLP, two RMSNorms)."""
+    h, kv = arch.hidden_size, arch.num_query_groups * arch.head_dim
+    return 2 * h * h + 2 * h * kv + 3 * h * arch.ffn_hidden_size + 2 * h
+
+
+def training_flops_per_token(arch: LlamaArch, padded_vocab_size: int, seq_length: int) -> float:
+    """Model FLOPs of forward + backward per token (no recomputation counted, as MFU defines).
+
+    Every weight multiplies each token once forward (2 FLOPs per weight) and twice backward;
+    attention adds ``QK^T`` and ``AV``: ``4 * seq_length * hidden`` per layer forward.
+    """
+    h = arch.hidden_size
+    matmul_weights = arch.num_layers * (layer_params(arch) - 2 * h) + padded_vocab_size * h
+    forward = 2 * matmul_weights + 4 * arch.num_layers * seq_length * h
+    return 3.0 * forward
+
+
+@dataclass
+class RunPlan:
+    """Sizes of a run per GPU (the busiest pipeline stage)."""
+
+    world_size: int
+    data_parallel_size: int
+    tokens_per_step: int
+    micro_batches: int
+    total_params: int
+    params_per_gpu: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    flops_per_step: float
+
+    def lines(self, config) -> list[str]:
+        """Human-readable summary of the plan."""
+        total = self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+        return [
+            f"processes: {self.world_size} = TP {config.tensor_model_parallel_size} x PP "
+            f"{config.pipeline_model_parallel_size} x DP {self.data_parallel_size}",
+            f"batch: global {config.global_batch_size} x seq {config.seq_length} = "
+            f"{self.tokens_per_step:,} tokens/step; micro-batch {config.micro_batch_size}, "
+            f"{self.micro_batches} micro-batches per step per DP rank",
+            f"parameters: {self.total_params / 1e9:.3f} B in all, "
+            f"{self.params_per_gpu / 1e9:.3f} B on the busiest GPU",
+            f"memory per GPU (estimate): weights {self.weights_gb:.1f} GB + grads "
+            f"{self.grads_gb:.1f} GB + optimizer {self.optimizer_gb:.1f} GB + activations "
+            f"{self.activations_gb:.1f} GB = {total:.1f} GB",
+            f"model FLOPs per step: {self.flops_per_step:.3e}",
+        ]
+
+
+def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -> RunPlan:
+    """Parameters, memory and FLOPs of ``config`` on ``world_size`` processes.
+
+    Memory: weights in the parameter dtype, fp32 gradients, fp32 main weights and Adam moments
+    (12 bytes per parameter, divided over data-parallel ranks with the distributed optimizer).
+    Activations follow Korthikanti et al. (2022) for one micro-batch per layer in flight
+    (``s*b*h*34`` bytes per layer, divided by TP with sequence parallelism, or only the layer
+    input with full recomputation), times the micro-batches 1F1B keeps in flight (PP of them on
+    the first stage); the fused loss adds no ``[tokens, vocab]`` logits.
+    """
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    dp = world_size // (tp * pp)
+    h = arch.hidden_size
+    per_layer = layer_params(arch)
+    vocab_rows = padded_vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    total = arch.num_layers * per_layer + vocab_rows + h
+    # The busiest stage: the first holds the embedding, the last the output layer; with PP=1
+    # one stage holds both.
+    stage_layers = arch.num_layers // pp
+    stage_vocab = vocab_rows if pp == 1 else padded_vocab_size * h
+    per_gpu = (stage_layers * per_layer + stage_vocab) // tp
+    bytes_param = 2 if config.bf16 else 4
+    gb = 1024**3
+    optimizer_bytes = 12 if config.bf16 else 8
+    optimizer_shards = dp if config.use_distributed_optimizer else 1
+    s, b = config.seq_length, config.micro_batch_size
+    if config.recompute_activations:
+        per_layer_act = s * b * h * bytes_param
+    else:
+        per_layer_act = s * b * h * 34 / (tp if config.sequence_parallel else 1)
+    micro_batches = config.global_batch_size // (config.micro_batch_size * dp)
+    in_flight = min(pp, micro_batches)
+    activations = per_layer_act * stage_layers * in_flight
+    tokens = config.global_batch_size * config.seq_length
+    return RunPlan(
+        world_size=world_size,
+        data_parallel_size=dp,
+        tokens_per_step=tokens,
+        micro_batches=micro_batches,
+        total_params=total,
+        params_per_gpu=per_gpu,
+        weights_gb=per_gpu * bytes_param / gb,
+        grads_gb=per_gpu * 4 / gb,
+        optimizer_gb=per_gpu * optimizer_bytes / optimizer_shards / gb,
+        activations_gb=activations / gb,
+        flops_per_step=training_flops_per_token(arch, padded_vocab_size, s) * tokens,
+    )
