@@ -1,9 +1,9 @@
-"""The training configuration: one dataclass, read from YAML, overridden with Megatron-LM flags.
+r"""The training configuration: one dataclass, read from YAML, overridden with Megatron-LM flags.
 
 YAML keys and command-line overrides use Megatron-LM's argument names (``train_iters`` in YAML
 or ``--train-iters`` on the command line), so a Megatron user can bring a launch script along::
 
-    megatron-ext train --config examples/configs/tiny.yaml --train-iters 200 \\
+    megatron-ext train --config examples/configs/tiny.yaml --train-iters 200 \
         --data-path 0.25 data/en_text_document 0.75 data/ar_text_document --save ckpt
 
 Training runs in *stages*, each with its own trainable parameters and learning-rate schedule
