@@ -30,20 +30,24 @@ def corpora() -> Path:
     return found
 
 
-def _train_fallback_model(corpora: Path, directory: Path) -> Path:
-    """A SentencePiece BPE with Llama-2's settings, trained on the English sample corpus."""
+def _train_sentencepiece(
+    sources: list[Path], directory: Path, vocab_size: int, name: str = "fallback"
+) -> Path:
+    """A SentencePiece BPE with Llama-2's settings, trained on the given JSONL corpora."""
     import sentencepiece as spm
 
-    text = directory / "en.txt"
-    with open(corpora / "en" / "train.jsonl", encoding="utf-8") as src, open(text, "w") as dst:
-        for line in src:
-            dst.write(json.loads(line)["text"].replace("\n", " ") + "\n")
-    prefix = directory / "fallback"
+    text = directory / f"{name}.txt"
+    with open(text, "w", encoding="utf-8") as dst:
+        for source in sources:
+            with open(source, encoding="utf-8") as src:
+                for line in src:
+                    dst.write(json.loads(line)["text"].replace("\n", " ") + "\n")
+    prefix = directory / name
     spm.SentencePieceTrainer.train(
         input=str(text),
         model_prefix=str(prefix),
         model_type="bpe",
-        vocab_size=4000,
+        vocab_size=vocab_size,
         byte_fallback=True,
         split_digits=True,
         add_dummy_prefix=True,
@@ -64,7 +68,43 @@ def llama2_tokenizer(tmp_path_factory, corpora) -> Path:
             return fetch_tokenizer(name)
         except AssetError as err:
             print(f"tokenizer {name} unavailable: {err}")
-    return _train_fallback_model(corpora, tmp_path_factory.mktemp("sp"))
+    return _train_sentencepiece(
+        [corpora / "en" / "train.jsonl"], tmp_path_factory.mktemp("sp"), vocab_size=4000
+    )
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory, corpora) -> Path:
+    """A 2,000-piece English+Arabic BPE (Llama-2 settings): small vocabularies train fast."""
+    return _train_sentencepiece(
+        [corpora / "en" / "valid.jsonl", corpora / "ar" / "valid.jsonl"],
+        tmp_path_factory.mktemp("small_sp"),
+        vocab_size=2000,
+        name="small",
+    )
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
+    """English and Arabic sample corpora preprocessed with ``small_tokenizer``: name -> prefix."""
+    from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
+
+    directory = tmp_path_factory.mktemp("training_data")
+    prefixes = {}
+    for lang in ("en", "ar"):
+        stats = run_preprocess(
+            PreprocessConfig(
+                inputs=[str(corpora / lang / "train.jsonl")],
+                output_prefix=str(directory / f"corpus_{lang}"),
+                tokenizer_type="SentencePieceTokenizer",
+                tokenizer_model=str(small_tokenizer),
+                append_eod=True,
+                workers=1,
+            ),
+            progress=False,
+        )
+        prefixes[lang] = stats["text"]["dataset"]
+    return prefixes
 
 
 @pytest.fixture(scope="session")

@@ -199,13 +199,15 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
 
 
 def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
-    """Load a converted checkpoint into this rank's model (any TP/PP), resharding as needed."""
+    """Load a converted (or training) checkpoint's weights into this rank's model (any TP/PP)."""
     from megatron.core import dist_checkpointing
 
     sharded = {
         k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")
     }
     state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    # A training checkpoint also holds optimizer state (its common part comes back too).
+    state = {k: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -18,6 +18,19 @@ from kernels.embedding import FusedVocabParallelEmbedding
 from megatron_ext.arch import LlamaArch
 
 
+def transformer_engine_enabled(use_transformer_engine: bool | None = None) -> bool:
+    """Whether the TE layer spec is used: as forced, else on a GPU when TE imports."""
+    if use_transformer_engine is not None:
+        return use_transformer_engine
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def layer_spec(use_transformer_engine: bool | None = None):
     """Transformer Engine's layer spec on a GPU when TE imports, else megatron-core's local one.
 
@@ -26,14 +39,7 @@ def layer_spec(use_transformer_engine: bool | None = None):
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_transformer_engine is None:
-        use_transformer_engine = torch.cuda.is_available()
-        if use_transformer_engine:
-            try:
-                import transformer_engine  # noqa: F401
-            except ImportError:
-                use_transformer_engine = False
-    if use_transformer_engine:
+    if transformer_engine_enabled(use_transformer_engine):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 

@@ -267,8 +267,11 @@ class TrainConfig:
                 raise ConfigError(f"stage {stage.name!r}: unknown lr_decay_style")
             if stage.new_rows_only and stage.trainable != "embeddings":
                 raise ConfigError(f"stage {stage.name!r}: new_rows_only needs trainable=embeddings")
-            if stage.lr_warmup_iters > stage.train_iters:
-                raise ConfigError(f"stage {stage.name!r}: more warm-up than iterations")
+            if stage.lr_warmup_iters >= stage.train_iters:
+                raise ConfigError(
+                    f"stage {stage.name!r}: {stage.lr_warmup_iters} warm-up iterations leave none "
+                    f"of its {stage.train_iters} to decay (use lr_warmup_iters < train_iters)"
+                )
 
 
 def _flag(name: str) -> str:

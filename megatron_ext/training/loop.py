@@ -34,7 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext import distributed
 from megatron_ext.arch import PRESETS, LlamaArch
 from megatron_ext.checkpoint.convert import load_into, read_metadata
-from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model
+from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model, transformer_engine_enabled
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.tokenizer.metrics import characters_per_piece
 from megatron_ext.training import checkpointing
@@ -163,11 +163,19 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
         )
     transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
-    use_te = {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
-    if config.reset_attention_mask and use_te is not False and torch.cuda.is_available():
+    use_te = transformer_engine_enabled(
+        {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
+    )
+    if config.reset_attention_mask and use_te:
         raise ConfigError(
             "--reset-attention-mask needs --transformer-impl local (per-document attention "
             "masks are not wired to Transformer Engine's packed-sequence attention yet)"
+        )
+    if config.sequence_parallel and not use_te:
+        raise ConfigError(
+            "--sequence-parallel needs the Transformer Engine layer spec (a GPU with "
+            "transformer-engine): megatron-core's local spec normalises with torch's RMSNorm, "
+            "which does not support it"
         )
     model = build_gpt_model(
         plan.arch,
@@ -482,7 +490,9 @@ class Trainer:
         resuming = self.resume is not None
         run = None
         try:
-            while self._advance(state):
+            while (position := self._position(state)) is not None:
+                if position != (state.stage, state.stage_iteration):
+                    state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:
                     module = self._next_stage_module(run)
@@ -522,15 +532,16 @@ class Trainer:
             result.checkpoint = str(latest) if latest else None
         return result
 
-    def _advance(self, state: LoopState) -> bool:
-        """Move past finished stages; False when every stage is done."""
-        while (
-            state.stage < len(self.stages)
-            and state.stage_iteration >= self.stages[state.stage].train_iters
-        ):
-            state.stage += 1
-            state.stage_iteration = 0
-        return state.stage < len(self.stages)
+    def _position(self, state: LoopState) -> tuple[int, int] | None:
+        """(stage, iteration within it) to continue from, past finished stages; None: done.
+
+        A checkpoint keeps the position it was saved at, so a finished run resumed with a larger
+        ``train_iters`` continues its last stage with the saved optimizer state.
+        """
+        stage, stage_iteration = state.stage, state.stage_iteration
+        while stage < len(self.stages) and stage_iteration >= self.stages[stage].train_iters:
+            stage, stage_iteration = stage + 1, 0
+        return (stage, stage_iteration) if stage < len(self.stages) else None
 
     def _next_stage_module(self, run: StageRun) -> LlamaGPTModel:
         """A fresh model with the trained weights, for the next stage's DDP and optimizer."""
@@ -571,15 +582,6 @@ class Trainer:
             else:
                 state.skipped_iters += 1
                 state.consecutive_skips += 1
-                message = f"iteration {state.iteration}: grad norm is {grad_norm} (loss {loss})"
-                if config.on_nonfinite == "stop":
-                    raise TrainingError(f"{message}; stopping (--on-nonfinite stop)")
-                if state.consecutive_skips > config.max_skipped_iters:
-                    raise TrainingError(
-                        f"{message}; {state.consecutive_skips} iterations in a row skipped "
-                        f"(--max-skipped-iters {config.max_skipped_iters})"
-                    )
-                self._log_rank0(f"{message}: update skipped")
             if loss is not None:
                 result.losses.append(loss)
             tokens_per_s = tokens_per_step / elapsed
@@ -601,6 +603,8 @@ class Trainer:
                 metrics.write(entry)
                 if state.iteration % config.log_interval == 0 or state.iteration == 1:
                     print(_console_line(entry, config.train_iters), flush=True)
+            if not applied:
+                self._check_skip(state, grad_norm, loss)
             last = state.iteration == config.train_iters
             if config.eval_interval and state.iteration % config.eval_interval == 0 and not last:
                 self._validate(run, state, metrics)
@@ -612,6 +616,19 @@ class Trainer:
                 self._log_rank0(f"SIGTERM: saved at iteration {state.iteration}, exiting")
                 return True
         return False
+
+    def _check_skip(self, state: LoopState, grad_norm: float, loss: float | None) -> None:
+        """Stop on a non-finite update if so configured, or after too many in a row."""
+        config = self.config
+        message = f"iteration {state.iteration}: grad norm is {grad_norm} (loss {loss})"
+        if config.on_nonfinite == "stop":
+            raise TrainingError(f"{message}; stopping (--on-nonfinite stop)")
+        if state.consecutive_skips > config.max_skipped_iters:
+            raise TrainingError(
+                f"{message}; {state.consecutive_skips} iterations in a row skipped "
+                f"(--max-skipped-iters {config.max_skipped_iters})"
+            )
+        self._log_rank0(f"{message}: update skipped")
 
     def _saved_at(self, iteration: int) -> bool:
         latest = checkpointing.latest_checkpoint(self.config.save)

@@ -1,0 +1,312 @@
+"""The training loop on CPU (gloo): loss falls, parallel layouts agree, stages freeze what they
+should, resume is exact, faults are handled, and the blend delivers its token shares."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ext.training.metrics import read_metrics
+from tests.distributed import run_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A Llama-shaped network small enough for many short runs on two cores.
+MICRO_ARCH = {
+    "preset": "tiny",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "ffn_hidden_size": 172,
+}
+
+
+def write_config(directory: Path, tokenizer: Path, data: dict[str, str], **settings) -> Path:
+    """A training YAML for the micro model on the English+Arabic test data."""
+    config = {
+        "arch": MICRO_ARCH,
+        "tokenizer_model": str(tokenizer),
+        "data_path": [0.25, data["en"], 0.75, data["ar"]],
+        "seq_length": 64,
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "train_iters": 6,
+        "lr": 3.0e-3,
+        "min_lr": 3.0e-4,
+        "lr_warmup_iters": 1,
+        "eval_iters": 1,
+        "log_interval": 1,
+        "data_cache_path": str(directory / "index_cache"),
+    }
+    config.update(settings)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(rank, world_size, config_path, overrides):
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.loop import train
+
+    return train(load_config(config_path, overrides)).losses
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "megatron_ext.cli", "train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _free_port() -> int:
+    from tests.distributed import free_port
+
+    return free_port()
+
+
+def test_tiny_config_trains_and_reports_per_language(tmp_path, small_tokenizer, training_data):
+    """examples/configs/tiny.yaml (embedding warm-up, then all) learns; validation per language."""
+    save = tmp_path / "run"
+    proc = _cli(
+        "--config", str(REPO / "examples/configs/tiny.yaml"),
+        "--tokenizer-model", str(small_tokenizer),
+        "--data-path", "0.25", training_data["en"], "0.75", training_data["ar"],
+        "--data-cache-path", str(tmp_path / "cache"),
+        "--train-iters", "30", "--save", str(save), "--save-interval", "0",
+        "--eval-interval", "15",
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "train: done at iteration 30" in out
+    entries = read_metrics(save / "metrics.jsonl")
+    train = [e for e in entries if "split" not in e]
+    assert [e["step"] for e in train] == list(range(1, 31))
+    assert {e["stage"] for e in train[:10]} == {"embeddings"}
+    assert {e["stage"] for e in train[10:]} == {"full"}
+    losses = [e["loss"] for e in train]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    valid = [e for e in entries if e.get("split") == "valid"]
+    assert {(e["step"], e["lang"]) for e in valid} == {
+        (15, "en"),
+        (15, "ar"),
+        (30, "en"),
+        (30, "ar"),
+    }
+    for lang in ("en", "ar"):
+        first, last = (e for e in valid if e["lang"] == lang)
+        assert last["loss"] < first["loss"]
+        assert 0 < last["bpc"] < 8
+    assert (save / "iter_0000030" / "megatron_ext.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def layout_reference(tmp_path_factory, small_tokenizer, training_data):
+    """A shared starting checkpoint and the TP=1 losses from it.
+
+    Initial weights drawn at PP>1 differ from TP=1's (each stage draws its own), so all layouts
+    start from one checkpoint, as runs from a converted model do. One iteration at lr 0 leaves
+    the weights bitwise as initialised.
+    """
+    directory = tmp_path_factory.mktemp("layouts")
+    config = write_config(directory, small_tokenizer, training_data)
+    init = directory / "init"
+    zero_lr = ["--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--train-iters", "1"]
+    run_ranks(_train, 1, config, [*zero_lr, "--save", str(init)])
+    start = ["--pretrained-checkpoint", str(init / "iter_0000001")]
+    return config, start, run_ranks(_train, 1, config, start)[0]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "overrides"),
+    [
+        (2, ["--tensor-model-parallel-size", "2"]),
+        (2, ["--pipeline-model-parallel-size", "2"]),
+        (2, []),  # data parallel
+        (1, ["--kernels", "megatron"]),
+    ],
+    ids=["tp2", "pp2", "dp2", "megatron-kernels"],
+)
+def test_parallel_layouts_match_tp1(layout_reference, world_size, overrides):
+    config, start, reference = layout_reference
+    losses = run_ranks(_train, world_size, config, [*start, *overrides])[-1]
+    assert len(losses) == len(reference) == 6
+    assert losses == pytest.approx(reference, rel=2e-4), (losses, reference)
+    assert reference[-1] < reference[0]
+
+
+def test_kill_9_then_resume_reproduces_the_losses_bitwise(tmp_path, small_tokenizer, training_data):
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=30, save_interval=4)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = _cli("--config", str(config), "--save", str(whole))
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    args = ("--config", str(config), "--save", str(killed), "--load", str(killed))
+    proc = _cli(*args)
+    pointer = killed / "latest_checkpointed_iteration.txt"
+    deadline = time.monotonic() + 300
+    while not (pointer.exists() and int(pointer.read_text() or 0) >= 8):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    resumed_from = int(pointer.read_text())
+    assert resumed_from < 30
+    proc = _cli(*args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resuming from {killed / f'iter_{resumed_from:07d}'}" in out
+
+    def losses(path):
+        return [
+            (e["step"], e["loss"]) for e in read_metrics(path / "metrics.jsonl") if "split" not in e
+        ]
+
+    assert losses(killed) == losses(whole)  # bitwise: JSON keeps every float's exact value
+
+
+def _stage_one_changes(rank, world_size, config_path, overrides):
+    """Weights before (iteration 1, lr 0) and after the embedding-only stage, compared."""
+    import torch
+
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.loop import build_model, resolve_arch, train
+
+    config = load_config(config_path, overrides)
+    train(config)
+    plan = resolve_arch(config, 2000, None)
+    states = []
+    for iteration in (1, config.train_iters):
+        module = build_model(config, plan)
+        checkpointing.load_checkpoint(
+            checkpointing.checkpoint_dir(config.save, iteration), module, None
+        )
+        states.append(
+            {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+        )
+    before, after = states
+    changed = {}
+    for name, tensor in before.items():
+        if not tensor.is_floating_point():
+            continue
+        rows = (after[name] != tensor).reshape(tensor.shape[0], -1).any(dim=1)
+        if rows.any():
+            changed[name] = rows.nonzero().flatten().tolist()
+    return changed
+
+
+@pytest.mark.parametrize("kernels", ["fused", "megatron"])
+def test_embedding_stage_changes_only_new_rows(tmp_path, small_tokenizer, training_data, kernels):
+    config = write_config(
+        tmp_path,
+        small_tokenizer,
+        training_data,
+        train_iters=4,
+        save=str(tmp_path / "run"),
+        save_interval=1,
+        keep_last_checkpoints=0,
+        base_vocab_size=1500,
+        stages=[
+            # lr 0 leaves the weights bitwise as initialised: the "before" checkpoint.
+            {"name": "before", "train_iters": 1, "lr": 0.0, "min_lr": 0.0, "lr_warmup_iters": 0},
+            {"name": "new-rows", "trainable": "embeddings", "new_rows_only": True,
+             "weight_decay": 0.0, "lr": 1.0e-2},
+        ],
+    )  # fmt: skip
+    changed = run_ranks(_stage_one_changes, 1, config, ["--kernels", kernels])[0]
+    assert set(changed) == {"embedding.word_embeddings.weight", "output_layer.weight"}
+    for rows in changed.values():
+        assert rows and min(rows) >= 1500 and max(rows) < 2000
+    assert len(changed["output_layer.weight"]) == 500  # every new output row gets a gradient
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path, small_tokenizer, training_data):
+    # An absurd learning rate overflows the weights after one update: NaN from iteration 2.
+    config = write_config(tmp_path, small_tokenizer, training_data, lr=1.0e30, min_lr=1.0e30,
+                          clip_grad=0.0)  # fmt: skip
+    proc = _cli("--config", str(config), "--on-nonfinite", "stop")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    assert re.search(r"iteration 2: grad norm is (nan|inf)", err), err[-3000:]
+    assert "stopping (--on-nonfinite stop)" in err
+
+    save = tmp_path / "skip"
+    proc = _cli("--config", str(config), "--max-skipped-iters", "2", "--save", str(save))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    assert "3 iterations in a row skipped (--max-skipped-iters 2)" in err
+    skipped = [e["skipped"] for e in read_metrics(save / "metrics.jsonl")]
+    assert skipped == [False, True, True, True]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_tokenizer, training_data):
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=100000)
+    save = tmp_path / "run"
+    proc = _cli("--config", str(config), "--save", str(save))
+    metrics = save / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    last = read_metrics(metrics)[-1]["step"]
+    assert f"interrupted (SIGTERM), checkpoint saved at iteration {last}" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(last)
+
+
+def test_resume_at_another_tensor_parallel_size(tmp_path, small_tokenizer, training_data):
+    # A constant learning rate: the schedule does not depend on the run's length.
+    config = write_config(tmp_path, small_tokenizer, training_data, lr_decay_style="constant",
+                          lr_warmup_iters=0)  # fmt: skip
+    tp2 = ["--tensor-model-parallel-size", "2"]
+    whole = run_ranks(_train, 2, config, [*tp2, "--save", str(tmp_path / "a")])[-1]
+    run_dir = str(tmp_path / "b")
+    first = run_ranks(_train, 2, config, [*tp2, "--save", run_dir, "--train-iters", "3"])[-1]
+    # The resumed run continues from iteration 3 with the optimizer state saved at TP=2.
+    rest = run_ranks(_train, 1, config, ["--save", run_dir, "--load", run_dir])[0]
+    assert first == whole[:3]
+    assert rest == pytest.approx(whole[3:], rel=2e-4)
+
+
+def _blend_counts(rank, world_size, config_path, samples):
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.data import DatasetTokenizer, build_datasets
+
+    config = load_config(config_path)
+    tokenizer = DatasetTokenizer(
+        SentencePieceEncoder(config.tokenizer_model), config.tokenizer_model
+    )
+    datasets = build_datasets(config, tokenizer)
+    counts = [0, 0]
+    tokens = [0, 0]
+    for i in range(samples):
+        dataset_id = int(datasets.train.dataset_index[i])
+        counts[dataset_id] += 1
+        tokens[dataset_id] += int(datasets.train[i]["tokens"].numel())
+    return counts, tokens, sorted(datasets.valid)
+
+
+def test_blend_delivers_the_requested_token_shares(tmp_path, small_tokenizer, training_data):
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=500)
+    counts, tokens, valid = run_ranks(_blend_counts, 1, config, 2000)[0]
+    assert valid == ["ar", "en"]
+    share = tokens[0] / sum(tokens)
+    assert share == pytest.approx(0.25, abs=0.005), (counts, tokens)

@@ -1,0 +1,75 @@
+"""Training config: YAML + Megatron-LM overrides, stages, errors that name the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_ext.training.config import ConfigError, StageConfig, load_config, parse_overrides
+
+
+def test_overrides_use_megatron_flag_names_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_iters: 10\nlr: 1.0e-3\nbf16: false\n")
+    config = load_config(
+        path,
+        ["--train-iters", "25", "--lr", "2e-4", "--bf16", "--data-path", "0.25", "a", "0.75", "b"],
+    )
+    assert config.train_iters == 25 and config.lr == 2e-4 and config.bf16 is True
+    assert config.data_blend == (["a", "b"], [0.25, 0.75])
+
+
+def test_dataset_names_strip_the_shared_prefix():
+    config = load_config(
+        None,
+        ["--data-path", "0.3", "d/corpus_en_text_document", "0.7", "d/corpus_ar_text_document"],
+    )
+    assert config.dataset_names() == ["en", "ar"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train-iter", "5"], "did you mean --train-iters"),
+        (["--train-iters", "five"], "--train-iters expects int"),
+        (["--lr", "1", "2"], "takes one value"),
+        (["oops"], "expected a --flag"),
+    ],
+)
+def test_bad_overrides_name_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_overrides(argv)
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trian_iters: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown setting 'trian_iters'"):
+        load_config(path)
+
+
+def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "lr: 3.0e-4\nweight_decay: 0.1\ntrain_iters: 100\nstages:\n"
+        "  - {name: emb, train_iters: 20, trainable: embeddings, lr: 1.0e-3}\n"
+        "  - {name: full}\n"
+    )
+    first, last = load_config(path, ["--train-iters", "50"]).resolved_stages()
+    assert (first.train_iters, first.lr, first.weight_decay) == (20, 1e-3, 0.1)
+    assert (last.train_iters, last.lr, last.trainable) == (30, 3e-4, "all")
+    with pytest.raises(ConfigError, match="stage 'full' gets -5 iterations"):
+        load_config(path, ["--train-iters", "15"]).resolved_stages()
+
+
+def test_validate_checks_batch_and_layout():
+    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
+    with pytest.raises(ConfigError, match="not a multiple of --micro-batch-size 3 x 2"):
+        load_config(None, [*base, "--micro-batch-size", "3", "--global-batch-size", "8"]).validate(
+            2
+        )
+    with pytest.raises(ConfigError, match="3 processes cannot be split"):
+        load_config(None, [*base, "--tensor-model-parallel-size", "2"]).validate(3)
+    config = load_config(None, base)
+    config.stages = [StageConfig(name="x", new_rows_only=True)]
+    with pytest.raises(ConfigError, match="new_rows_only needs trainable=embeddings"):
+        config.validate(1)
