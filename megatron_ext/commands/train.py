@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        status = "interrupted (SIGTERM), checkpoint saved" if result.interrupted else "done"
+        status = f"interrupted ({result.interrupted})" if result.interrupted else "done"
         print(
             f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped; "
             f"checkpoint {result.checkpoint or '(none: no --save)'}"

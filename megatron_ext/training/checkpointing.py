@@ -6,6 +6,7 @@ Layout (Megatron-LM's)::
            iter_0000100/train_state.json  iteration, stage, scheduler, skipped steps, layout
            iter_0000100/megatron_ext.json architecture and vocabulary (``convert megatron-to-hf``)
     <save>/latest_checkpointed_iteration.txt
+    <save>/interrupted.json               present while a run stopped early (SIGTERM, time budget)
 
 A checkpoint is written into ``iter_XXXXXXX.tmp`` by all ranks, renamed by rank 0 once complete,
 and only then does the ``latest`` pointer (replaced atomically) name it; a job killed at any
@@ -34,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
+INTERRUPTED = "interrupted.json"
 TRAIN_STATE = "train_state.json"
 METADATA = "megatron_ext.json"
 
@@ -194,6 +196,15 @@ def _prune(save: Path, keep_last: int) -> None:
     done = sorted(p for p in save.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_interrupted(save: str | os.PathLike, reason: str | None, iteration: int) -> None:
+    """Record that the run stopped early (a job script then re-queues it), or clear the record."""
+    path = Path(save) / INTERRUPTED
+    if reason is None:
+        path.unlink(missing_ok=True)
+    else:
+        _write_json(path, {"reason": reason, "iteration": iteration})
 
 
 def read_train_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -119,6 +119,8 @@ class TrainConfig:
             ``stop``: stop with an error.
         max_skipped_iters: Stop after this many consecutive skipped iterations.
         exit_signal_handler: On SIGTERM (Slurm pre-emption) save a checkpoint and exit cleanly.
+        exit_duration_in_mins: Save and exit cleanly after this many minutes (before a job's
+            time limit; the Slurm template sets it from the limit).
         peak_tflops: Per-device peak TFLOP/s for MFU (default: known GPUs; None on a CPU).
         seed: Random seed (weights, data order).
     """
@@ -168,6 +170,7 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     max_skipped_iters: int = 10
     exit_signal_handler: bool = True
+    exit_duration_in_mins: float | None = None
     peak_tflops: float | None = None
     seed: int = 1234
 

@@ -83,7 +83,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     skipped_iters: int = 0
     checkpoint: str | None = None
-    interrupted: bool = False
+    interrupted: str | None = None
     valid: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -350,24 +350,39 @@ def _clip_grads(params: list[torch.Tensor], max_norm: float, total_norm: float) 
         torch._foreach_mul_(grads, coefficient)
 
 
-class _Preemption:
-    """Remembers a SIGTERM so that the loop can save and exit at the end of the iteration."""
+class StopRequest:
+    """Decides, the same on every rank, when a run should save and stop early.
 
-    def __init__(self, enabled: bool) -> None:
-        self.received = False
+    Two reasons: a SIGTERM (Slurm pre-emption, ``scancel``) when ``exit_signal_handler`` is on,
+    and ``exit_duration_in_mins`` elapsed (leave time to save before a job's time limit). One
+    all-reduce per iteration makes every rank agree.
+    """
+
+    def __init__(self, exit_signal_handler: bool, exit_duration_in_mins: float | None) -> None:
+        self.reason: str | None = None
+        self._signalled = False
+        self._started = time.monotonic()
+        self._limit = None if exit_duration_in_mins is None else 60 * exit_duration_in_mins
         self._previous = None
-        if enabled:
+        if exit_signal_handler:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        self._signalled = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([int(self.received)], device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def check(self) -> bool:
+        """True (on every rank) once any rank was signalled or the time budget is spent."""
+        timed_out = self._limit is not None and time.monotonic() - self._started > self._limit
+        flags = torch.tensor([int(self._signalled), int(timed_out)], device=_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            self.reason = "SIGTERM"
+        elif flags[1]:
+            self.reason = "--exit-duration-in-mins"
+        return self.reason is not None
 
     def restore(self) -> None:
+        """Put back the previous SIGTERM handler."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -482,7 +497,7 @@ class Trainer:
             config.tensorboard_dir if self.is_logger else None,
             resume_step=state.iteration if self.resume else None,
         )
-        preemption = _Preemption(config.exit_signal_handler)
+        stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins)
         result = TrainResult(iteration=state.iteration)
         module = build_model(config, self.plan)
         if self.resume is None and config.pretrained_checkpoint:
@@ -515,15 +530,17 @@ class Trainer:
                     + (" (new rows only)" if stage.new_rows_only else "")
                     + f", lr {stage.lr:g}"
                 )
-                if self._train_stage(run, stage, state, metrics, preemption, result):
-                    result.interrupted = True
+                if self._train_stage(run, stage, state, metrics, stop, result):
+                    result.interrupted = stop.reason
                     break
             if run is not None and not result.interrupted:
                 if config.save and not self._saved_at(state.iteration):
                     self._save(run, state)
                 result.valid = self._validate(run, state, metrics)
+            if config.save and dist.get_rank() == 0:
+                checkpointing.mark_interrupted(config.save, result.interrupted, state.iteration)
         finally:
-            preemption.restore()
+            stop.restore()
             metrics.close()
         result.iteration = state.iteration
         result.skipped_iters = state.skipped_iters
@@ -560,10 +577,10 @@ class Trainer:
         stage: StageConfig,
         state: LoopState,
         metrics: MetricsLog,
-        preemption: _Preemption,
+        stop: StopRequest,
         result: TrainResult,
     ) -> bool:
-        """Iterate to the end of the stage; True if interrupted by SIGTERM (after saving)."""
+        """Iterate to the end of the stage; True if stopped early (after saving)."""
         config = self.config
         tokens_per_step = config.global_batch_size * config.seq_length
         while state.stage_iteration < stage.train_iters:
@@ -608,12 +625,13 @@ class Trainer:
             last = state.iteration == config.train_iters
             if config.eval_interval and state.iteration % config.eval_interval == 0 and not last:
                 self._validate(run, state, metrics)
-            interrupted = preemption.any_rank()
+            interrupted = stop.check()
             periodic = config.save_interval and state.iteration % config.save_interval == 0
             if config.save and (periodic or interrupted):
                 self._save(run, state)
             if interrupted:
-                self._log_rank0(f"SIGTERM: saved at iteration {state.iteration}, exiting")
+                saved = "saved" if config.save else "not saved (no --save)"
+                self._log_rank0(f"{stop.reason}: {saved} at iteration {state.iteration}, exiting")
                 return True
         return False
 

@@ -83,10 +83,10 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
 
     Memory: weights in the parameter dtype, fp32 gradients, fp32 main weights and Adam moments
     (12 bytes per parameter, divided over data-parallel ranks with the distributed optimizer).
-    Activations follow Korthikanti et al. (2022) for one micro-batch per layer in flight
-    (``s*b*h*34`` bytes per layer, divided by TP with sequence parallelism, or only the layer
-    input with full recomputation), times the micro-batches 1F1B keeps in flight (PP of them on
-    the first stage); the fused loss adds no ``[tokens, vocab]`` logits.
+    Activations follow Korthikanti et al. (2022) with flash attention (no ``s^2`` scores): per
+    layer and micro-batch ``s*b*h*(10 + 24/TP)`` bytes, ``s*b*h*34/TP`` with sequence
+    parallelism, only the layer input with full recomputation; times the micro-batches 1F1B keeps
+    in flight (PP of them on the first stage). The fused loss adds no ``[tokens, vocab]`` logits.
     """
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
@@ -106,8 +106,10 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     s, b = config.seq_length, config.micro_batch_size
     if config.recompute_activations:
         per_layer_act = s * b * h * bytes_param
+    elif config.sequence_parallel:
+        per_layer_act = s * b * h * 34 / tp
     else:
-        per_layer_act = s * b * h * 34 / (tp if config.sequence_parallel else 1)
+        per_layer_act = s * b * h * (10 + 24 / tp)
     micro_batches = config.global_batch_size // (config.micro_batch_size * dp)
     in_flight = min(pp, micro_batches)
     activations = per_layer_act * stage_layers * in_flight

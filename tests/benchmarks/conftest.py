@@ -3,6 +3,7 @@
 from collections import defaultdict
 
 _MEDIANS: dict = defaultdict(dict)
+_TRAINING: dict[str, tuple[float, int]] = {}
 
 
 def record(corpus: str, name: str, workers: int, seconds: float) -> None:
@@ -10,10 +11,22 @@ def record(corpus: str, name: str, workers: int, seconds: float) -> None:
     _MEDIANS[corpus][(name, workers)] = seconds
 
 
+def record_training(kernels: str, seconds: float, tokens: int) -> None:
+    """Remember one training-step benchmark's median (``kernels``: fused or megatron)."""
+    _TRAINING[kernels] = (seconds, tokens)
+
+
 def pytest_terminal_summary(terminalreporter):
+    write = terminalreporter.write_line
+    if "fused" in _TRAINING and "megatron" in _TRAINING:
+        (ours, tokens), (base, _) = _TRAINING["fused"], _TRAINING["megatron"]
+        write("")
+        write(
+            f"tiny training step: ours {tokens / ours:,.0f} tokens/s, megatron-core "
+            f"{tokens / base:,.0f} tokens/s ({base / ours:.2f}x)"
+        )
     if not _MEDIANS:
         return
-    write = terminalreporter.write_line
     write("")
     write("preprocessing: median seconds and ratios (same run)")
     for corpus, times in _MEDIANS.items():

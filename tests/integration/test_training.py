@@ -3,6 +3,7 @@ should, resume is exact, faults are handled, and the blend delivers its token sh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -267,8 +268,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_tokenizer,
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     last = read_metrics(metrics)[-1]["step"]
-    assert f"interrupted (SIGTERM), checkpoint saved at iteration {last}" in out
+    assert f"interrupted (SIGTERM) at iteration {last}" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(last)
+    assert json.loads((save / "interrupted.json").read_text())["iteration"] == last
 
 
 def test_resume_at_another_tensor_parallel_size(tmp_path, small_tokenizer, training_data):
