@@ -109,6 +109,7 @@ class TrainConfig:
         stages: The training stages (empty: one stage training everything).
         eval_interval: Iterations between validations (0: only at the end).
         eval_iters: Validation iterations per language.
+        eval_at_start: Also validate before the first step (the starting point's loss and bpc).
         save: Checkpoint directory (also where ``metrics.jsonl`` goes).
         load: Checkpoint directory to resume from (usually the same as ``save``).
         save_interval: Iterations between checkpoints (0: only at the end and on SIGTERM).
@@ -161,6 +162,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     eval_interval: int = 0
     eval_iters: int = 2
+    eval_at_start: bool = False
     save: str | None = None
     load: str | None = None
     save_interval: int = 0

@@ -530,6 +530,8 @@ class Trainer:
                     + (" (new rows only)" if stage.new_rows_only else "")
                     + f", lr {stage.lr:g}"
                 )
+                if config.eval_at_start and state.iteration == 0:
+                    self._validate(run, state, metrics)
                 if self._train_stage(run, stage, state, metrics, stop, result):
                     result.interrupted = stop.reason
                     break
