@@ -301,7 +301,9 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
         ]  # fmt: skip
         print("$ " + " ".join(cmd), flush=True)
         torchrun = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
-        subprocess.run(torchrun, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # As on a cluster (examples/slurm/train.sbatch); one thread per process on a CPU.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+        subprocess.run(torchrun, check=True, env=env)
     checkpoint = save / f"iter_{TRAIN_ITERS:07d}"
     run(
         [
@@ -336,9 +338,9 @@ def plot_training(metrics: list[dict], path: Path) -> None:
     valid = [m for m in metrics if m.get("split") == "valid"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     axes[0].plot([m["step"] for m in train], [m["loss"] for m in train], color="#4C72B0")
-    for name in dict.fromkeys(m["stage"] for m in train):
+    for i, name in enumerate(dict.fromkeys(m["stage"] for m in train)):
         steps = [m["step"] for m in train if m["stage"] == name]
-        axes[0].axvspan(min(steps) - 0.5, max(steps) + 0.5, alpha=0.08)
+        axes[0].axvspan(min(steps) - 0.5, max(steps) + 0.5, color=f"C{i + 1}", alpha=0.1)
         axes[0].text(min(steps), max(m["loss"] for m in train), name, va="top", fontsize=8)
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss (nats/token)")
