@@ -35,7 +35,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "parquet": ["pyarrow"],
         "hf": ["transformers", "safetensors"],
+        "tensorboard": ["tensorboard"],
         "dev": [
+            "tensorboard",
             "pyarrow",
             "transformers",
             "safetensors",
