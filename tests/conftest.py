@@ -84,12 +84,10 @@ def small_tokenizer(tmp_path_factory, corpora) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
-def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
-    """English and Arabic sample corpora preprocessed with ``small_tokenizer``: name -> prefix."""
+def preprocess_languages(corpora: Path, tokenizer: Path, directory: Path) -> dict[str, str]:
+    """The English and Arabic training corpora as indexed datasets: language -> prefix."""
     from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
 
-    directory = tmp_path_factory.mktemp("training_data")
     prefixes = {}
     for lang in ("en", "ar"):
         stats = run_preprocess(
@@ -97,7 +95,7 @@ def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
                 inputs=[str(corpora / lang / "train.jsonl")],
                 output_prefix=str(directory / f"corpus_{lang}"),
                 tokenizer_type="SentencePieceTokenizer",
-                tokenizer_model=str(small_tokenizer),
+                tokenizer_model=str(tokenizer),
                 append_eod=True,
                 workers=1,
             ),
@@ -108,28 +106,6 @@ def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer_dir(tmp_path_factory, corpora) -> Path:
-    """A real Hugging Face fast tokenizer (byte-level BPE, <s> in front), not SentencePiece."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.helpers import read_texts
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=3000,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    texts = read_texts(corpora / "en" / "valid.jsonl") + read_texts(corpora / "ar" / "valid.jsonl")
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-    )
-    directory = tmp_path_factory.mktemp("hf_tokenizer")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(directory)
-    return directory
+def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
+    """English and Arabic sample corpora preprocessed with ``small_tokenizer``: name -> prefix."""
+    return preprocess_languages(corpora, small_tokenizer, tmp_path_factory.mktemp("training_data"))

@@ -12,6 +12,7 @@ import os
 import pytest
 
 from tests.benchmarks.conftest import record_training
+from tests.conftest import preprocess_languages
 from tests.distributed import free_port
 
 
@@ -23,24 +24,8 @@ def process_group():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, corpora, llama2_tokenizer):
-    from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
-
     directory = tmp_path_factory.mktemp("bench_data")
-    prefixes = {}
-    for lang in ("en", "ar"):
-        stats = run_preprocess(
-            PreprocessConfig(
-                inputs=[str(corpora / lang / "train.jsonl")],
-                output_prefix=str(directory / f"corpus_{lang}"),
-                tokenizer_type="SentencePieceTokenizer",
-                tokenizer_model=str(llama2_tokenizer),
-                append_eod=True,
-                workers=1,
-            ),
-            progress=False,
-        )
-        prefixes[lang] = stats["text"]["dataset"]
-    return directory, prefixes
+    return directory, preprocess_languages(corpora, llama2_tokenizer, directory)
 
 
 @pytest.mark.parametrize("kernels", ["megatron", "fused"])
