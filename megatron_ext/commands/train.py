@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run(config, world_size: int | None) -> int:
     """Print the resolved plan; touches neither a GPU nor the data."""
     from megatron_ext.tokenizer.encoders import SentencePieceEncoder
-    from megatron_ext.training.loop import resolve_arch
+    from megatron_ext.training.model import resolve_arch
     from megatron_ext.training.plan import plan_run
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size

@@ -1,10 +1,9 @@
-"""The training loop: stages, megatron-core schedules, DDP, optimizer, validation, checkpoints.
+"""The training loop: stages in order, megatron-core schedules, validation, checkpoints, faults.
 
 One call, :func:`train`, runs a whole configuration on the processes of the current job (one
-process per GPU under ``torchrun``/``srun``, or gloo processes on a CPU). Each stage builds its
-own model wrapper (megatron-core ``DistributedDataParallel``), optimizer (megatron-core's, the
-distributed one by default) and learning-rate schedule, because what a stage trains decides what
-DDP and the optimizer hold; the weights carry over from stage to stage.
+process per GPU under ``torchrun``/``srun``, or gloo processes on a CPU). Each stage trains with
+what :func:`~megatron_ext.training.stage.build_stage` builds; the weights carry over from stage
+to stage.
 
 The loss is summed over tokens in every micro-batch and divided once by the number of loss
 tokens of the whole global batch (megatron-core's ``calculate_per_token_loss``), so runs with any
@@ -25,42 +24,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import distributed
-from megatron_ext.arch import PRESETS, LlamaArch
-from megatron_ext.checkpoint.convert import load_into, read_metadata
-from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model, transformer_engine_enabled
+from megatron_ext.checkpoint.convert import load_into
+from megatron_ext.model.gpt import LlamaGPTModel
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.tokenizer.metrics import characters_per_piece
 from megatron_ext.training import checkpointing
-from megatron_ext.training.config import ConfigError, StageConfig, TrainConfig, config_dict
+from megatron_ext.training.config import StageConfig, TrainConfig, config_dict
 from megatron_ext.training.data import Batch, DatasetTokenizer, build_datasets, micro_batches
 from megatron_ext.training.metrics import MetricsLog
+from megatron_ext.training.model import build_model, resolve_arch, training_device
 from megatron_ext.training.plan import peak_tflops, training_flops_per_token
+from megatron_ext.training.stage import StageRun, build_stage, optimizer_step
 
 logger = logging.getLogger(__name__)
-
-EMBEDDING_WEIGHT = "embedding.word_embeddings.weight"
-OUTPUT_WEIGHT = "output_layer.weight"
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss with ``on_nonfinite: stop``, too many skips)."""
-
-
-@dataclass
-class ModelPlan:
-    """The network to train and where its first weights come from."""
-
-    arch: LlamaArch
-    padded_vocab_size: int
-    base_vocab_size: int | None
-    dtype: torch.dtype
 
 
 @dataclass
@@ -85,214 +68,6 @@ class TrainResult:
     checkpoint: str | None = None
     interrupted: str | None = None
     valid: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def resolve_arch(config: TrainConfig, vocab_size: int, resume: Path | None) -> ModelPlan:
-    """Architecture, padded vocabulary and base vocabulary from the config or a checkpoint.
-
-    Raises:
-        ConfigError: The tokenizer does not match the checkpoint, or the padded vocabulary
-            cannot be split over the tensor-parallel ranks.
-    """
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    tp = config.tensor_model_parallel_size
-    source = resume or (
-        Path(config.pretrained_checkpoint) if config.pretrained_checkpoint else None
-    )
-    if source is not None:
-        meta = read_metadata(source)
-        arch = LlamaArch(**meta["arch"])
-        padded = meta["padded_vocab_size"]
-        base = config.base_vocab_size or meta.get("base_vocab_size")
-        where = f"{source}/{checkpointing.METADATA}"
-    else:
-        arch = _arch_from_config(config.arch).with_vocab_size(vocab_size)
-        padded = arch.padded_vocab_size(tp, config.make_vocab_size_divisible_by)
-        base = config.base_vocab_size
-        where = "config"
-    if arch.vocab_size != vocab_size:
-        raise ConfigError(
-            f"{where}: vocabulary of {arch.vocab_size} but --tokenizer-model "
-            f"{config.tokenizer_model} has {vocab_size} pieces"
-        )
-    if padded % tp:
-        raise ConfigError(
-            f"{where}: padded vocabulary {padded} cannot be split over "
-            f"--tensor-model-parallel-size {tp}"
-        )
-    arch.check_parallel(tp, config.pipeline_model_parallel_size)
-    return ModelPlan(arch, padded, base, dtype)
-
-
-def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
-    if isinstance(arch, str):
-        if arch not in PRESETS:
-            raise ConfigError(f"--arch {arch}: unknown preset (known: {', '.join(PRESETS)})")
-        return PRESETS[arch]
-    fields = dict(arch)
-    preset = fields.pop("preset", None)
-    if preset is not None:
-        base = asdict(_arch_from_config(preset))
-        base.update(fields)
-        fields = base
-    fields.setdefault("vocab_size", 0)  # the tokenizer's size replaces it
-    try:
-        return LlamaArch(**fields)
-    except TypeError as err:
-        raise ConfigError(f"arch: {err}") from err
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
-    """This rank's pipeline stage of the model, on the training device."""
-    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    overrides: dict[str, Any] = {
-        "params_dtype": plan.dtype,
-        "pipeline_dtype": plan.dtype,
-        "bf16": config.bf16,
-        "sequence_parallel": config.sequence_parallel,
-        "calculate_per_token_loss": True,
-    }
-    if config.recompute_activations:
-        overrides.update(
-            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
-        )
-    transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
-    use_te = transformer_engine_enabled(
-        {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
-    )
-    if config.reset_attention_mask and use_te:
-        raise ConfigError(
-            "--reset-attention-mask needs --transformer-impl local (per-document attention "
-            "masks are not wired to Transformer Engine's packed-sequence attention yet)"
-        )
-    if config.sequence_parallel and not use_te:
-        raise ConfigError(
-            "--sequence-parallel needs the Transformer Engine layer spec (a GPU with "
-            "transformer-engine): megatron-core's local spec normalises with torch's RMSNorm, "
-            "which does not support it"
-        )
-    model = build_gpt_model(
-        plan.arch,
-        transformer_config,
-        plan.padded_vocab_size,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        use_transformer_engine=use_te,
-        fused_kernels=config.kernels == "fused",
-    )
-    return model.to(_device())
-
-
-def use_distributed_optimizer(config: TrainConfig) -> bool:
-    """The distributed optimizer if asked for and on a GPU.
-
-    megatron-core's ``DistributedOptimizer`` accepts only ``torch.cuda.*Tensor`` parameters, so a
-    CPU run keeps a full optimizer state on every data-parallel rank instead (same updates).
-    """
-    return config.use_distributed_optimizer and torch.cuda.is_available()
-
-
-def _trainable(name: str, stage: StageConfig) -> bool:
-    return stage.trainable == "all" or name in (EMBEDDING_WEIGHT, OUTPUT_WEIGHT)
-
-
-def _new_rows(stage: StageConfig, plan: ModelPlan) -> tuple[int, int] | None:
-    """Global ids whose embedding/output rows a ``new_rows_only`` stage trains."""
-    if not stage.new_rows_only:
-        return None
-    if plan.base_vocab_size is None:
-        raise ConfigError(
-            f"stage {stage.name!r}: new_rows_only needs --base-vocab-size (or a converted "
-            "checkpoint that records it)"
-        )
-    return (plan.base_vocab_size, plan.arch.vocab_size)
-
-
-def _mask_frozen_rows(module: LlamaGPTModel, rows: tuple[int, int]) -> None:
-    """Zero the gradient of embedding/output rows outside ``rows`` (this rank's vocab shard)."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    for name, param in module.named_parameters():
-        if name in (EMBEDDING_WEIGHT, OUTPUT_WEIGHT) and param.requires_grad:
-            shard = param.shape[0]
-            ids = torch.arange(shard, device=param.device) + tp_rank * shard
-            frozen = (ids < rows[0]) | (ids >= rows[1])
-            grad = param.main_grad if hasattr(param, "main_grad") else param.grad
-            if grad is not None:
-                grad[frozen] = 0
-
-
-@dataclass
-class StageRun:
-    """What one stage trains with."""
-
-    module: LlamaGPTModel
-    model: DistributedDataParallel
-    optimizer: Any
-    scheduler: OptimizerParamScheduler
-
-
-def build_stage(
-    config: TrainConfig, plan: ModelPlan, stage: StageConfig, module: LlamaGPTModel
-) -> StageRun:
-    """Freeze what ``stage`` does not train, then wrap ``module`` in DDP and build its optimizer."""
-    for name, param in module.named_parameters():
-        param.requires_grad = _trainable(name, stage)
-    rows = _new_rows(stage, plan)
-    if rows is not None and config.kernels == "fused":
-        module.set_trainable_rows(rows)  # the embedding then skips the frozen rows outright
-    elif config.kernels == "fused":
-        module.set_trainable_rows(None)
-
-    def finalize(model_chunks, *args, **kwargs):
-        if rows is not None:
-            _mask_frozen_rows(module, rows)
-        return finalize_model_grads(model_chunks, *args, **kwargs)
-
-    module.config.finalize_model_grads_func = finalize
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer(config),
-    )
-    model = DistributedDataParallel(module.config, ddp_config, module)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=stage.lr,
-            min_lr=stage.min_lr,
-            weight_decay=stage.weight_decay,
-            adam_beta1=config.adam_beta1,
-            adam_beta2=config.adam_beta2,
-            adam_eps=config.adam_eps,
-            clip_grad=0.0,  # clipped in optimizer_step, after the non-finite check
-            bf16=config.bf16,
-            params_dtype=plan.dtype,
-            use_distributed_optimizer=use_distributed_optimizer(config),
-        ),
-        [model],
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=stage.lr,
-        min_lr=stage.min_lr,
-        lr_warmup_steps=stage.lr_warmup_iters,
-        lr_decay_steps=stage.train_iters,
-        lr_decay_style=stage.lr_decay_style,
-        start_wd=stage.weight_decay,
-        end_wd=stage.weight_decay,
-        wd_incr_steps=stage.train_iters,
-        wd_incr_style="constant",
-    )
-    # Iteration k of a stage (1-based) uses the schedule's value at k: no zero-lr first step.
-    scheduler.step(1)
-    return StageRun(module, model, optimizer, scheduler)
 
 
 def _forward_step(char_table: torch.Tensor, data_iterator, model):
@@ -321,33 +96,9 @@ def _reduce_report(losses_reduced: list[dict[str, torch.Tensor]]) -> torch.Tenso
     if losses_reduced:
         total = torch.stack([x["lm loss"] for x in losses_reduced]).sum(0)
     else:
-        total = torch.zeros(3, device=_device())
+        total = torch.zeros(3, device=training_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return total
-
-
-def optimizer_step(optimizer, clip_grad: float) -> tuple[bool, float]:
-    """Clip and apply the gradients unless their norm is NaN/Inf; returns (applied, norm)."""
-    found_inf = optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
-    if found_inf or not math.isfinite(grad_norm):
-        return False, grad_norm
-    if clip_grad > 0:
-        _clip_grads(optimizer.get_parameters(), clip_grad, grad_norm)
-    optimizer.step_with_ready_grads()
-    return True, grad_norm
-
-
-def _clip_grads(params: list[torch.Tensor], max_norm: float, total_norm: float) -> None:
-    """Scale the (main) gradients so that their global norm is at most ``max_norm``.
-
-    megatron-core's ``clip_grad_by_total_norm_fp32`` with the same coefficient, without its
-    CUDA-only type assertion.
-    """
-    coefficient = max_norm / (total_norm + 1e-6)
-    grads = [p.grad for p in params if p.grad is not None]
-    if coefficient < 1.0 and grads:
-        torch._foreach_mul_(grads, coefficient)
 
 
 class StopRequest:
@@ -373,7 +124,7 @@ class StopRequest:
     def check(self) -> bool:
         """True (on every rank) once any rank was signalled or the time budget is spent."""
         timed_out = self._limit is not None and time.monotonic() - self._started > self._limit
-        flags = torch.tensor([int(self._signalled), int(timed_out)], device=_device())
+        flags = torch.tensor([int(self._signalled), int(timed_out)], device=training_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
             self.reason = "SIGTERM"
@@ -397,7 +148,7 @@ class Trainer:
         )
         self.world_size = dist.get_world_size()
         config.validate(self.world_size)
-        self.device = _device()
+        self.device = training_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_logger = dist.get_rank() == self.world_size - 1  # on the last pipeline stage

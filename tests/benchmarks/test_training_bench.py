@@ -31,7 +31,9 @@ def tiny_data(tmp_path_factory, corpora, llama2_tokenizer):
 @pytest.mark.parametrize("kernels", ["megatron", "fused"])
 def test_tiny_training_step(benchmark, process_group, tiny_data, llama2_tokenizer, kernels):
     from megatron_ext.training.config import load_config
-    from megatron_ext.training.loop import LoopState, Trainer, build_model, build_stage
+    from megatron_ext.training.loop import LoopState, Trainer
+    from megatron_ext.training.model import build_model
+    from megatron_ext.training.stage import build_stage
 
     directory, data = tiny_data
     config = load_config(

@@ -187,7 +187,8 @@ def _stage_one_changes(rank, world_size, config_path, overrides):
 
     from megatron_ext.training import checkpointing
     from megatron_ext.training.config import load_config
-    from megatron_ext.training.loop import build_model, resolve_arch, train
+    from megatron_ext.training.loop import train
+    from megatron_ext.training.model import build_model, resolve_arch
 
     config = load_config(config_path, overrides)
     train(config)
@@ -320,7 +321,7 @@ def _packed_vs_alone(rank, world_size, config_path):
     from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
     from megatron_ext.training.config import load_config
-    from megatron_ext.training.loop import build_model, resolve_arch
+    from megatron_ext.training.model import build_model, resolve_arch
 
     config = load_config(config_path)
     model = build_model(config, resolve_arch(config, 2000, None)).eval()

@@ -1,0 +1,129 @@
+"""The model a run trains: architecture from the config or a checkpoint, built per rank."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_ext.arch import PRESETS, LlamaArch
+from megatron_ext.checkpoint.convert import read_metadata
+from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model, transformer_engine_enabled
+from megatron_ext.training import checkpointing
+from megatron_ext.training.config import ConfigError, TrainConfig
+
+
+@dataclass
+class ModelPlan:
+    """The network to train: architecture, padded vocabulary, first new id, parameter dtype."""
+
+    arch: LlamaArch
+    padded_vocab_size: int
+    base_vocab_size: int | None
+    dtype: torch.dtype
+
+
+def resolve_arch(config: TrainConfig, vocab_size: int, resume: Path | None) -> ModelPlan:
+    """Architecture, padded vocabulary and base vocabulary from the config or a checkpoint.
+
+    Raises:
+        ConfigError: The tokenizer does not match the checkpoint, or the padded vocabulary
+            cannot be split over the tensor-parallel ranks.
+    """
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    tp = config.tensor_model_parallel_size
+    source = resume or (
+        Path(config.pretrained_checkpoint) if config.pretrained_checkpoint else None
+    )
+    if source is not None:
+        meta = read_metadata(source)
+        arch = LlamaArch(**meta["arch"])
+        padded = meta["padded_vocab_size"]
+        base = config.base_vocab_size or meta.get("base_vocab_size")
+        where = f"{source}/{checkpointing.METADATA}"
+    else:
+        arch = _arch_from_config(config.arch).with_vocab_size(vocab_size)
+        padded = arch.padded_vocab_size(tp, config.make_vocab_size_divisible_by)
+        base = config.base_vocab_size
+        where = "config"
+    if arch.vocab_size != vocab_size:
+        raise ConfigError(
+            f"{where}: vocabulary of {arch.vocab_size} but --tokenizer-model "
+            f"{config.tokenizer_model} has {vocab_size} pieces"
+        )
+    if padded % tp:
+        raise ConfigError(
+            f"{where}: padded vocabulary {padded} cannot be split over "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    arch.check_parallel(tp, config.pipeline_model_parallel_size)
+    return ModelPlan(arch, padded, base, dtype)
+
+
+def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
+    if isinstance(arch, str):
+        if arch not in PRESETS:
+            raise ConfigError(f"--arch {arch}: unknown preset (known: {', '.join(PRESETS)})")
+        return PRESETS[arch]
+    fields = dict(arch)
+    preset = fields.pop("preset", None)
+    if preset is not None:
+        base = asdict(_arch_from_config(preset))
+        base.update(fields)
+        fields = base
+    fields.setdefault("vocab_size", 0)  # the tokenizer's size replaces it
+    try:
+        return LlamaArch(**fields)
+    except TypeError as err:
+        raise ConfigError(f"arch: {err}") from err
+
+
+def training_device() -> torch.device:
+    """This process's GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
+    """This rank's pipeline stage of the model, on the training device."""
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    overrides: dict[str, Any] = {
+        "params_dtype": plan.dtype,
+        "pipeline_dtype": plan.dtype,
+        "bf16": config.bf16,
+        "sequence_parallel": config.sequence_parallel,
+        "calculate_per_token_loss": True,
+    }
+    if config.recompute_activations:
+        overrides.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
+    use_te = transformer_engine_enabled(
+        {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
+    )
+    if config.reset_attention_mask and use_te:
+        raise ConfigError(
+            "--reset-attention-mask needs --transformer-impl local (per-document attention "
+            "masks are not wired to Transformer Engine's packed-sequence attention yet)"
+        )
+    if config.sequence_parallel and not use_te:
+        raise ConfigError(
+            "--sequence-parallel needs the Transformer Engine layer spec (a GPU with "
+            "transformer-engine): megatron-core's local spec normalises with torch's RMSNorm, "
+            "which does not support it"
+        )
+    model = build_gpt_model(
+        plan.arch,
+        transformer_config,
+        plan.padded_vocab_size,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_transformer_engine=use_te,
+        fused_kernels=config.kernels == "fused",
+    )
+    return model.to(training_device())
