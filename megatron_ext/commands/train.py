@@ -84,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args, overrides = build_parser().parse_known_args(argv)
     quiet_known_warnings()
+    from megatron_ext.arch import ArchitectureError
+    from megatron_ext.checkpoint.hf import CheckpointError
+    from megatron_ext.tokenizer.encoders import TokenizerLoadError
+    from megatron_ext.training.checkpointing import CheckpointLoadError
+
+    # Bad inputs: the message names the file, flag or tensor; exit 2 as for a usage error.
+    input_errors = (
+        ConfigError,
+        ArchitectureError,
+        CheckpointError,
+        CheckpointLoadError,
+        TokenizerLoadError,
+    )
     try:
         config = load_config(args.config, overrides)
         if args.dry_run:
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError as err:
             print(f"megatron-ext train: {err}", file=sys.stderr)
             return 1
-    except ConfigError as err:
+    except input_errors as err:
         print(f"megatron-ext train: {err}", file=sys.stderr)
         return 2
     import torch.distributed as dist

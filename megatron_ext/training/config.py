@@ -44,7 +44,8 @@ class StageConfig:
             run's ``train_iters``.
         trainable: ``all`` or ``embeddings`` (input embedding and output layer only).
         new_rows_only: With ``embeddings``: only the rows of the new tokens (ids from the base
-            vocabulary size on) change; the base rows stay bitwise unchanged.
+            vocabulary size on) change; the base rows stay bitwise unchanged (needs
+            ``weight_decay: 0``).
         lr: Peak learning rate (None: the run's ``lr``); likewise the fields below.
         min_lr: Learning rate at the end of the decay.
         lr_warmup_iters: Linear warm-up from 0 over this many iterations of the stage.
@@ -272,6 +273,11 @@ class TrainConfig:
                 raise ConfigError(f"stage {stage.name!r}: unknown lr_decay_style")
             if stage.new_rows_only and stage.trainable != "embeddings":
                 raise ConfigError(f"stage {stage.name!r}: new_rows_only needs trainable=embeddings")
+            if stage.new_rows_only and stage.weight_decay:
+                raise ConfigError(
+                    f"stage {stage.name!r}: new_rows_only needs weight_decay: 0 (decay would "
+                    "move the rows it keeps frozen)"
+                )
             if stage.lr_warmup_iters >= stage.train_iters:
                 raise ConfigError(
                     f"stage {stage.name!r}: {stage.lr_warmup_iters} warm-up iterations leave none "

@@ -362,9 +362,9 @@ class Trainer:
             entry = {
                 "step": state.iteration,
                 "stage": stage.name,
-                "loss": loss,
+                "loss": _json_number(loss),
                 "lr": lr,
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
+                "grad_norm": _json_number(grad_norm),
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
                 "skipped": not applied,
@@ -441,8 +441,14 @@ class Trainer:
             print(message, flush=True)
 
 
+def _json_number(value: float | None) -> float | str | None:
+    """``value``, or ``"nan"``/``"inf"`` as strings (JSON has no non-finite numbers)."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
 def _console_line(entry: dict[str, Any], total: int) -> str:
-    loss = "n/a" if entry["loss"] is None else f"{entry['loss']:.4f}"
+    loss = entry["loss"]
+    loss = f"{loss:.4f}" if isinstance(loss, float) else str(loss)
     grad = entry["grad_norm"]
     grad = f"{grad:.3f}" if isinstance(grad, float) else grad
     mfu = "" if entry["mfu"] is None else f" | MFU {100 * entry['mfu']:.1f}%"

@@ -73,3 +73,6 @@ def test_validate_checks_batch_and_layout():
     config.stages = [StageConfig(name="x", new_rows_only=True)]
     with pytest.raises(ConfigError, match="new_rows_only needs trainable=embeddings"):
         config.validate(1)
+    config.stages = [StageConfig(name="x", trainable="embeddings", new_rows_only=True)]
+    with pytest.raises(ConfigError, match="new_rows_only needs weight_decay: 0"):
+        config.validate(1)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
 import torch
 
 from megatron_ext.arch import PRESETS
 from megatron_ext.commands.train import main
+from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.training.config import load_config
 from megatron_ext.training.plan import plan_run
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 
 @pytest.mark.parametrize("preset", ["llama2-7b", "llama2-70b"])
@@ -40,3 +48,43 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert "memory per GPU (estimate)" in out
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
+
+
+def _converted_metadata(directory, arch, base_vocab_size: int) -> None:
+    """The ``megatron_ext.json`` a ``convert hf-to-megatron`` at TP=8 writes (only the file)."""
+    (directory / "megatron_ext.json").write_text(
+        json.dumps(
+            {
+                "arch": asdict(arch),
+                "vocab_size": arch.vocab_size,
+                "padded_vocab_size": arch.padded_vocab_size(8),
+                "base_vocab_size": base_vocab_size,
+            }
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "world_size"),
+    [("llama2-7b-ar.yaml", 8), ("llama2-70b-ar.yaml", 64)],
+)
+def test_example_cluster_configs_fit_an_h100(
+    tmp_path, capsys, llama2_tokenizer, config, world_size
+):
+    """The Slurm examples' configs resolve, and their estimated memory fits 80 GB per GPU."""
+    base = SentencePieceEncoder(llama2_tokenizer).vocab_size
+    argv = [
+        "--dry-run", "--config", str(EXAMPLES / config), "--world-size", str(world_size),
+        "--pretrained-checkpoint", str(tmp_path), "--tokenizer-model", str(llama2_tokenizer),
+    ]  # fmt: skip
+    assert main(argv) == 2  # no converted checkpoint there yet
+    assert "megatron_ext.json: not found" in capsys.readouterr().err
+    preset = PRESETS[config.removesuffix("-ar.yaml")]
+    # A checkpoint grown by 25,000 pieces does not go with the base tokenizer: named, exit 2.
+    _converted_metadata(tmp_path, preset.with_vocab_size(base + 25000), base)
+    assert main(argv) == 2
+    assert f"vocabulary of {base + 25000} but --tokenizer-model" in capsys.readouterr().err
+    _converted_metadata(tmp_path, preset.with_vocab_size(base), base)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"= ([\d.]+) GB", out).group(1)) < 80, out
