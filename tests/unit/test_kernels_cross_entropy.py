@@ -22,9 +22,10 @@ FEATURES = [(0.0, 0.0, None), (0.1, 0.0, None), (0.0, 1e-3, None), (0.1, 1e-3, 3
 def small_blocks_and_chunks(monkeypatch):
     # 64-wide blocks, so V=203 spans four blocks, the last one partial: the online
     # log-sum-exp and the masked tail are exercised, not a single-block special case. Token
-    # chunks follow the size rule alone (a few rows here), on a GPU too.
+    # chunks follow the size rule alone (a few rows here), without the CPU and GPU floors.
     monkeypatch.setattr(ce, "MAX_BLOCK_V", 64)
     monkeypatch.setattr(ce, "MIN_GPU_CHUNK_ROWS", 1)
+    monkeypatch.setattr(ce, "MIN_CPU_CHUNK_ROWS", 1)
 
 
 def unfused_loss(
