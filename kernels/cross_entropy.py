@@ -25,8 +25,11 @@ respect to the logits is written over the logits in place. With ``mean``/``sum``
 gradients are computed during the forward pass (the upstream gradient is a scalar, applied in
 backward), so forward+backward costs the three lm-head GEMMs; with ``none`` the per-token upstream
 gradient is only known in backward, which recomputes each chunk's logits (a fourth GEMM). ``dW`` is
-accumulated in fp32 (into megatron-core's ``main_grad`` when present); ``dH`` is all-reduced
-across TP inside backward, so callers must not wrap ``hidden`` in
+accumulated in fp32 into megatron-core's ``main_grad`` when present, else into a private buffer;
+on the mean/sum path that happens during the forward pass (so a forward with gradients enabled
+under megatron-core's DDP must be followed by its backward, as in training), and backward only
+corrects for an upstream gradient other than 1 by recomputing ``(factor - 1) dW``. ``dH`` is
+all-reduced across TP inside backward, so callers must not wrap ``hidden`` in
 ``copy_to_tensor_model_parallel_region``.
 """
 
@@ -46,6 +49,7 @@ from kernels._common import (
     Backend,
     accumulate_mm_fp32,
     finish_weight_grad,
+    has_main_grad,
     resolve_tp_group,
     use_triton,
     weight_grad_buffer,
@@ -152,6 +156,9 @@ class _Config:
     reduction: str
     tp_group: dist.ProcessGroup | None
     triton: bool
+    # Autograd records this call: forward runs in no-grad mode, where needs_input_grad still
+    # reflects requires_grad, so a caller's torch.no_grad() is only visible from outside.
+    grad_enabled: bool
 
 
 def _block_v(n_cols: int) -> int:
@@ -364,12 +371,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             scale = token_weight / token_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
         else:
             scale = token_weight
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh = ctx.needs_input_grad[0] and cfg.grad_enabled
+        need_dw = ctx.needs_input_grad[1] and cfg.grad_enabled
         grads_now = cfg.reduction != "none" and (need_dh or need_dw)
         grad_hidden = _empty_rows_like(hidden) if grads_now and need_dh else None
         acc = _acc_dtype(hidden)
         grad_weight = None
-        if grads_now and need_dw:
+        # Under megatron-core's DDP, dW goes straight into the fp32 ``main_grad`` (no private
+        # V x H fp32 buffer); backward then only corrects for an upstream gradient other than 1.
+        dw_in_main_grad = grads_now and need_dw and has_main_grad(weight)
+        if dw_in_main_grad:
+            grad_weight = weight.main_grad
+        elif grads_now and need_dw:
             # Chunk 0 overwrites it (saving a memset); with no tokens there is no chunk 0.
             make = torch.empty if n else torch.zeros
             grad_weight = make(weight.shape, dtype=acc, device=weight.device)
@@ -385,15 +398,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             )
             if grads_now:
                 _logits_grad_(logits, target[rows], lse[rows], scale[rows], cfg, scratch, local_max)
+                overwrite = start == 0 and not dw_in_main_grad
                 _apply_logits_grad(
-                    logits, hidden[rows], weight, grad_hidden, grad_weight, rows, start == 0
+                    logits, hidden[rows], weight, grad_hidden, grad_weight, rows, overwrite
                 )
         if grads_now:
             _reduce_grad_hidden(grad_hidden, cfg)
+        if grads_now and not dw_in_main_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, weight)
+        elif grads_now:
+            # What recomputing dW takes, should backward's factor not be 1 (O(N) + O(N x H)).
+            ctx.save_for_backward(grad_hidden, weight, hidden, target, lse, scale)
         else:
             ctx.save_for_backward(hidden, weight, target, lse, scale)
-        ctx.cfg, ctx.grads_now = cfg, grads_now
+        ctx.cfg, ctx.grads_now, ctx.dw_in_main_grad = cfg, grads_now, dw_in_main_grad
         if cfg.reduction == "none":
             return loss * token_weight
         return (loss * scale).sum()
@@ -403,15 +421,26 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         """Scale the gradients kept by forward, or recompute them chunk by chunk (``none``)."""
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.grads_now:
-            grad_hidden, grad_weight, weight = ctx.saved_tensors
             # loss.backward() passes exactly 1: skip two passes over dW and dH then (reading the
             # scalar syncs, but backward of the loss starts right after the forward anyway). A
             # Python float keeps the factor exact where a tensor would be rounded to bf16 first.
             factor = grad_loss.item()
-            if factor != 1.0:
-                for grad in (grad_hidden, grad_weight):
-                    if grad is not None:
-                        grad.mul_(factor)
+            if ctx.dw_in_main_grad:
+                grad_hidden, weight, hidden, target, lse, scale = ctx.saved_tensors
+                grad_weight = weight.main_grad
+                if factor != 1.0:
+                    # main_grad already holds dW (and other micro-batches' gradients): add
+                    # (factor - 1) dW, recomputed. Loss scaling is the only common cause.
+                    _backprop_chunks(
+                        hidden, weight, target, lse, scale * (factor - 1.0), None, grad_weight,
+                        ctx.cfg,
+                    )  # fmt: skip
+            else:
+                grad_hidden, grad_weight, weight = ctx.saved_tensors
+                if factor != 1.0 and grad_weight is not None:
+                    grad_weight.mul_(factor)
+            if factor != 1.0 and grad_hidden is not None:
+                grad_hidden.mul_(factor)
         else:
             hidden, weight, target, lse, scale = ctx.saved_tensors
             grad_hidden = _empty_rows_like(hidden) if need_dh else None
@@ -513,6 +542,7 @@ def fused_linear_cross_entropy(
         reduction=reduction,
         tp_group=group,
         triton=use_triton(hidden.device, backend),
+        grad_enabled=torch.is_grad_enabled(),
     )
     loss = FusedLinearCrossEntropy.apply(hidden_2d, weight, target, token_weight, cfg)
     return loss.view(labels.shape) if reduction == "none" else loss

@@ -217,21 +217,31 @@ def test_frozen_output_layer_gets_no_weight_gradient():
     assert weight.grad is None
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_accumulates_into_megatron_main_grad(reduction):
-    """Under megatron-core's DDP the fp32 gradient is added to ``main_grad``."""
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_accumulates_into_megatron_main_grad(reduction, factor):
+    """Under megatron-core's DDP the fp32 gradient is added to ``main_grad``.
+
+    On the mean/sum path it is added during the forward pass; an upstream gradient other than 1
+    (loss scaling) is then corrected for in backward.
+    """
     hidden, weight, labels = make_inputs(8, 8, 203, dtype=torch.bfloat16)
     weight.requires_grad_()
     weight.main_grad = torch.randn(weight.shape, device=DEVICE)
     weight.grad_added_to_main_grad = False
     before = weight.main_grad.clone()
+    with torch.no_grad():
+        fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    assert torch.equal(weight.main_grad, before)  # no gradients asked for: nothing added
     loss = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
-    loss.sum().backward()
+    (loss.sum() * factor).backward()
     expected = loss_and_grads(
         unfused_loss, hidden.float(), weight.float(), labels, reduction=reduction
     )[2]
     assert weight.grad_added_to_main_grad
-    torch.testing.assert_close(weight.main_grad - before, expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        weight.main_grad - before, factor * expected, atol=1e-2 * factor, rtol=1e-2
+    )
 
 
 def test_rejects_bad_arguments():
