@@ -179,7 +179,9 @@ CE_SHAPES = [(h, v) for h in (4096, 8192) for v in (32000, 57344, 64000)]
 
 
 @gpu
-@pytest.mark.parametrize("impl", ["gemms", "fused", "fused-none", "torch", "megatron", "liger"])
+@pytest.mark.parametrize(
+    "impl", ["gemms", "fused", "fused-ddp", "fused-none", "torch", "megatron", "liger"]
+)
 @pytest.mark.parametrize(("h", "v"), CE_SHAPES, ids=[f"H{h}-V{v}" for h, v in CE_SHAPES])
 def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
     n = 8192
@@ -199,6 +201,16 @@ def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
             h_ @ w_.t()
             grad_logits @ w_
             grad_logits.t() @ h_
+
+    elif impl == "fused-ddp":
+        # As in training under megatron-core's DDP: the weight's fp32 main_grad exists before
+        # the step (it is the gradient buffer, whatever the loss), and dW goes straight into it.
+        weight.main_grad = torch.zeros(v, h, device="cuda")
+        weight.grad_added_to_main_grad = False
+
+        def step():
+            hidden.grad = weight.grad = None
+            fused_linear_cross_entropy(hidden, weight, labels).backward()
 
     else:
         loss_fn = _loss_fn(impl)
