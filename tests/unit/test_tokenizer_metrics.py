@@ -51,3 +51,20 @@ def test_parity_is_relative_to_the_reference(sp):
     assert ratios["arb"] == len(sp.encode(texts["arb"])) / len(sp.encode(texts["eng"]))
     with pytest.raises(KeyError):
         parity(sp, {"arb": "x"})
+
+
+@pytest.mark.parametrize("lang", ["en", "ar", "zh"])
+def test_characters_per_piece_counts_the_text(sp, corpora, lang):
+    """Summed over a text's ids, the table gives the text's length (+1: the dummy prefix).
+
+    This is what makes validation bits per character computable from token ids alone; the
+    Chinese corpus exercises byte-fallback pieces (one character per UTF-8 lead byte).
+    """
+    from megatron_ext.tokenizer.metrics import characters_per_piece
+
+    table = characters_per_piece(sp)
+    texts = read_texts(corpora / lang / "train.jsonl")[:300]
+    ids = sp.encode(texts)
+    assert any(sp.is_byte(i) for doc in ids for i in doc) or lang != "zh"
+    for text, doc in zip(texts, ids, strict=True):
+        assert int(table[doc].sum()) == len(text) + (not text[:1].isspace()), text[:80]
