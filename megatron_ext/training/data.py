@@ -3,10 +3,11 @@
 The training set is megatron-core's ``BlendedMegatronDatasetBuilder`` over ``GPTDataset`` with
 the ``--data-path`` weights (token shares: every sample has ``seq_length + 1`` tokens). Each
 dataset's validation split is also built alone, so that validation loss and bits per character
-are reported per language. Iteration ``i`` reads the global batch of samples
-``[i * global_batch_size, (i + 1) * global_batch_size)``; each data-parallel rank takes its
-contiguous slice of it (megatron's pretraining sampler), so the data position is the iteration
-number alone and a resumed run reads exactly the batches an uninterrupted one would.
+are reported per language. Each iteration reads the global batch of samples
+``[consumed, consumed + global_batch_size)``, ``consumed`` being the samples read before it; each
+data-parallel rank takes its contiguous slice of it (megatron's pretraining sampler), so the data
+position is one number, saved with every checkpoint, and a resumed run reads exactly the batches
+an uninterrupted one would, even with another global batch size.
 """
 
 from __future__ import annotations
@@ -78,13 +79,21 @@ def _dataset_config(config: TrainConfig, tokenizer: DatasetTokenizer, blend) -> 
     )
 
 
-def build_datasets(config: TrainConfig, tokenizer: DatasetTokenizer) -> Datasets:
+def build_datasets(
+    config: TrainConfig, tokenizer: DatasetTokenizer, train_samples: int | None = None
+) -> Datasets:
     """Build (or load from megatron-core's index cache) the training and validation datasets.
 
     Needs ``torch.distributed`` initialised (megatron-core builds the indices on rank 0 first).
+
+    Args:
+        config: The run's settings.
+        tokenizer: End-of-document id and identity for the index cache.
+        train_samples: Samples the training blend must provide (default: the whole run's).
     """
     prefixes, weights = config.data_blend
-    train_samples = config.train_iters * config.global_batch_size
+    if train_samples is None:
+        train_samples = config.train_iters * config.global_batch_size
     valid_samples = max(config.eval_iters, 1) * config.global_batch_size
     train, _, _ = BlendedMegatronDatasetBuilder(
         GPTDataset,

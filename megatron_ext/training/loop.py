@@ -12,6 +12,7 @@ TP, PP, DP and micro-batch split optimise the same objective.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -56,6 +57,9 @@ class LoopState:
     skipped_iters: int = 0
     consecutive_skips: int = 0
     scheduler_steps: int = 0
+    # The data position: samples of the blend read so far (the global batch size may change
+    # between runs, as with a batch-size ramp).
+    consumed_samples: int = 0
 
 
 @dataclass
@@ -157,8 +161,17 @@ class Trainer:
             self.device
         )
         self.resume = checkpointing.latest_checkpoint(config.load) if config.load else None
+        self.start = LoopState()
+        if self.resume is not None:
+            saved = checkpointing.read_train_state(self.resume)
+            self.start = LoopState(**{k: saved[k] for k in asdict(self.start) if k in saved})
         self.plan = resolve_arch(config, tokenizer.vocab_size, self.resume)
-        self.datasets = build_datasets(config, DatasetTokenizer(tokenizer, config.tokenizer_model))
+        remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
+        self.datasets = build_datasets(
+            config,
+            DatasetTokenizer(tokenizer, config.tokenizer_model),
+            train_samples=self.start.consumed_samples + remaining,
+        )
         self.stages = config.resolved_stages()
         self.micro_batches = config.global_batch_size // (config.micro_batch_size * self.dp_size)
         self.flops_per_token = training_flops_per_token(
@@ -203,10 +216,10 @@ class Trainer:
         """One iteration: (loss on the last stage else None, update applied, grad norm)."""
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
-        first_sample = state.iteration * self.config.global_batch_size
         report = self._run_schedule(
-            run, self._batches(self.datasets.train, first_sample), forward_only=False
+            run, self._batches(self.datasets.train, state.consumed_samples), forward_only=False
         )
+        state.consumed_samples += self.config.global_batch_size
         applied, grad_norm = optimizer_step(run.optimizer, self.config.clip_grad)
         loss = None if report is None else float(report[0] / report[1].clamp_min(1))
         return loss, applied, grad_norm
@@ -238,10 +251,8 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to ``train_iters`` (or until SIGTERM); returns what happened."""
         config = self.config
-        state = LoopState()
+        state = dataclasses.replace(self.start)
         if self.resume is not None:
-            saved = checkpointing.read_train_state(self.resume)
-            state = LoopState(**{k: saved[k] for k in asdict(state)})
             self._log_rank0(f"resuming from {self.resume} (iteration {state.iteration})")
         metrics = MetricsLog(
             Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,

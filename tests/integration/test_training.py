@@ -394,3 +394,16 @@ def test_fused_loss_under_sequence_parallelism_matches_megatron(
     for ranks in run_ranks(_sequence_parallel_loss, 2, config):
         for ours, theirs in zip(ranks["fused"], ranks["megatron"], strict=True):
             assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_a_larger_global_batch_continues_the_data(
+    tmp_path, small_tokenizer, training_data
+):
+    """The data position is samples read, so a batch-size ramp neither repeats nor skips data."""
+    config = write_config(tmp_path, small_tokenizer, training_data, lr_warmup_iters=0)
+    save = str(tmp_path / "run")
+    run_ranks(_train, 1, config, ["--save", save, "--train-iters", "3"])
+    run_ranks(_train, 1, config, ["--save", save, "--load", save, "--global-batch-size", "8"])
+    state = json.loads((tmp_path / "run" / "iter_0000006" / "train_state.json").read_text())
+    assert state["iteration"] == 6
+    assert state["consumed_samples"] == 3 * 4 + 3 * 8
