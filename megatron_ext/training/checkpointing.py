@@ -162,7 +162,9 @@ def save_checkpoint(
     staging = final.with_name(final.name + ".tmp")
     rank0 = dist.get_rank() == 0
     if rank0:
-        shutil.rmtree(staging, ignore_errors=True)  # a half-written one from a killed job
+        # Half-written checkpoints of killed jobs (one job writes to a checkpoint directory).
+        for stale in Path(save).glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, False, True), str(staging))

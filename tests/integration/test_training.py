@@ -169,6 +169,10 @@ def test_kill_9_then_resume_reproduces_the_losses_bitwise(tmp_path, small_tokeni
     proc.wait()
     resumed_from = int(pointer.read_text())
     assert resumed_from < 30
+    # As if the kill had landed mid-save: a half-written checkpoint past the latest one.
+    half = killed / f"iter_{resumed_from + 1:07d}.tmp"
+    half.mkdir(exist_ok=True)
+    (half / "__0_0.distcp").write_bytes(b"partial")
     proc = _cli(*args)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -180,6 +184,7 @@ def test_kill_9_then_resume_reproduces_the_losses_bitwise(tmp_path, small_tokeni
         ]
 
     assert losses(killed) == losses(whole)  # bitwise: JSON keeps every float's exact value
+    assert not list(killed.glob("iter_*.tmp"))  # removed by the next save
 
 
 def _stage_one_changes(rank, world_size, config_path, overrides):
