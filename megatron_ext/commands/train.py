@@ -80,6 +80,22 @@ def dry_run(config, world_size: int | None) -> int:
     return 0
 
 
+def summary(result) -> str:
+    """The closing line(s): where the run ended, what it processed, how well it validates."""
+    status = f"interrupted ({result.interrupted})" if result.interrupted else "done"
+    speed = result.tokens / result.seconds if result.seconds else 0.0
+    lines = [
+        f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped; "
+        f"{result.tokens:,} tokens in {result.seconds:.0f} s ({speed:,.0f} tokens/s); "
+        f"checkpoint {result.checkpoint or '(none: no --save)'}"
+    ]
+    for lang, values in result.valid.items():
+        lines.append(
+            f"  validation {lang}: loss {values['loss']:.4f}, bits/char {values['bpc']:.4f}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args, overrides = build_parser().parse_known_args(argv)
@@ -113,12 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
-        status = f"interrupted ({result.interrupted})" if result.interrupted else "done"
-        print(
-            f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped; "
-            f"checkpoint {result.checkpoint or '(none: no --save)'}"
-        )
+    if dist.get_rank() == dist.get_world_size() - 1:  # the last pipeline stage knows the losses
+        print(summary(result))
     dist.destroy_process_group()
     return 0
 

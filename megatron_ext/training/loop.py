@@ -72,6 +72,8 @@ class TrainResult:
     checkpoint: str | None = None
     interrupted: str | None = None
     valid: dict[str, dict[str, float]] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
 
 
 def _forward_step(char_table: torch.Tensor, data_iterator, model):
@@ -246,7 +248,7 @@ class Trainer:
                 "tokens": int(tokens),
             }
         run.model.train()
-        return results
+        return results if parallel_state.is_pipeline_last_stage() else {}
 
     def run(self) -> TrainResult:
         """Train to ``train_iters`` (or until SIGTERM); returns what happened."""
@@ -261,6 +263,7 @@ class Trainer:
         )
         stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins)
         result = TrainResult(iteration=state.iteration)
+        started, first_iteration = time.perf_counter(), state.iteration
         module = build_model(config, self.plan)
         if self.resume is None and config.pretrained_checkpoint:
             load_into(module, config.pretrained_checkpoint)
@@ -307,6 +310,9 @@ class Trainer:
             stop.restore()
             metrics.close()
         result.iteration = state.iteration
+        result.seconds = time.perf_counter() - started
+        result.tokens = (state.iteration - first_iteration) * config.global_batch_size
+        result.tokens *= config.seq_length
         result.skipped_iters = state.skipped_iters
         if config.save:
             latest = checkpointing.latest_checkpoint(config.save)
