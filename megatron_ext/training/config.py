@@ -86,7 +86,8 @@ class TrainConfig:
         tensor_model_parallel_size: TP size.
         pipeline_model_parallel_size: PP size.
         sequence_parallel: Megatron sequence parallelism (needs TP > 1).
-        use_distributed_optimizer: Shard optimizer state over data-parallel ranks.
+        use_distributed_optimizer: Shard optimizer state over data-parallel ranks (on GPUs;
+            megatron-core 0.16 accepts only CUDA tensors there, so CPU runs replicate it).
         micro_batch_size: Sequences per micro-batch per data-parallel rank.
         global_batch_size: Sequences per iteration (all ranks, all micro-batches).
         seq_length: Tokens per sequence.
