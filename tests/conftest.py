@@ -109,3 +109,31 @@ def preprocess_languages(corpora: Path, tokenizer: Path, directory: Path) -> dic
 def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
     """English and Arabic sample corpora preprocessed with ``small_tokenizer``: name -> prefix."""
     return preprocess_languages(corpora, small_tokenizer, tmp_path_factory.mktemp("training_data"))
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory, corpora) -> Path:
+    """A real Hugging Face fast tokenizer (byte-level BPE, <s> in front), not SentencePiece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.helpers import read_texts
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=3000,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = read_texts(corpora / "en" / "valid.jsonl") + read_texts(corpora / "ar" / "valid.jsonl")
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(directory)
+    return directory
