@@ -412,3 +412,18 @@ def test_resume_with_a_larger_global_batch_continues_the_data(
     state = json.loads((tmp_path / "run" / "iter_0000006" / "train_state.json").read_text())
     assert state["iteration"] == 6
     assert state["consumed_samples"] == 3 * 4 + 3 * 8
+
+
+def test_time_budget_saves_and_exits_for_requeue(tmp_path, small_tokenizer, training_data):
+    """--exit-duration-in-mins (set by the Slurm template from the time limit) stops cleanly."""
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1000)
+    save = tmp_path / "run"
+    proc = _cli("--config", str(config), "--save", str(save), "--exit-duration-in-mins", "0.0001")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted (--exit-duration-in-mins) at iteration 1" in out
+    assert json.loads((save / "interrupted.json").read_text()) == {
+        "reason": "--exit-duration-in-mins",
+        "iteration": 1,
+    }
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
