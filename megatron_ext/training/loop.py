@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import distributed
-from megatron_ext.checkpoint.convert import load_into
+from megatron_ext.checkpoint.convert import load_into, read_metadata
 from megatron_ext.model.gpt import LlamaGPTModel
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.tokenizer.metrics import characters_per_piece
@@ -267,6 +267,7 @@ class Trainer:
         module = build_model(config, self.plan)
         if self.resume is None and config.pretrained_checkpoint:
             load_into(module, config.pretrained_checkpoint)
+            self._check_freeze_request(config.pretrained_checkpoint)
         resuming = self.resume is not None
         run = None
         try:
@@ -404,6 +405,16 @@ class Trainer:
                 self._log_rank0(f"{stop.reason}: {saved} at iteration {state.iteration}, exiting")
                 return True
         return False
+
+    def _check_freeze_request(self, checkpoint: str) -> None:
+        """Warn when a checkpoint converted with --freeze-base-rows meets no new-rows stage."""
+        requested = read_metadata(checkpoint).get("freeze_base_rows")
+        if requested and not any(s.new_rows_only for s in self.stages):
+            self._log_rank0(
+                f"warning: {checkpoint} was converted with --freeze-base-rows, but no stage "
+                "trains only the new rows (add one: trainable: embeddings, new_rows_only: "
+                "true, weight_decay: 0; see examples/configs/llama2-7b-ar.yaml)"
+            )
 
     def _check_skip(self, state: LoopState, grad_norm: float, loss: float | None) -> None:
         """Stop on a non-finite update if so configured, or after too many in a row."""

@@ -427,3 +427,17 @@ def test_time_budget_saves_and_exits_for_requeue(tmp_path, small_tokenizer, trai
         "iteration": 1,
     }
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def test_freeze_base_rows_request_without_a_new_rows_stage_warns(
+    tmp_path, small_tokenizer, training_data
+):
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1)
+    run_ranks(_train, 1, config, ["--save", str(tmp_path / "start")])
+    start = tmp_path / "start" / "iter_0000001"
+    meta = json.loads((start / "megatron_ext.json").read_text())
+    (start / "megatron_ext.json").write_text(json.dumps({**meta, "freeze_base_rows": True}))
+    proc = _cli("--config", str(config), "--pretrained-checkpoint", str(start))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "was converted with --freeze-base-rows, but no stage trains only the new rows" in out
