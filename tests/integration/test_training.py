@@ -432,7 +432,9 @@ def test_time_budget_saves_and_exits_for_requeue(tmp_path, small_tokenizer, trai
 def test_freeze_base_rows_request_without_a_new_rows_stage_warns(
     tmp_path, small_tokenizer, training_data
 ):
-    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1)
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, train_iters=1, lr_warmup_iters=0
+    )
     run_ranks(_train, 1, config, ["--save", str(tmp_path / "start")])
     start = tmp_path / "start" / "iter_0000001"
     meta = json.loads((start / "megatron_ext.json").read_text())
