@@ -33,7 +33,7 @@ from megatron_ext.model.gpt import LlamaGPTModel
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.tokenizer.metrics import characters_per_piece
 from megatron_ext.training import checkpointing
-from megatron_ext.training.config import StageConfig, TrainConfig, config_dict
+from megatron_ext.training.config import ConfigError, StageConfig, TrainConfig, config_dict
 from megatron_ext.training.data import Batch, DatasetTokenizer, build_datasets, micro_batches
 from megatron_ext.training.metrics import MetricsLog
 from megatron_ext.training.model import build_model, resolve_arch, training_device
@@ -154,6 +154,11 @@ class Trainer:
         )
         self.world_size = dist.get_world_size()
         config.validate(self.world_size)
+        if config.bf16 and not torch.cuda.is_available():
+            raise ConfigError(
+                "--bf16 needs a GPU: megatron-core's mixed-precision optimizer accepts only CUDA "
+                "tensors (CPU runs train in fp32)"
+            )
         self.device = training_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
