@@ -5,9 +5,10 @@ calls a few CUDA-only functions, so :func:`install_cpu_shims` replaces exactly t
 on machines with a GPU): ``torch.cuda.current_device`` returns ``"cpu"`` (megatron-core passes it
 as a ``device=`` argument), ``torch.cuda.synchronize`` does nothing (dist_checkpointing's writer
 calls it), ``device="cuda"`` allocations inside a few megatron-core modules (causal masks,
-pipeline schedules, optimizers) go to the CPU, and megatron-core's CUDA RNG tracker is replaced by
+pipeline schedules, optimizers) go to the CPU, megatron-core's CUDA RNG tracker is replaced by
 :class:`CpuRNGStatesTracker`, which forks the CPU generator so that dropout stays reproducible
-and its state checkpointable.
+and its state checkpointable, and activation recomputation's save/restore of the CUDA generator
+does nothing (it saves the CPU generator as well).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def install_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     mcore_random.initialize_rng_tracker = _cpu_initialize_rng_tracker
+    # Activation recomputation saves and restores "the CUDA generator" besides the CPU one and
+    # the tracker's states; without a GPU there is no such generator (the CPU one is saved too).
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     for module_name in _CUDA_ALLOCATING_MODULES:
         importlib.import_module(module_name).torch = _CpuDeviceTorch()
     if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):

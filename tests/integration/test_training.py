@@ -141,8 +141,9 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         (2, ["--pipeline-model-parallel-size", "2"]),
         (2, []),  # data parallel
         (1, ["--kernels", "megatron"]),
+        (1, ["--recompute-activations"]),
     ],
-    ids=["tp2", "pp2", "dp2", "megatron-kernels"],
+    ids=["tp2", "pp2", "dp2", "megatron-kernels", "recompute"],
 )
 def test_parallel_layouts_match_tp1(layout_reference, world_size, overrides):
     config, start, reference = layout_reference
