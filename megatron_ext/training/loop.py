@@ -13,6 +13,7 @@ TP, PP, DP and micro-batch split optimise the same objective.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import signal
@@ -281,7 +282,13 @@ class Trainer:
                     state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:
-                    module = self._next_stage_module(run)
+                    weights = run.module.state_dict()
+                    # Free the finished stage's gradient buffers and optimizer state before the
+                    # next stage's model exists; its weights live on in ``weights``.
+                    run = module = None
+                    gc.collect()  # the model and its config's finalize hook form a cycle
+                    module = self._model_with(weights)
+                    del weights
                 run = build_stage(config, self.plan, stage, module)
                 # Mid-stage, the optimizer and schedule continue; a new stage starts them afresh.
                 continuing = resuming and state.stage_iteration > 0
@@ -336,13 +343,8 @@ class Trainer:
             stage, stage_iteration = stage + 1, 0
         return (stage, stage_iteration) if stage < len(self.stages) else None
 
-    def _next_stage_module(self, run: StageRun) -> LlamaGPTModel:
-        """A fresh model with the trained weights, for the next stage's DDP and optimizer."""
-        weights = {
-            k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-            for k, v in run.module.state_dict().items()
-        }
-        del run
+    def _model_with(self, weights: dict[str, Any]) -> LlamaGPTModel:
+        """A fresh model holding ``weights``, for the next stage's DDP and optimizer."""
         module = build_model(self.config, self.plan)
         module.load_state_dict(weights)
         return module
