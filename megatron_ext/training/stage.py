@@ -48,6 +48,11 @@ def _new_rows(stage: StageConfig, plan: ModelPlan) -> tuple[int, int] | None:
             f"stage {stage.name!r}: new_rows_only needs --base-vocab-size (or a converted "
             "checkpoint that records it)"
         )
+    if plan.base_vocab_size >= plan.arch.vocab_size:
+        raise ConfigError(
+            f"stage {stage.name!r}: new_rows_only, but there are no new rows (base vocabulary "
+            f"{plan.base_vocab_size}, vocabulary {plan.arch.vocab_size})"
+        )
     return (plan.base_vocab_size, plan.arch.vocab_size)
 
 
