@@ -198,22 +198,31 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def model_sharded_state(model) -> dict:
+    """megatron-core's sharded state dict of ``model`` without Transformer Engine's extra state."""
+    return {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+
+
+def apply_model_state(model, state: dict, source: str | os.PathLike) -> None:
+    """Load loaded tensors into ``model``, failing (naming ``source``) on missing or extra keys.
+
+    Raises:
+        CheckpointError: Weights missing from or unknown to ``model``.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
     """Load a converted (or training) checkpoint's weights into this rank's model (any TP/PP)."""
     from megatron.core import dist_checkpointing
 
-    sharded = {
-        k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")
-    }
+    sharded = model_sharded_state(model)
     state = dist_checkpointing.load(sharded, str(checkpoint_dir))
     # A training checkpoint also holds optimizer state (its common part comes back too).
-    state = {k: v for k, v in state.items() if k in sharded}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{checkpoint_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    apply_model_state(model, {k: v for k, v in state.items() if k in sharded}, checkpoint_dir)
 
 
 def megatron_to_hf(

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_ext.checkpoint.convert import apply_model_state, model_sharded_state
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -118,8 +120,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {"model": model.sharded_state_dict()}
+def _sharded_state(
+    model_state: dict[str, Any], optimizer, is_loading: bool, with_rng: bool
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
     if with_rng:
@@ -167,7 +171,8 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, False, True), str(staging))
+    sharded = _sharded_state(model.sharded_state_dict(), optimizer, False, True)
+    dist_checkpointing.save(sharded, str(staging))
     dist.barrier()
     if rank0:
         _write_json(staging / METADATA, metadata)
@@ -222,16 +227,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
     """
     train_state = read_train_state(path)
     same_layout = train_state.get("layout") == _layout()
-    sharded = _sharded_state(model, optimizer, True, same_layout)
-    sharded["model"] = {k: v for k, v in sharded["model"].items() if not k.endswith("_extra_state")}
+    sharded = _sharded_state(model_sharded_state(model), optimizer, True, same_layout)
     try:
         state = dist_checkpointing.load(sharded, str(path))
     except Exception as err:  # dist_checkpointing raises many types; name the checkpoint
         raise CheckpointLoadError(f"{path}: cannot load ({type(err).__name__}: {err})") from err
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointLoadError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    apply_model_state(model, state["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if same_layout:
