@@ -278,8 +278,7 @@ class Trainer:
         run = None
         try:
             while (position := self._position(state)) is not None:
-                if position != (state.stage, state.stage_iteration):
-                    state.stage, state.stage_iteration = position
+                state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:
                     weights = run.module.state_dict()
