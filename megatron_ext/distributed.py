@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import socket
 from collections.abc import Iterator
 
 import torch
@@ -158,3 +159,16 @@ def init(
         torch.manual_seed(seed)
         mcore_random.model_parallel_cuda_manual_seed(seed)
     return dist.get_backend()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_single_process() -> str:
+    """A one-process group (conversion, experiments) on a free local port unless one is set."""
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return init(1, rank=0, world_size=1)

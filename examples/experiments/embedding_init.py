@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -133,10 +131,7 @@ def main() -> None:
         bpc = ar_total / math.log(2) / ar_chars
         return {"english_loss": en_total / en_count, "arabic_bpc": bpc}
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
-    distributed.init(1, rank=0, world_size=1)
+    distributed.init_single_process()
     rows = {"base (no expansion)": evaluate(english_dir, ar_base)}
     for method in INIT_METHODS:
         ckpt, hf_dir = args.output_dir / f"mcore_{method}", args.output_dir / f"hf_{method}"

@@ -280,6 +280,8 @@ TRAIN_ITERS = 40  # 10 warm-up iterations of the new rows, then 30 of the whole 
 
 def continued_pretraining(out: Path, corpora: Path) -> dict:
     """Train the expanded tiny model on the re-tokenized blend (TP=2 over two gloo processes)."""
+    from megatron_ext.distributed import free_port
+
     stage("5. continued pretraining: new rows first, then everything (TP=2, gloo)")
     expanded = out / "tokenizer" / "tokenizer.model"
     blend = preprocess(out, corpora, expanded, name="expanded")
@@ -290,7 +292,7 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
         if save.exists():
             shutil.rmtree(save)  # an older demo run: train afresh
         cmd = [
-            "torchrun", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+            "torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "-m", "megatron_ext.cli", "train",
             "--config", str(HERE / "train.yaml"),
             "--pretrained-checkpoint", str(out / "models" / "tiny-mcore"),
@@ -317,14 +319,6 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
     from megatron_ext.training.metrics import read_metrics
 
     return {"metrics": read_metrics(save / "metrics.jsonl"), "checkpoint": str(checkpoint)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def plot_training(metrics: list[dict], path: Path) -> None:

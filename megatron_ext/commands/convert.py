@@ -12,8 +12,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 import time
 
@@ -78,16 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _single_process_group() -> None:
-    from megatron_ext import distributed
-
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    distributed.init(1, rank=0, world_size=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -100,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        _single_process_group()
+        from megatron_ext import distributed
+
+        distributed.init_single_process()
         if args.direction == "hf-to-megatron":
             meta = hf_to_megatron(
                 args.hf_dir,

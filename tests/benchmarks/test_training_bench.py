@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
+from megatron_ext.distributed import free_port
 from tests.benchmarks.conftest import record_training
 from tests.conftest import preprocess_languages
-from tests.distributed import free_port
 
 
 @pytest.fixture(scope="module")

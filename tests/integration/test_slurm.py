@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from megatron_ext.distributed import free_port
 from megatron_ext.training.metrics import read_metrics
-from tests.distributed import free_port
 from tests.integration.test_training import REPO
 
 SLURM_CONF = """\

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from megatron_ext.distributed import free_port
 from megatron_ext.training.metrics import read_metrics
 from tests.distributed import run_ranks
 
@@ -64,7 +65,7 @@ def _train(rank, world_size, config_path, overrides):
 
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "megatron_ext.cli", "train", *args],
         cwd=REPO,
@@ -74,12 +75,6 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
         text=True,
         **kwargs,
     )
-
-
-def _free_port() -> int:
-    from tests.distributed import free_port
-
-    return free_port()
 
 
 def test_tiny_config_trains_and_reports_per_language(tmp_path, small_tokenizer, training_data):
