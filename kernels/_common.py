@@ -81,7 +81,7 @@ def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
     return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
 
 
-def finish_weight_grad(weight: torch.Tensor, grad_fp32: torch.Tensor) -> torch.Tensor:
+def finish_weight_grad(weight: torch.Tensor, grad_fp32: torch.Tensor) -> torch.Tensor | None:
     """Turn an fp32 gradient into what ``backward`` returns for ``weight``.
 
     Args:
@@ -90,14 +90,16 @@ def finish_weight_grad(weight: torch.Tensor, grad_fp32: torch.Tensor) -> torch.T
             private buffer, which is then added to ``main_grad`` when there is one.
 
     Returns:
-        The gradient in the parameter's dtype, or under megatron-core's DDP a placeholder (the
-        gradient is already in ``main_grad``; the placeholder keeps DDP's hook on the main thread,
-        as megatron-core's own layers do).
+        The gradient in the parameter's dtype; under megatron-core's DDP None, the gradient being
+        in ``main_grad`` already. megatron-core's own layers return an uninitialised
+        weight-sized tensor there instead, so that with ``overlap_grad_reduce`` DDP's hooks all
+        run on the device thread; without overlap (what ``megatron-ext train`` runs) that tensor
+        is only memory, V/TP x H of it at the start of backward, where activation memory peaks.
+        Under ``overlap_grad_reduce`` megatron-core's hook rejects the None loudly.
     """
     if not has_main_grad(weight):
         return grad_fp32.to(weight.dtype)
     if grad_fp32 is not weight.main_grad:
         weight.main_grad.add_(grad_fp32)
     weight.grad_added_to_main_grad = True
-    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-    return make(weight.shape, dtype=weight.dtype, device=weight.device)
+    return None

@@ -99,6 +99,8 @@ def build_stage(
     module.config.finalize_model_grads_func = finalize
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
+        # Our kernels return no weight gradient once it is in main_grad (kernels/_common.py),
+        # which megatron-core's hook accepts only without overlap.
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer(config),
     )

@@ -1,4 +1,4 @@
-"""Kernels against megatron-core's own layers at TP=1 and TP=2 (gloo ranks on 127.0.0.1).
+"""Kernels against megatron-core's own layers at TP=1 to 4 (gloo ranks on 127.0.0.1).
 
 Each rank builds the same global tensors from a fixed seed, takes its shard, and compares the
 Triton path (Triton's interpreter on CPU) and the PyTorch reference with megatron-core's
@@ -20,7 +20,8 @@ from tests.distributed import run_ranks
 # gloo ranks on CPU tensors; on a GPU machine the kernels are covered by the unit tests on CUDA.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo multi-rank test")
 
-N, H, V = 23, 16, 202  # V/2 = 101: odd shards, partial vocab blocks; N: uneven token chunks
+# V divides by 1 to 4 and no shard is a whole number of 32-column blocks; N: uneven token chunks.
+N, H, V = 23, 16, 204
 
 
 def global_inputs(dtype):
@@ -174,9 +175,11 @@ def _embedding_rank(rank, world):
         assert ours_sharded["emb.weight"].global_shape == theirs_sharded["emb.weight"].global_shape
 
         gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, V, (2, 6), generator=gen)
+        # 12 positions: sequence parallelism scatters them evenly over up to 4 ranks.
+        ids = torch.randint(0, V, (2, 12), generator=gen)
         ids[0, :4] = V - 1  # repeated row on the last shard
-        ids[1, :4] = torch.tensor([0, V // 2 - 1, V // 2, V // 2 + 1])  # the shard boundaries
+        boundaries = [r * V // world + d for r in range(1, world) for d in (-1, 0)]
+        ids[1, : 2 + len(boundaries)] = torch.tensor([0, V - 1, *boundaries])
         out_theirs = theirs(ids)
         upstream = torch.randn(out_theirs.shape, generator=gen)
         out_theirs.backward(upstream)
@@ -187,7 +190,7 @@ def _embedding_rank(rank, world):
 
         # The functional form with each backend, and trainable_rows against megatron's gradient
         # restricted to the new rows.
-        new_rows = (V - 30, V)
+        new_rows = (V // 2 - 10, V)  # starts inside a shard, as 32,000 does at TP=8
         for backend in ("triton", "torch"):
             weight = ours.weight.detach().clone().requires_grad_()
             out = vocab_parallel_embedding(
@@ -208,11 +211,11 @@ def _embedding_rank(rank, world):
             )
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_cross_entropy_matches_megatron(world):
     run_ranks(_cross_entropy_rank, world)
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_embedding_matches_megatron(world):
     run_ranks(_embedding_rank, world)
