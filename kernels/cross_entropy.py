@@ -58,9 +58,10 @@ from kernels._common import (
 _REDUCTIONS = ("none", "sum", "mean")
 # Widest vocab block a program handles at once (tests lower it to exercise partial blocks).
 MAX_BLOCK_V = 8192
-# Fewest token rows per chunk (see _chunk_rows; tests lower them to get several chunks).
+# Smallest chunk (see _chunk_rows; tests lower both to 1 to get several chunks): token rows on a
+# GPU, logits (rows x vocab shard) on a CPU.
 MIN_GPU_CHUNK_ROWS = 2048
-MIN_CPU_CHUNK_ROWS = 512
+MIN_CPU_CHUNK_LOGITS = 512 * 32000
 
 
 @triton.jit
@@ -297,12 +298,18 @@ def _chunk_rows(n: int, hidden_size: int, shard_vocab: int, on_gpu: bool) -> int
     # (8 bytes per element against 2 * rows flops), which stays hidden behind the tensor cores only
     # from about that depth on (H100: 1.39x the bare GEMMs at 1024 rows, 1.26x at 2048, for
     # H=4096, V=64000). This also caps the chunk's logits at 2048 x V/TP whatever N is.
-    # On a CPU the same holds with a shallower floor: with small H and a large vocabulary (the tiny
-    # model, 256 x 32000) Liger's rule gives 4-row chunks, and the fp32 dW update per chunk then
-    # costs 5x the whole step of the unfused loss.
-    rows = -(-n * hidden_size // shard_vocab)
-    rows = max(rows, MIN_GPU_CHUNK_ROWS if on_gpu else MIN_CPU_CHUNK_ROWS)
-    return max(1, min(n, triton.next_power_of_2(rows)))  # at least 1: N=0 must loop zero times
+    # A CPU has no tensor cores to hide behind and a few hundred rows amortise the accumulator,
+    # but Liger's rule alone gives 4-row chunks at the tiny model's 256 x 32000 (the fp32 dW
+    # update per chunk then costs 5x the whole step of the unfused loss). So on a CPU a chunk
+    # holds at least 512 x 32000 logits (64 MiB in fp32) whatever the vocabulary: 256 rows at
+    # V=57344, and the loss's memory does not grow with the vocabulary.
+    rows = triton.next_power_of_2(-(-n * hidden_size // shard_vocab))
+    if on_gpu:
+        rows = max(rows, MIN_GPU_CHUNK_ROWS)
+    else:
+        floor = max(MIN_CPU_CHUNK_LOGITS // shard_vocab, 1)
+        rows = max(rows, 1 << (floor.bit_length() - 1))  # a power of two, rounded down
+    return max(1, min(n, rows))  # at least 1: N=0 must loop zero times
 
 
 class _LogitsBuffer:

@@ -1,13 +1,23 @@
-"""Training-step throughput of the tiny config on CPU: our kernels vs megatron-core's.
+"""Training steps on CPU, our kernels vs megatron-core's: tiny-config throughput and the memory
+an expanded vocabulary costs; the same on a GPU with a ~1B model (skipped without CUDA).
 
-Same process, same data, same weights (the megatron path is built from the same seed and the
-fused embedding re-wraps the same initial weight): one optimizer step of the tiny Llama (4 x 256,
-32,000-piece vocabulary, seq 128, global batch 8) per round.
+Throughput: same process, same data, same weights (the megatron path is built from the same seed
+and the fused embedding re-wraps the same initial weight): one optimizer step of the tiny Llama
+(4 x 256, 32,000-piece vocabulary, seq 128, global batch 8) per round.
+
+Memory: each (kernels, vocabulary) pair trains three steps in a fresh process at 8,192 tokens per
+micro-batch and reports its peak resident memory above what it held before the model was built,
+so parameters, gradients, optimizer state and the step's transients all count. Issue 6's goal:
+growing the vocabulary adds at most the new rows' parameters, gradients and Adam state.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -59,6 +69,81 @@ def test_tiny_training_step(benchmark, process_group, tiny_data, llama2_tokenize
     benchmark.pedantic(step, rounds=8, warmup_rounds=2)
     tokens = config.global_batch_size * config.seq_length
     record_training(kernels, benchmark.stats.stats.median, tokens)
+
+
+_MEMORY_CHILD = textwrap.dedent(
+    """
+    import dataclasses, json, os, resource, sys
+    from megatron_ext.distributed import free_port
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.loop import LoopState, Trainer
+    from megatron_ext.training.model import build_model
+    from megatron_ext.training.stage import build_stage
+
+    kernels, vocab, config_path, *overrides = sys.argv[1:]
+    vocab = int(vocab)
+    config = load_config(config_path, ["--kernels", kernels, *overrides])
+    config.stages = []
+    trainer = Trainer(config)
+    # The data's ids are below 32,000; a larger vocabulary stands for an expanded tokenizer.
+    plan = dataclasses.replace(
+        trainer.plan, arch=trainer.plan.arch.with_vocab_size(vocab), padded_vocab_size=vocab
+    )
+    before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    run = build_stage(config, plan, config.resolved_stages()[0], build_model(config, plan))
+    state = LoopState()
+    for _ in range(3):
+        trainer.train_step(run, state)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak - before, "hidden_size": plan.arch.hidden_size}))
+    """
+)
+# Bytes per parameter that do not depend on the step: fp32 weight, fp32 main_grad, Adam's two
+# fp32 moments (CPU runs train in fp32 with megatron-core's FP32Optimizer).
+CPU_STATE_BYTES_PER_PARAM = 16
+
+
+@pytest.mark.slow
+def test_cpu_expanded_vocab_memory(benchmark, tiny_data, llama2_tokenizer):
+    directory, data = tiny_data
+    overrides = [
+        "--tokenizer-model", str(llama2_tokenizer), "--seq-length", "512",
+        "--micro-batch-size", "16", "--global-batch-size", "16", "--eval-iters", "0",
+        "--data-path", "0.25", data["en"], "0.75", data["ar"],
+        "--data-cache-path", str(directory / "cache"),
+    ]  # fmt: skip
+    config_path = os.path.join(os.path.dirname(__file__), "../../examples/configs/tiny.yaml")
+    vocabs = (32000, 57344)
+
+    def measure() -> dict[tuple[str, int], dict]:
+        results = {}
+        for kernels in ("fused", "megatron"):
+            for vocab in vocabs:
+                out = subprocess.run(
+                    [sys.executable, "-c", _MEMORY_CHILD, kernels, str(vocab), config_path]
+                    + overrides,
+                    check=True, capture_output=True, text=True,
+                )  # fmt: skip
+                results[kernels, vocab] = json.loads(out.stdout.strip().splitlines()[-1])
+        return results
+
+    results = benchmark.pedantic(measure, rounds=1, iterations=1)
+    hidden = results["fused", vocabs[0]]["hidden_size"]
+    allowance = CPU_STATE_BYTES_PER_PARAM * (vocabs[1] - vocabs[0]) * hidden * 2
+    mib = 2**20
+    print(f"\nexpanded vocabulary {vocabs[0]} -> {vocabs[1]}, 8,192 tokens per micro-batch:")
+    print(f"  allowance (new rows' weights, gradients, Adam state): {allowance / mib:.0f} MiB")
+    growth = {}
+    for kernels in ("fused", "megatron"):
+        small, large = (results[kernels, v]["peak_bytes"] for v in vocabs)
+        growth[kernels] = large - small
+        benchmark.extra_info[f"{kernels}_growth_mib"] = growth[kernels] / mib
+        print(
+            f"  {kernels}: peak {small / mib:.0f} -> {large / mib:.0f} MiB, grows "
+            f"{growth[kernels] / mib:.0f} MiB ({growth[kernels] / allowance:.2f}x the allowance)"
+        )
+    assert growth["fused"] < growth["megatron"]
 
 
 # A ~1B Llama-shaped model for the GPU measurements of issue 6 (tokens/s, MFU, peak memory).

@@ -89,7 +89,7 @@ def assert_all_close(got, want, tol, what):
 def _cross_entropy_rank(rank, world):
     ce.MAX_BLOCK_V = 32  # several vocab blocks per shard, the last one partial
     # Token chunks by the size rule alone (4 rows here), so N=23 ends in a partial chunk.
-    ce.MIN_CPU_CHUNK_ROWS = ce.MIN_GPU_CHUNK_ROWS = 1
+    ce.MIN_CPU_CHUNK_LOGITS = ce.MIN_GPU_CHUNK_ROWS = 1
     for backend in ("triton", "torch"):
         hidden, weight, labels = global_inputs(torch.float32)
         mine = shard(weight, rank, world)

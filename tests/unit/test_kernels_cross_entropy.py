@@ -25,7 +25,7 @@ def small_blocks_and_chunks(monkeypatch):
     # chunks follow the size rule alone (a few rows here), without the CPU and GPU floors.
     monkeypatch.setattr(ce, "MAX_BLOCK_V", 64)
     monkeypatch.setattr(ce, "MIN_GPU_CHUNK_ROWS", 1)
-    monkeypatch.setattr(ce, "MIN_CPU_CHUNK_ROWS", 1)
+    monkeypatch.setattr(ce, "MIN_CPU_CHUNK_LOGITS", 1)
 
 
 def unfused_loss(
