@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+
+# On a GPU machine: the kernels on CUDA, the one-GPU training runs (bf16, distributed optimizer,
+# checkpoint resume), then the GPU benchmarks (docs/benchmarks.md records their numbers).
+gpu-check: $(STAMP)
+	$(PY) -m pytest -q tests/unit/test_kernels_cross_entropy.py tests/unit/test_kernels_embedding.py tests/integration/test_training.py -rs
+	$(PY) -m pytest -q tests/benchmarks -k gpu --benchmark-only -s --benchmark-columns=min,median,max,rounds
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,4 +1,4 @@
-"""Spawn N gloo ranks on 127.0.0.1 for multi-rank tests (reused by every integration test).
+"""Spawn N ranks on 127.0.0.1 for multi-rank tests (reused by every integration test).
 
 ``run_ranks(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in ``world_size``
 fresh processes with ``megatron_ext.distributed.init`` already called (TP = ``world_size`` unless
@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+import torch
 import torch.multiprocessing as mp
 
 from megatron_ext.distributed import free_port
@@ -24,8 +26,6 @@ from megatron_ext.distributed import free_port
 def _worker(rank, world_size, port, tp, pp, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # One thread per rank: the test machine has two cores.
-    import torch
-
     torch.set_num_threads(1)
     from megatron_ext import distributed
 
@@ -51,7 +51,13 @@ def run_ranks(
     pipeline_model_parallel_size: int = 1,
     timeout: float = 300.0,
 ) -> list[Any]:
-    """Run ``fn`` on ``world_size`` gloo ranks; return its results in rank order."""
+    """Run ``fn`` on ``world_size`` ranks; return its results in rank order.
+
+    Ranks use gloo on a CPU machine and NCCL, one GPU each, on a GPU machine; a test needing more
+    ranks than there are GPUs is skipped there.
+    """
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
+        pytest.skip(f"{world_size} ranks need {world_size} GPUs, this machine has fewer")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     pp = pipeline_model_parallel_size

@@ -57,6 +57,18 @@ def write_config(directory: Path, tokenizer: Path, data: dict[str, str], **setti
     return path
 
 
+# bf16 runs need a GPU (megatron-core's mixed-precision optimizer takes CUDA tensors only); on
+# one they also exercise the distributed optimizer and its checkpoints.
+PRECISIONS = [
+    pytest.param([], id="fp32"),
+    pytest.param(
+        ["--bf16"],
+        id="bf16",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU"),
+    ),
+]
+
+
 def _train(rank, world_size, config_path, overrides):
     from megatron_ext.training.config import load_config
     from megatron_ext.training.loop import train
@@ -77,10 +89,14 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def test_tiny_config_trains_and_reports_per_language(tmp_path, small_tokenizer, training_data):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_tiny_config_trains_and_reports_per_language(
+    tmp_path, small_tokenizer, training_data, precision
+):
     """examples/configs/tiny.yaml (embedding warm-up, then all) learns; validation per language."""
     save = tmp_path / "run"
     proc = _cli(
+        *precision,
         "--config", str(REPO / "examples/configs/tiny.yaml"),
         "--tokenizer-model", str(small_tokenizer),
         "--data-path", "0.25", training_data["en"], "0.75", training_data["ar"],
@@ -148,13 +164,16 @@ def test_parallel_layouts_match_tp1(layout_reference, world_size, overrides):
     assert reference[-1] < reference[0]
 
 
-def test_kill_9_then_resume_reproduces_the_losses_bitwise(tmp_path, small_tokenizer, training_data):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_kill_9_then_resume_reproduces_the_losses_bitwise(
+    tmp_path, small_tokenizer, training_data, precision
+):
     config = write_config(tmp_path, small_tokenizer, training_data, train_iters=30, save_interval=4)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    proc = _cli("--config", str(config), "--save", str(whole))
+    proc = _cli(*precision, "--config", str(config), "--save", str(whole))
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
-    args = ("--config", str(config), "--save", str(killed), "--load", str(killed))
+    args = (*precision, "--config", str(config), "--save", str(killed), "--load", str(killed))
     proc = _cli(*args)
     pointer = killed / "latest_checkpointed_iteration.txt"
     deadline = time.monotonic() + 300
