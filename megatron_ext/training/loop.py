@@ -77,7 +77,7 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _forward_step(char_table: torch.Tensor, data_iterator, model):
+def _forward_step(char_table: torch.Tensor | None, data_iterator, model):
     batch: Batch = next(data_iterator)
     loss_sum = model(
         batch.tokens,
@@ -89,9 +89,13 @@ def _forward_step(char_table: torch.Tensor, data_iterator, model):
     return loss_sum, partial(_loss_func, char_table, batch)
 
 
-def _loss_func(char_table: torch.Tensor, batch: Batch, loss_sum: torch.Tensor):
+def _loss_func(char_table: torch.Tensor | None, batch: Batch, loss_sum: torch.Tensor):
+    """Megatron-core's loss-function contract; ``char_table`` None: no character count."""
     tokens = batch.loss_mask.sum()
-    chars = (char_table[batch.labels] * batch.loss_mask).sum()
+    if char_table is None:  # training: bits per character are only reported for validation
+        chars = torch.zeros((), device=tokens.device)
+    else:
+        chars = (char_table[batch.labels] * batch.loss_mask).sum()
     report = torch.stack([loss_sum.detach().float(), tokens.float(), chars.float()])
     return loss_sum, tokens.to(torch.int), {"lm loss": report}
 
@@ -210,7 +214,7 @@ class Trainer:
     def _run_schedule(self, run: StageRun, batches, forward_only: bool) -> torch.Tensor | None:
         return _reduce_report(
             self.forward_backward(
-                forward_step_func=partial(_forward_step, self.char_table),
+                forward_step_func=partial(_forward_step, self.char_table if forward_only else None),
                 data_iterator=batches,
                 model=[run.model],
                 num_microbatches=self.micro_batches,
