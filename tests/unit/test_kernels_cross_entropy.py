@@ -239,6 +239,7 @@ def test_accumulates_into_megatron_main_grad(reduction, factor):
         unfused_loss, hidden.float(), weight.float(), labels, reduction=reduction
     )[2]
     assert weight.grad_added_to_main_grad
+    assert weight.grad is None  # no weight-sized tensor besides main_grad
     torch.testing.assert_close(
         weight.main_grad - before, factor * expected, atol=1e-2 * factor, rtol=1e-2
     )

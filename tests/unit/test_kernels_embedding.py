@@ -118,6 +118,7 @@ def test_main_grad_touches_only_occurring_rows(backend):
     upstream = torch.randn(1, 4, 8, device=DEVICE)
     vocab_parallel_embedding(ids, weight, backend=backend).backward(upstream.bfloat16())
     assert weight.grad_added_to_main_grad
+    assert weight.grad is None  # no weight-sized tensor besides main_grad
     untouched = torch.ones(12, dtype=torch.bool, device=DEVICE)
     untouched[[1, 5, 9]] = False
     assert torch.equal(weight.main_grad[untouched], before[untouched])
