@@ -12,10 +12,12 @@ an uninterrupted one would, even with another global batch size.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_ext.hashing import sha256_file
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
-from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +52,53 @@ class DatasetTokenizer:
     def __init__(self, encoder: SentencePieceEncoder, model_path: str) -> None:
         self.vocab_size = encoder.vocab_size
         self.eod = encoder.eod
+        self.model_path = model_path
+        self.sha256 = sha256_file(model_path)
         self.unique_identifiers = {
             "class": "SentencePieceTokenizer",
-            "tokenizer_model_sha256": sha256_file(model_path),
+            "tokenizer_model_sha256": self.sha256,
         }
+
+
+def check_preprocessing_records(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str]:
+    """Compare the tokenizer each dataset was made with to the run's.
+
+    ``megatron-ext preprocess`` records its tokenizer's sha256 and size in
+    ``{prefix}.stats.json``; datasets without that record (Megatron-LM's own tool) are left to the
+    per-batch check in :func:`micro_batches`.
+
+    Raises:
+        ConfigError: A dataset was made with a larger vocabulary than the run's: its ids would
+            fall outside the embedding.
+
+    Returns:
+        A warning for each dataset made with another tokenizer file no larger than the run's:
+        the base tokenizer of an expanded one (whose ids keep their meaning), or an unrelated
+        one (whose ids do not).
+    """
+    warnings = []
+    for prefix in prefixes:
+        record = Path(prefix + ".stats.json")
+        if not record.is_file():
+            continue
+        try:
+            used = json.loads(record.read_text(encoding="utf-8"))["tokenizer"]
+            size, sha256 = int(used["vocab_size"]), used["sha256"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{record}: not a preprocessing record ({err!r})") from err
+        if size > tokenizer.vocab_size:
+            raise ConfigError(
+                f"{record}: {prefix} was tokenized with {used.get('model')} ({size:,} pieces), "
+                f"larger than --tokenizer-model {tokenizer.model_path} "
+                f"({tokenizer.vocab_size:,} pieces)"
+            )
+        if sha256 != tokenizer.sha256:
+            warnings.append(
+                f"warning: {prefix} was tokenized with {used.get('model')} ({size:,} pieces), "
+                f"not --tokenizer-model {tokenizer.model_path}: fine for the base tokenizer of "
+                f"an expanded one, wrong for any other ({record})"
+            )
+    return warnings
 
 
 @dataclass
@@ -125,13 +170,35 @@ def micro_batches(
     data_parallel_rank: int,
     data_parallel_size: int,
     device: torch.device,
+    vocab_size: int,
 ) -> Iterator[Batch]:
-    """This rank's micro-batches of the global batch that starts at sample ``first_sample``."""
+    """This rank's micro-batches of the global batch that starts at sample ``first_sample``.
+
+    Raises:
+        ConfigError: A sample holds a token id outside the vocabulary (the fused embedding would
+            otherwise read it as another rank's row and return zeros).
+    """
     per_rank = config.global_batch_size // data_parallel_size
     start = first_sample + data_parallel_rank * per_rank
     for offset in range(0, per_rank, config.micro_batch_size):
-        samples = [dataset[start + offset + k] for k in range(config.micro_batch_size)]
+        indices = range(start + offset, start + offset + config.micro_batch_size)
+        samples = [dataset[i] for i in indices]
+        for index, sample in zip(indices, samples, strict=True):
+            top = int(max(sample["tokens"].max(), sample["labels"].max()))
+            if top >= vocab_size:
+                raise ConfigError(
+                    f"{_source(dataset, index)}: token id {top:,} in sample {index} is outside "
+                    f"the vocabulary of --tokenizer-model {config.tokenizer_model} "
+                    f"({vocab_size:,} pieces): preprocessed with another tokenizer?"
+                )
         yield _collate(samples, device)
+
+
+def _source(dataset: torch.utils.data.Dataset, index: int) -> str:
+    """The dataset prefix sample ``index`` of a blend (or of one dataset) comes from."""
+    if hasattr(dataset, "dataset_index"):
+        dataset = dataset.datasets[dataset.dataset_index[index]]
+    return dataset.dataset_path
 
 
 def _collate(samples: list[dict[str, torch.Tensor]], device: torch.device) -> Batch:

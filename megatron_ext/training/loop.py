@@ -35,7 +35,13 @@ from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.tokenizer.metrics import characters_per_piece
 from megatron_ext.training import checkpointing
 from megatron_ext.training.config import ConfigError, StageConfig, TrainConfig, config_dict
-from megatron_ext.training.data import Batch, DatasetTokenizer, build_datasets, micro_batches
+from megatron_ext.training.data import (
+    Batch,
+    DatasetTokenizer,
+    build_datasets,
+    check_preprocessing_records,
+    micro_batches,
+)
 from megatron_ext.training.metrics import MetricsLog
 from megatron_ext.training.model import build_model, resolve_arch, training_device
 from megatron_ext.training.plan import peak_tflops, training_flops_per_token
@@ -179,10 +185,11 @@ class Trainer:
             self.start = LoopState(**{k: saved[k] for k in asdict(self.start) if k in saved})
         self.plan = resolve_arch(config, tokenizer.vocab_size, self.resume)
         remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
+        dataset_tokenizer = DatasetTokenizer(tokenizer, config.tokenizer_model)
+        for warning in check_preprocessing_records(config.data_blend[0], dataset_tokenizer):
+            self._log_rank0(warning)
         self.datasets = build_datasets(
-            config,
-            DatasetTokenizer(tokenizer, config.tokenizer_model),
-            train_samples=self.start.consumed_samples + remaining,
+            config, dataset_tokenizer, train_samples=self.start.consumed_samples + remaining
         )
         self.stages = config.resolved_stages()
         self.micro_batches = config.global_batch_size // (config.micro_batch_size * self.dp_size)
@@ -208,7 +215,13 @@ class Trainer:
 
     def _batches(self, dataset, first_sample: int):
         return micro_batches(
-            dataset, first_sample, self.config, self.dp_rank, self.dp_size, self.device
+            dataset,
+            first_sample,
+            self.config,
+            self.dp_rank,
+            self.dp_size,
+            self.device,
+            self.plan.arch.vocab_size,
         )
 
     def _run_schedule(self, run: StageRun, batches, forward_only: bool) -> torch.Tensor | None:

@@ -458,3 +458,36 @@ def test_freeze_base_rows_request_without_a_new_rows_stage_warns(
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "was converted with --freeze-base-rows, but no stage trains only the new rows" in out
+
+
+def test_data_from_another_tokenizer_fails_loudly(
+    tmp_path, corpora, small_tokenizer, llama2_tokenizer, training_data
+):
+    """Ids beyond the vocabulary stop the run (the fused embedding would read them as zeros)."""
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.data import DatasetTokenizer, check_preprocessing_records
+    from tests.conftest import preprocess_languages
+
+    # Llama-2's 32,000-piece ids fed to a run with the 2,000-piece test tokenizer.
+    large = preprocess_languages(corpora, llama2_tokenizer, tmp_path)
+    config = write_config(tmp_path, small_tokenizer, large)
+    proc = _cli("--config", str(config))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    assert f"{large['en']}.stats.json: {large['en']} was tokenized with" in err
+    assert "larger than --tokenizer-model" in err
+
+    # Without preprocess's record (data made by Megatron-LM's tool) the batches are checked.
+    for prefix in large.values():
+        Path(prefix + ".stats.json").unlink()
+    proc = _cli("--config", str(config))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    assert re.search(r"_text_document: token id [\d,]+ in sample \d+ is outside the vocab", err)
+
+    # A smaller tokenizer's data with a larger tokenizer: valid ids, so a warning naming both.
+    tokenizer = DatasetTokenizer(SentencePieceEncoder(llama2_tokenizer), str(llama2_tokenizer))
+    warnings = check_preprocessing_records(list(training_data.values()), tokenizer)
+    assert len(warnings) == 2
+    assert all(str(small_tokenizer) in w and str(llama2_tokenizer) in w for w in warnings)
+    assert check_preprocessing_records(list(large.values()), tokenizer) == []  # no records left
