@@ -530,6 +530,13 @@ def fused_linear_cross_entropy(
         )
     if flat_labels.numel() != hidden_2d.shape[0]:
         raise ValueError(f"{flat_labels.numel()} labels for {hidden_2d.shape[0]} hidden states")
+    for name, tensor in (("labels", labels), ("loss_mask", loss_mask)):
+        # Same count, other layout: megatron's [b, s] labels against [s, b, H] hidden states.
+        if tensor is not None and tensor.dim() > 1 and tensor.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"{name} {tuple(tensor.shape)} does not match hidden {tuple(hidden.shape)}: "
+                "give them the same leading shape (or flatten them)"
+            )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
 

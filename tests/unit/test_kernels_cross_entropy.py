@@ -253,3 +253,9 @@ def test_rejects_bad_arguments():
         fused_linear_cross_entropy(hidden, weight, labels, label_smoothing=1.0)
     with pytest.raises(ValueError, match="does not match"):
         fused_linear_cross_entropy(hidden, weight[:, :4], labels)
+    # Megatron's labels are [b, s] where the hidden states are [s, b, H]: refused, not misread.
+    hidden_sbh = hidden.reshape(4, 1, -1)
+    fused_linear_cross_entropy(hidden_sbh, weight, labels.reshape(4, 1))
+    fused_linear_cross_entropy(hidden_sbh, weight, labels)  # flat labels: taken in order
+    with pytest.raises(ValueError, match=r"labels \(1, 4\) does not match hidden \(4, 1, 8\)"):
+        fused_linear_cross_entropy(hidden_sbh, weight, labels.reshape(1, 4))
