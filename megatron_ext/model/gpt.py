@@ -2,12 +2,15 @@
 
 With ``fused_kernels`` the model runs this project's kernels where megatron-core would run its
 own: the vocab-parallel embedding (:mod:`kernels.embedding`) and, when labels are given, the
-fused linear cross-entropy (:mod:`kernels.cross_entropy`), which never materialises the logits.
+fused linear cross-entropy (:mod:`kernels.cross_entropy`), which never materialises the logits,
+and in megatron-core's local spec PyTorch's fused attention (:mod:`megatron_ext.model.attention`).
 Parameters, sharding and checkpoint keys are megatron-core's either way, so checkpoints move
 freely between the two.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -16,6 +19,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.embedding import FusedVocabParallelEmbedding
 from megatron_ext.arch import LlamaArch
+from megatron_ext.model.attention import FusedDotProductAttention
 
 
 def transformer_engine_enabled(use_transformer_engine: bool | None = None) -> bool:
@@ -31,17 +35,25 @@ def transformer_engine_enabled(use_transformer_engine: bool | None = None) -> bo
     return True
 
 
-def layer_spec(use_transformer_engine: bool | None = None):
+def layer_spec(use_transformer_engine: bool | None = None, fused_attention: bool = False):
     """Transformer Engine's layer spec on a GPU when TE imports, else megatron-core's local one.
 
     The two name some weights differently (TE fuses the norms into ``linear_qkv``/``linear_fc1``);
     checkpoints are written with ``dist_checkpointing``, whose keys do not depend on the spec.
+    ``fused_attention`` puts :class:`~megatron_ext.model.attention.FusedDotProductAttention` into
+    the local spec (TE's attention is fused already).
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_enabled(use_transformer_engine):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if fused_attention:
+        attention = spec.submodules.self_attention
+        attention.submodules = dataclasses.replace(
+            attention.submodules, core_attention=FusedDotProductAttention
+        )
+    return spec
 
 
 def build_gpt_model(
@@ -65,12 +77,13 @@ def build_gpt_model(
         post_process: This stage has the final norm and output layer.
         parallel_output: Keep logits split over tensor-parallel ranks (False gathers them).
         use_transformer_engine: Force the layer spec (None: TE on a GPU when installed).
-        fused_kernels: Run this project's embedding and linear cross-entropy kernels.
+        fused_kernels: Run this project's embedding and linear cross-entropy kernels and, in
+            the local spec, PyTorch's fused attention (else megatron-core's own throughout).
     """
     return LlamaGPTModel(
         fused_kernels=fused_kernels,
         config=config,
-        transformer_layer_spec=layer_spec(use_transformer_engine),
+        transformer_layer_spec=layer_spec(use_transformer_engine, fused_attention=fused_kernels),
         vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
