@@ -4,7 +4,8 @@ CPU (``make bench``): the fused linear cross-entropy reference against a logits-
 baseline at N=8192, H=1024, V=64000, fp32. Each forward+backward runs in a fresh subprocess that
 reports its own wall time and peak resident memory above what it held before the call (inputs
 included in neither): large CPU tensors are mmap-backed, so freed memory leaves the process and
-the high-water mark ``ru_maxrss`` is the true peak.
+the high-water mark ``VmHWM`` is the true peak. (Not ``ru_maxrss``: it keeps the pre-``exec``
+copy of the parent, so a large pytest process would set a floor under the child's.)
 
 GPU (skipped without CUDA; run ``pytest tests/benchmarks/test_kernels_bench.py --benchmark-only
 -k gpu -s``): fused linear CE against the bare lm-head GEMMs, torch matmul + F.cross_entropy,
@@ -33,7 +34,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: n
 
 _CPU_CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, re, resource, sys, time
     import torch, torch.nn.functional as F
     from kernels.cross_entropy import fused_linear_cross_entropy
 
@@ -52,7 +53,8 @@ _CPU_CHILD = textwrap.dedent(
         loss = F.cross_entropy(hidden @ weight.t(), labels)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    status = open("/proc/self/status").read()
+    peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
     print(json.dumps({"seconds": seconds, "peak_bytes": peak - before, "loss": loss.item()}))
     """
 )
