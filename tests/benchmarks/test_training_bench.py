@@ -104,7 +104,8 @@ _MEMORY_CHILD = textwrap.dedent(
     print(json.dumps({"peak_bytes": peak - before, "hidden_size": plan.arch.hidden_size}))
     """
 )
-LIVE_MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+# glibc settings under which a freed tensor's memory leaves the process (see the docstring).
+LIVE_MEMORY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 # Bytes per parameter that do not depend on the step: fp32 weight, fp32 main_grad, Adam's two
 # fp32 moments (CPU runs train in fp32 with megatron-core's FP32Optimizer).
 CPU_STATE_BYTES_PER_PARAM = 16
@@ -129,7 +130,8 @@ def test_cpu_expanded_vocab_memory(benchmark, tiny_data, llama2_tokenizer):
                 out = subprocess.run(
                     [sys.executable, "-c", _MEMORY_CHILD, kernels, str(vocab), config_path]
                     + overrides,
-                    check=True, capture_output=True, text=True, env=LIVE_MEMORY_ENV,
+                    check=True, capture_output=True, text=True,
+                    env={**os.environ, **LIVE_MEMORY_MALLOC},
                 )  # fmt: skip
                 results[kernels, vocab] = json.loads(out.stdout.strip().splitlines()[-1])
         return results
