@@ -15,11 +15,17 @@ import dataclasses
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.embedding import FusedVocabParallelEmbedding
 from megatron_ext.arch import LlamaArch
 from megatron_ext.model.attention import FusedDotProductAttention
+from megatron_ext.model.norm import RMSNorm
 
 
 def transformer_engine_enabled(use_transformer_engine: bool | None = None) -> bool:
@@ -35,11 +41,18 @@ def transformer_engine_enabled(use_transformer_engine: bool | None = None) -> bo
     return True
 
 
-def layer_spec(use_transformer_engine: bool | None = None, fused_attention: bool = False):
+def layer_spec(
+    config: TransformerConfig,
+    use_transformer_engine: bool | None = None,
+    fused_attention: bool = False,
+):
     """Transformer Engine's layer spec on a GPU when TE imports, else megatron-core's local one.
 
     The two name some weights differently (TE fuses the norms into ``linear_qkv``/``linear_fc1``);
     checkpoints are written with ``dist_checkpointing``, whose keys do not depend on the spec.
+    The local spec is returned as the whole block (this stage's layers and the final norm), all
+    normalised by :class:`~megatron_ext.model.norm.RMSNorm`, so it runs under sequence
+    parallelism and its final norm does not depend on whether apex is installed.
     ``fused_attention`` puts :class:`~megatron_ext.model.attention.FusedDotProductAttention` into
     the local spec (TE's attention is fused already).
     """
@@ -47,13 +60,18 @@ def layer_spec(use_transformer_engine: bool | None = None, fused_attention: bool
 
     if transformer_engine_enabled(use_transformer_engine):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules = dataclasses.replace(
+        layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
+    )
     if fused_attention:
-        attention = spec.submodules.self_attention
+        attention = layer.submodules.self_attention
         attention.submodules = dataclasses.replace(
             attention.submodules, core_attention=FusedDotProductAttention
         )
-    return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
+    )
 
 
 def build_gpt_model(
@@ -83,7 +101,9 @@ def build_gpt_model(
     return LlamaGPTModel(
         fused_kernels=fused_kernels,
         config=config,
-        transformer_layer_spec=layer_spec(use_transformer_engine, fused_attention=fused_kernels),
+        transformer_layer_spec=layer_spec(
+            config, use_transformer_engine, fused_attention=fused_kernels
+        ),
         vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -258,6 +258,11 @@ class TrainConfig:
             )
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.sequence_parallel and self.seq_length % tp:
+            raise ConfigError(
+                f"--sequence-parallel splits the sequence over {tp} tensor-parallel ranks: "
+                f"--seq-length {self.seq_length} is not a multiple of {tp}"
+            )
         choices = {
             "kernels": ("fused", "megatron"),
             "transformer_impl": ("auto", "local", "transformer_engine"),

@@ -111,12 +111,6 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
             "--reset-attention-mask needs --transformer-impl local (per-document attention "
             "masks are not wired to Transformer Engine's packed-sequence attention yet)"
         )
-    if config.sequence_parallel and not use_te:
-        raise ConfigError(
-            "--sequence-parallel needs the Transformer Engine layer spec (a GPU with "
-            "transformer-engine): megatron-core's local spec normalises with torch's RMSNorm, "
-            "which does not support it"
-        )
     model = build_gpt_model(
         plan.arch,
         transformer_config,

@@ -128,9 +128,21 @@ def test_tiny_config_trains_and_reports_per_language(
     assert (save / "iter_0000030" / "megatron_ext.json").is_file()
 
 
+def _weights(rank, world_size, config_path, checkpoint):
+    """A checkpoint's weights, loaded at TP=1 (any layout can be read back so)."""
+    from megatron_ext.checkpoint.convert import load_into
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.model import build_model, resolve_arch
+
+    config = load_config(config_path, [])
+    model = build_model(config, resolve_arch(config, 2000, None))
+    load_into(model, checkpoint)
+    return {k: v for k, v in model.state_dict().items() if k.endswith(".weight")}
+
+
 @pytest.fixture(scope="module")
 def layout_reference(tmp_path_factory, small_tokenizer, training_data):
-    """A shared starting checkpoint and the TP=1 losses from it.
+    """A shared starting checkpoint, and the TP=1 losses and final weights from it.
 
     Initial weights drawn at PP>1 differ from TP=1's (each stage draws its own), so all layouts
     start from one checkpoint, as runs from a converted model do. One iteration at lr 0 leaves
@@ -142,26 +154,38 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
     zero_lr = ["--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--train-iters", "1"]
     run_ranks(_train, 1, config, [*zero_lr, "--save", str(init)])
     start = ["--pretrained-checkpoint", str(init / "iter_0000001")]
-    return config, start, run_ranks(_train, 1, config, start)[0]
+    losses = run_ranks(_train, 1, config, [*start, "--save", str(directory / "tp1")])[0]
+    weights = run_ranks(_weights, 1, config, directory / "tp1" / "iter_0000006")[0]
+    return config, start, losses, weights
 
 
 @pytest.mark.parametrize(
     ("world_size", "overrides"),
     [
         (2, ["--tensor-model-parallel-size", "2"]),
+        (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
         (2, ["--pipeline-model-parallel-size", "2"]),
         (2, []),  # data parallel
         (1, ["--kernels", "megatron"]),
         (1, ["--recompute-activations"]),
     ],
-    ids=["tp2", "pp2", "dp2", "megatron-kernels", "recompute"],
+    ids=["tp2", "tp2-sp", "pp2", "dp2", "megatron-kernels", "recompute"],
 )
-def test_parallel_layouts_match_tp1(layout_reference, world_size, overrides):
-    config, start, reference = layout_reference
-    losses = run_ranks(_train, world_size, config, [*start, *overrides])[-1]
+def test_parallel_layouts_match_tp1(tmp_path, layout_reference, world_size, overrides):
+    config, start, reference, reference_weights = layout_reference
+    save = ["--save", str(tmp_path)]
+    losses = run_ranks(_train, world_size, config, [*start, *save, *overrides])[-1]
     assert len(losses) == len(reference) == 6
     assert losses == pytest.approx(reference, rel=2e-4), (losses, reference)
     assert reference[-1] < reference[0]
+    # A wrong gradient barely moves six losses (a sequence-parallel norm whose gradient is not
+    # summed over TP changes them by 2e-5) but moves the weights by 3e-3 to 1e-1 of their
+    # largest value; the correct layouts stay within 1.4e-4.
+    weights = run_ranks(_weights, 1, config, tmp_path / "iter_0000006")[0]
+    assert weights.keys() == reference_weights.keys()
+    for name, expected in reference_weights.items():
+        error = (weights[name] - expected).abs().max() / expected.abs().max()
+        assert error < 1e-3, (name, error.item())
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -386,7 +410,8 @@ def _sequence_parallel_loss(rank, world_size, config_path):
     models = {}
     for kernels in ("megatron", "fused"):
         config = load_config(
-            config_path, ["--tensor-model-parallel-size", "2", "--kernels", kernels]
+            config_path,
+            ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--kernels", kernels],
         )
         models[kernels] = build_model(config, resolve_arch(config, 2000, None))
     models["fused"].load_state_dict(models["megatron"].state_dict())
@@ -396,10 +421,6 @@ def _sequence_parallel_loss(rank, world_size, config_path):
     loss_mask = (torch.rand(2, 64, generator=generator) > 0.2).float()
     results = {}
     for kernels, model in models.items():
-        # What the local spec cannot build on a CPU (its RMSNorm refuses sequence parallelism):
-        # the output layer receiving this rank's sequence slice.
-        model.output_layer.sequence_parallel = True
-        model.output_layer.allreduce_dgrad = False
         local = hidden.chunk(2, dim=0)[rank].clone().requires_grad_()
         loss = model._postprocess(local, None, None, labels, None, None, None, loss_mask=loss_mask)
         loss.backward()

@@ -69,6 +69,9 @@ def test_validate_checks_batch_and_layout():
         )
     with pytest.raises(ConfigError, match="3 processes cannot be split"):
         load_config(None, [*base, "--tensor-model-parallel-size", "2"]).validate(3)
+    with pytest.raises(ConfigError, match="--seq-length 127 is not a multiple of 2"):
+        sequence_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+        load_config(None, [*base, *sequence_parallel, "--seq-length", "127"]).validate(2)
     config = load_config(None, base)
     config.stages = [StageConfig(name="x", new_rows_only=True)]
     with pytest.raises(ConfigError, match="new_rows_only needs trainable=embeddings"):
