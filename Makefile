@@ -33,11 +33,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
 
-# On a GPU machine: the kernels on CUDA, the one-GPU training runs (bf16, distributed optimizer,
-# checkpoint resume), then the GPU benchmarks (docs/benchmarks.md records their numbers).
+# On a GPU machine: the one-GPU training runs (bf16, distributed optimizer, checkpoint resume),
+# the GPU benchmarks (docs/benchmarks.md records their numbers), the kernels' tests on CUDA and
+# the other training tests, each step with a share of GPU_CHECK_SECONDS; logs go to $OUT.
 gpu-check: $(STAMP)
-	$(PY) -m pytest -q tests/unit/test_kernels_cross_entropy.py tests/unit/test_kernels_embedding.py tests/integration/test_training.py -rs
-	$(PY) -m pytest -q tests/benchmarks -k gpu --benchmark-only -s --benchmark-columns=min,median,max,rounds
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash .ci/gpu-check
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
