@@ -10,8 +10,9 @@ copy of the parent, so a large pytest process would set a floor under the child'
 GPU (skipped without CUDA; run ``pytest tests/benchmarks/test_kernels_bench.py --benchmark-only
 -k gpu -s``): fused linear CE against the bare lm-head GEMMs, torch matmul + F.cross_entropy,
 megatron-core's fused vocab-parallel CE on materialised logits and Liger-Kernel's fused linear CE
-(each skipped if not installed); the embedding against torch's gather and
-``embedding_dense_backward``. ``-s`` prints a markdown summary table at the end.
+(each skipped if not installed); the training path (dW into ``main_grad``) at chunk floors of
+1024-4096 rows; the embedding against torch's gather and ``embedding_dense_backward``. ``-s``
+prints a markdown summary table at the end.
 """
 
 from __future__ import annotations
@@ -180,6 +181,27 @@ def _loss_fn(impl):
 CE_SHAPES = [(h, v) for h in (4096, 8192) for v in (32000, 57344, 64000)]
 
 
+def _ce_inputs(n: int, h: int, v: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = torch.randn(v, h, device="cuda", generator=gen, dtype=torch.bfloat16) / h**0.5
+    labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    return hidden.requires_grad_(), weight.requires_grad_(), labels
+
+
+def _ddp_step(hidden, weight, labels):
+    """As in training under megatron-core's DDP: the weight's fp32 main_grad exists before the
+    step (it is the gradient buffer, whatever the loss), and dW goes straight into it."""
+    weight.main_grad = torch.zeros(weight.shape, device="cuda")
+    weight.grad_added_to_main_grad = False
+
+    def step():
+        hidden.grad = weight.grad = None
+        fused_linear_cross_entropy(hidden, weight, labels).backward()
+
+    return step
+
+
 @gpu
 @pytest.mark.parametrize(
     "impl", ["gemms", "fused", "fused-ddp", "fused-none", "torch", "megatron", "liger"]
@@ -187,12 +209,7 @@ CE_SHAPES = [(h, v) for h in (4096, 8192) for v in (32000, 57344, 64000)]
 @pytest.mark.parametrize(("h", "v"), CE_SHAPES, ids=[f"H{h}-V{v}" for h, v in CE_SHAPES])
 def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
     n = 8192
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(n, h, device="cuda", generator=gen, dtype=torch.bfloat16)
-    weight = torch.randn(v, h, device="cuda", generator=gen, dtype=torch.bfloat16) / h**0.5
-    labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    hidden.requires_grad_()
-    weight.requires_grad_()
+    hidden, weight, labels = _ce_inputs(n, h, v)
     if impl == "gemms":
         # The floor: logits = H W^T, dH = G W, dW = G^T H with G a ready-made logits gradient.
         grad_logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
@@ -205,15 +222,7 @@ def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
             grad_logits.t() @ h_
 
     elif impl == "fused-ddp":
-        # As in training under megatron-core's DDP: the weight's fp32 main_grad exists before
-        # the step (it is the gradient buffer, whatever the loss), and dW goes straight into it.
-        weight.main_grad = torch.zeros(v, h, device="cuda")
-        weight.grad_added_to_main_grad = False
-
-        def step():
-            hidden.grad = weight.grad = None
-            fused_linear_cross_entropy(hidden, weight, labels).backward()
-
+        step = _ddp_step(hidden, weight, labels)
     else:
         loss_fn = _loss_fn(impl)
 
@@ -224,6 +233,36 @@ def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
     ms, peak = _measure(benchmark, step, rounds=10)
     _GPU_ROWS.append(
         dict(bench="linear CE fwd+bwd", shape=f"N={n} H={h} V={v}", impl=impl, ms=ms, peak_mib=peak)
+    )
+
+
+FLOOR_SHAPES = [(4096, 32000), (4096, 57344)]
+
+
+@gpu
+@pytest.mark.parametrize("floor", [1024, 2048, 4096])
+@pytest.mark.parametrize(("h", "v"), FLOOR_SHAPES, ids=[f"H{h}-V{v}" for h, v in FLOOR_SHAPES])
+def test_gpu_chunk_floor(benchmark, monkeypatch, floor, h, v):
+    """The training path (fused-ddp) at other GPU chunk floors: time against the loss's memory.
+
+    The floor (``MIN_GPU_CHUNK_ROWS``) decides both how often dW's fp32 accumulator is read and
+    written (time) and the chunk's logits (memory, and its growth with the vocabulary).
+    """
+    from kernels import cross_entropy
+
+    n = 8192
+    monkeypatch.setattr(cross_entropy, "MIN_GPU_CHUNK_ROWS", floor)
+    ms, peak = _measure(benchmark, _ddp_step(*_ce_inputs(n, h, v)), rounds=10)
+    rows = cross_entropy._chunk_rows(n, h, v, on_gpu=True)
+    _GPU_ROWS.append(
+        dict(
+            bench="linear CE fwd+bwd, DDP",
+            shape=f"N={n} H={h} V={v}",
+            impl=f"fused-ddp, floor {floor}",
+            ms=ms,
+            peak_mib=peak,
+            note=f"{rows}-row chunks",
+        )
     )
 
 
