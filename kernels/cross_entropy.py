@@ -162,8 +162,12 @@ class _Config:
     grad_enabled: bool
 
 
-def _block_v(n_cols: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+def _row_launch(n_cols: int, on_gpu: bool) -> dict[str, int]:
+    """Launch settings of the two row kernels (one program per row of ``n_cols`` logits)."""
+    return {
+        "BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(n_cols)),
+        "num_warps": 16 if on_gpu else 1,
+    }
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -198,8 +202,7 @@ def _row_stats(
             logits.shape[1],
             cfg.softcap or 1.0,
             HAS_SOFTCAP=cfg.softcap is not None,
-            BLOCK_V=_block_v(logits.shape[1]),
-            num_warps=16 if logits.is_cuda else 1,
+            **_row_launch(logits.shape[1], logits.is_cuda),
         )
         return out[0], out[1], out[2], out[3], None
     z = _softcap_torch(logits.to(_acc_dtype(logits)), cfg.softcap)
@@ -241,8 +244,7 @@ def _logits_grad_(
             target_coef,
             cfg.softcap or 1.0,
             HAS_SOFTCAP=cfg.softcap is not None,
-            BLOCK_V=_block_v(logits.shape[1]),
-            num_warps=16 if logits.is_cuda else 1,
+            **_row_launch(logits.shape[1], logits.is_cuda),
         )
         return
     # The per-row factors fold into one multiply; without soft-capping or smoothing and with

@@ -104,13 +104,26 @@ def _embedding_bwd_kernel(
     tl.store(dest, total.to(grad_weight_ptr.dtype.element_ty), mask=col_mask)
 
 
+def _forward_launch(hidden: int) -> dict[str, int]:
+    """Tile of the forward kernel: 32 tokens x up to 256 columns."""
+    return {"BLOCK_N": 32, "BLOCK_H": min(256, triton.next_power_of_2(hidden))}
+
+
+def _backward_launch(hidden: int) -> dict[str, int]:
+    """Columns of one row's gradient that one backward program sums."""
+    return {"BLOCK_H": min(1024, triton.next_power_of_2(hidden))}
+
+
 def _lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, triton_path: bool):
     """Rows of this shard for ``ids``; zeros for ids owned by other ranks."""
     flat = ids.reshape(-1)
     out = torch.empty(flat.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
     if triton_path and flat.numel() > 0:
-        block_h = min(256, triton.next_power_of_2(weight.shape[1]))
-        grid = (triton.cdiv(flat.numel(), 32), triton.cdiv(weight.shape[1], block_h))
+        launch = _forward_launch(weight.shape[1])
+        grid = (
+            triton.cdiv(flat.numel(), launch["BLOCK_N"]),
+            triton.cdiv(weight.shape[1], launch["BLOCK_H"]),
+        )
         _embedding_fwd_kernel[grid](
             flat.contiguous(),
             weight,
@@ -120,8 +133,7 @@ def _lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, triton_pa
             weight.stride(0),
             vocab_start,
             weight.shape[0],
-            BLOCK_N=32,
-            BLOCK_H=block_h,
+            **launch,
         )
     elif not triton_path:
         rows = flat - vocab_start
@@ -160,8 +172,8 @@ def _accumulate_rows(
         return
     hidden = grad_out.shape[1]
     if triton_path:
-        block_h = min(1024, triton.next_power_of_2(hidden))
-        _embedding_bwd_kernel[(segment_row.numel(), triton.cdiv(hidden, block_h))](
+        launch = _backward_launch(hidden)
+        _embedding_bwd_kernel[(segment_row.numel(), triton.cdiv(hidden, launch["BLOCK_H"]))](
             grad_out,
             order,
             segment_start,
@@ -169,7 +181,7 @@ def _accumulate_rows(
             grad_weight,
             hidden,
             grad_weight.stride(0),
-            BLOCK_H=block_h,
+            **launch,
         )
         return
     # index_add_ on CPU walks the (sorted) tokens sequentially: the same order as the kernel.
