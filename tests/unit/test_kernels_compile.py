@@ -107,6 +107,9 @@ def _compile_report() -> None:
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
     pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
+    knobs = pytest.importorskip("triton.knobs", reason="Triton < 3.4 cannot print ptxas's report")
+    if not hasattr(knobs.nvidia, "dump_ptxas_log"):
+        pytest.skip(f"Triton {triton.__version__} cannot print ptxas's report")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as cache:
         # A fresh cache: ptxas reports only what it compiles.
