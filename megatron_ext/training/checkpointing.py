@@ -18,6 +18,7 @@ only when the parallel layout is unchanged.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_ext.checkpoint.convert import apply_model_state, model_sharded_state
 
@@ -139,56 +141,104 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(
-    save: str | os.PathLike,
-    iteration: int,
-    model,
-    optimizer,
-    train_state: dict[str, Any],
-    metadata: dict[str, Any],
-    keep_last: int = 0,
-) -> Path:
-    """Write the checkpoint of ``iteration`` on all ranks (collective) and point ``latest`` at it.
+class CheckpointWriter:
+    """Writes checkpoints into one root, in the background with ``async_save``.
+
+    With ``async_save`` megatron-core's asynchronous ``dist_checkpointing`` copies the state off
+    the GPU and a separate process writes the files while training goes on; the checkpoint is
+    published (renamed from its temporary directory, then named by the ``latest`` pointer) only
+    once every rank has written its part, when :meth:`poll` or :meth:`wait` finds it done. At
+    most one save is in flight: the next :meth:`save` waits for the previous one first.
 
     Args:
         save: The checkpoint root.
-        iteration: Iterations completed.
-        model: This rank's (unwrapped) model chunk.
-        optimizer: The megatron-core optimizer.
-        train_state: JSON-able loop state (written by rank 0).
-        metadata: ``megatron_ext.json`` contents (architecture, vocabulary, dtype).
         keep_last: Delete all but the newest ``keep_last`` checkpoints (0: keep all).
-
-    Returns:
-        The checkpoint directory.
+        async_save: Write in the background.
     """
-    final = checkpoint_dir(save, iteration)
-    staging = final.with_name(final.name + ".tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        # Half-written checkpoints of killed jobs (one job writes to a checkpoint directory).
-        for stale in Path(save).glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
-    sharded = _sharded_state(model.sharded_state_dict(), optimizer, False, True)
-    dist_checkpointing.save(sharded, str(staging))
-    dist.barrier()
-    if rank0:
-        _write_json(staging / METADATA, metadata)
-        _write_json(staging / TRAIN_STATE, {**train_state, "layout": _layout()})
-        if final.exists():  # re-saving an iteration after a resume: the new one replaces it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        pointer = Path(save) / LATEST
-        tmp_pointer = pointer.with_name(pointer.name + ".tmp")
-        tmp_pointer.write_text(f"{iteration}\n")
-        os.replace(tmp_pointer, pointer)
-        _fsync_dir(Path(save))
-        if keep_last:
-            _prune(Path(save), keep_last)
-    dist.barrier()
-    return final
+
+    def __init__(self, save: str | os.PathLike, keep_last: int = 0, async_save: bool = False):
+        self.save_dir = Path(save)
+        self.keep_last = keep_last
+        self._queue = AsyncCallsQueue() if async_save else None
+
+    def save(
+        self,
+        iteration: int,
+        model,
+        optimizer,
+        train_state: dict[str, Any],
+        metadata: dict[str, Any],
+    ) -> Path:
+        """Start the checkpoint of ``iteration`` on all ranks (collective).
+
+        Args:
+            iteration: Iterations completed.
+            model: This rank's (unwrapped) model chunk.
+            optimizer: The megatron-core optimizer.
+            train_state: JSON-able loop state (written by rank 0).
+            metadata: ``megatron_ext.json`` contents (architecture, vocabulary, dtype).
+
+        Returns:
+            The checkpoint directory it will have once published (at once without async).
+        """
+        self.wait()
+        final = checkpoint_dir(self.save_dir, iteration)
+        staging = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            # Half-written checkpoints of killed jobs (one job writes to a checkpoint directory).
+            for stale in self.save_dir.glob("iter_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        sharded = _sharded_state(model.sharded_state_dict(), optimizer, False, True)
+        request = dist_checkpointing.save(
+            sharded, str(staging), async_sharded_save=self._queue is not None
+        )
+        publish = functools.partial(
+            self._publish, staging, final, iteration, dict(train_state), dict(metadata)
+        )
+        if request is None:
+            publish()
+        else:
+            request.add_finalize_fn(publish)
+            self._queue.schedule_async_request(request)
+        return final
+
+    def poll(self) -> None:
+        """Publish a background save that every rank has finished (collective; cheap)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Finish and publish a background save (collective)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def _publish(
+        self,
+        staging: Path,
+        final: Path,
+        iteration: int,
+        train_state: dict[str, Any],
+        metadata: dict[str, Any],
+    ) -> None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _write_json(staging / METADATA, metadata)
+            _write_json(staging / TRAIN_STATE, {**train_state, "layout": _layout()})
+            if final.exists():  # re-saving an iteration after a resume: the new one replaces it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            pointer = self.save_dir / LATEST
+            tmp_pointer = pointer.with_name(pointer.name + ".tmp")
+            tmp_pointer.write_text(f"{iteration}\n")
+            os.replace(tmp_pointer, pointer)
+            _fsync_dir(self.save_dir)
+            if self.keep_last:
+                _prune(self.save_dir, self.keep_last)
+            if self._queue is not None:
+                print(f"checkpoint {final} complete", flush=True)
+        dist.barrier()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -116,6 +116,8 @@ class TrainConfig:
         load: Checkpoint directory to resume from (usually the same as ``save``).
         save_interval: Iterations between checkpoints (0: only at the end and on SIGTERM).
         keep_last_checkpoints: Older checkpoints are deleted (0: keep all).
+        async_save: Write checkpoints in the background (megatron-core's asynchronous
+            ``dist_checkpointing``); each is published once complete on all ranks.
         log_interval: Iterations between console lines (metrics.jsonl gets every iteration).
         tensorboard_dir: TensorBoard event files (None: no TensorBoard).
         on_nonfinite: ``skip``: a NaN/Inf loss or gradient norm skips the update (counted);
@@ -169,6 +171,7 @@ class TrainConfig:
     load: str | None = None
     save_interval: int = 0
     keep_last_checkpoints: int = 2
+    async_save: bool = False
     log_interval: int = 10
     tensorboard_dir: str | None = None
     on_nonfinite: str = "skip"

@@ -179,6 +179,13 @@ class Trainer:
             self.device
         )
         self.resume = checkpointing.latest_checkpoint(config.load) if config.load else None
+        self.checkpoints = (
+            checkpointing.CheckpointWriter(
+                config.save, config.keep_last_checkpoints, config.async_save
+            )
+            if config.save
+            else None
+        )
         self.start = LoopState()
         if self.resume is not None:
             saved = checkpointing.read_train_state(self.resume)
@@ -329,12 +336,16 @@ class Trainer:
                 if self._train_stage(run, stage, state, metrics, stop, result):
                     result.interrupted = stop.reason
                     break
+            if config.save:
+                self.checkpoints.wait()  # a background save must be published to count
             if run is not None and not result.interrupted:
                 if config.save and not self._saved_at(state.iteration):
                     self._save(run, state)
                 result.valid = self._validate(run, state, metrics)
-            if config.save and dist.get_rank() == 0:
-                checkpointing.mark_interrupted(config.save, result.interrupted, state.iteration)
+            if config.save:
+                self.checkpoints.wait()
+                if dist.get_rank() == 0:
+                    checkpointing.mark_interrupted(config.save, result.interrupted, state.iteration)
         finally:
             stop.restore()
             metrics.close()
@@ -423,6 +434,8 @@ class Trainer:
             periodic = config.save_interval and state.iteration % config.save_interval == 0
             if config.save and (periodic or interrupted):
                 self._save(run, state)
+            elif config.save:
+                self.checkpoints.poll()
             if interrupted:
                 saved = "saved" if config.save else "not saved (no --save)"
                 self._log_rank0(f"{stop.reason}: {saved} at iteration {state.iteration}, exiting")
@@ -460,16 +473,12 @@ class Trainer:
 
     def _save(self, run: StageRun, state: LoopState) -> Path:
         train_state = {**asdict(state), "config": config_dict(self.config)}
-        path = checkpointing.save_checkpoint(
-            self.config.save,
-            state.iteration,
-            run.module,
-            run.optimizer,
-            train_state,
-            self.metadata(),
-            keep_last=self.config.keep_last_checkpoints,
+        path = self.checkpoints.save(
+            state.iteration, run.module, run.optimizer, train_state, self.metadata()
         )
-        self._log_rank0(f"saved {path}")
+        self._log_rank0(
+            f"saving {path} in the background" if self.config.async_save else f"saved {path}"
+        )
         return path
 
     def _validate(

@@ -188,23 +188,35 @@ def test_parallel_layouts_match_tp1(tmp_path, layout_reference, world_size, over
         assert error < 1e-3, (name, error.item())
 
 
+@pytest.mark.parametrize("saving", [[], ["--async-save"]], ids=["sync", "async"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_kill_9_then_resume_reproduces_the_losses_bitwise(
-    tmp_path, small_tokenizer, training_data, precision
+    tmp_path, small_tokenizer, training_data, precision, saving
 ):
     config = write_config(tmp_path, small_tokenizer, training_data, train_iters=30, save_interval=4)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     proc = _cli(*precision, "--config", str(config), "--save", str(whole))
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
-    args = (*precision, "--config", str(config), "--save", str(killed), "--load", str(killed))
-    proc = _cli(*args)
+    args = (
+        *precision,
+        *saving,
+        "--config",
+        str(config),
+        "--save",
+        str(killed),
+        "--load",
+        str(killed),
+    )
+    # Its own process group: the kill takes the background checkpoint writers too, as Slurm's
+    # does when it ends a job.
+    proc = _cli(*args, start_new_session=True)
     pointer = killed / "latest_checkpointed_iteration.txt"
     deadline = time.monotonic() + 300
     while not (pointer.exists() and int(pointer.read_text() or 0) >= 8):
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
         time.sleep(0.05)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed_from = int(pointer.read_text())
     assert resumed_from < 30
