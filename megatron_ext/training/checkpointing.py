@@ -32,7 +32,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
 
 from megatron_ext.checkpoint.convert import apply_model_state, model_sharded_state
 
@@ -192,7 +197,10 @@ class CheckpointWriter:
         dist.barrier()
         sharded = _sharded_state(model.sharded_state_dict(), optimizer, False, True)
         request = dist_checkpointing.save(
-            sharded, str(staging), async_sharded_save=self._queue is not None
+            sharded,
+            str(staging),
+            sharded_strategy=_save_strategy(),
+            async_sharded_save=self._queue is not None,
         )
         publish = functools.partial(
             self._publish, staging, final, iteration, dict(train_state), dict(metadata)
@@ -239,6 +247,20 @@ class CheckpointWriter:
             if self._queue is not None:
                 print(f"checkpoint {final} complete", flush=True)
         dist.barrier()
+
+
+def _save_strategy() -> SaveShardedStrategy:
+    """megatron-core's default writer, its work spread over the data-parallel replicas.
+
+    Weights are replicated across data-parallel ranks and megatron-core otherwise has the first
+    replica write all of them; here each replica writes a share (Megatron-LM's default
+    ``--ckpt-fully-parallel-save``). The files are the same either way.
+    """
+    strategy = get_default_save_sharded_strategy()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) == 1:
+        return strategy
+    return FullyParallelSaveStrategyWrapper(strategy, group)
 
 
 def _fsync_dir(path: Path) -> None:
