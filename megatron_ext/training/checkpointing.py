@@ -8,7 +8,8 @@ Layout (Megatron-LM's)::
     <save>/latest_checkpointed_iteration.txt
     <save>/interrupted.json               present while a run stopped early (SIGTERM, time budget)
 
-A checkpoint is written into ``iter_XXXXXXX.tmp`` by all ranks, renamed by rank 0 once complete,
+A checkpoint is written into ``iter_XXXXXXX.tmp`` by all ranks (data-parallel replicas sharing
+the replicated tensors; in the background with ``async_save``), renamed by rank 0 once complete,
 and only then does the ``latest`` pointer (replaced atomically) name it; a job killed at any
 moment leaves either the previous checkpoint as latest or the new one complete, and its
 half-written temporary directory is removed by the next save. Model and optimizer state are
