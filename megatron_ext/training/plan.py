@@ -59,6 +59,7 @@ class RunPlan:
     optimizer_gb: float
     activations_gb: float
     flops_per_step: float
+    checkpoint_gb: float
 
     def lines(self, config) -> list[str]:
         """Human-readable summary of the plan."""
@@ -75,6 +76,8 @@ class RunPlan:
             f"{self.grads_gb:.1f} GB + optimizer {self.optimizer_gb:.1f} GB + activations "
             f"{self.activations_gb:.1f} GB = {total:.1f} GB",
             f"model FLOPs per step: {self.flops_per_step:.3e}",
+            f"checkpoint: {self.checkpoint_gb:.1f} GB per save (weights and optimizer state), "
+            f"about {self.checkpoint_gb / self.world_size:.1f} GB written by each process",
         ]
 
 
@@ -87,6 +90,8 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     layer and micro-batch ``s*b*h*(10 + 24/TP)`` bytes, ``s*b*h*34/TP`` with sequence
     parallelism, only the layer input with full recomputation; times the micro-batches 1F1B keeps
     in flight (PP of them on the first stage). The fused loss adds no ``[tokens, vocab]`` logits.
+    A checkpoint holds each parameter's weight and optimizer state once, its writes spread over
+    all processes.
     """
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
@@ -126,4 +131,6 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
         optimizer_gb=per_gpu * optimizer_bytes / optimizer_shards / gb,
         activations_gb=activations / gb,
         flops_per_step=training_flops_per_token(arch, padded_vocab_size, s) * tokens,
+        # Every parameter once: weights, and fp32 main weights (bf16) and Adam's two moments.
+        checkpoint_gb=total * (bytes_param + optimizer_bytes) / gb,
     )

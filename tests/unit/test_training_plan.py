@@ -46,6 +46,7 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert "processes: 64 = TP 8 x PP 4 x DP 2" in out
     assert "2,097,152 tokens/step" in out
     assert "memory per GPU (estimate)" in out
+    assert "checkpoint: 901.3 GB per save" in out  # 69.1 B parameters x 14 bytes (bf16 + Adam)
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
 
