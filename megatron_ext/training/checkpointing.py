@@ -231,7 +231,8 @@ class CheckpointWriter:
         train_state: dict[str, Any],
         metadata: dict[str, Any],
     ) -> None:
-        dist.barrier()
+        # Called after megatron-core's own finalize step, whose barrier follows every rank's
+        # writes (at once without async; once all writers are done with it).
         if dist.get_rank() == 0:
             _write_json(staging / METADATA, metadata)
             _write_json(staging / TRAIN_STATE, {**train_state, "layout": _layout()})
