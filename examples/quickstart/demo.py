@@ -12,7 +12,8 @@ Each capability adds its stage here. Stages so far:
 4. expand the model: a CPU-sized Llama converted to megatron-core with the expanded vocabulary
    (new rows initialised from their sub-words) and exported back to Hugging Face;
 5. continued pretraining: the blend re-tokenized with the expanded tokenizer, then
-   ``megatron-ext train`` on two gloo processes (TP=2) from the expanded checkpoint: a warm-up of
+   ``megatron-ext train`` on two gloo processes (TP=2 with sequence parallelism, checkpoints
+   written in the background) from the expanded checkpoint: a warm-up of
    the new embedding rows alone, then the whole model, with per-language validation, a
    checkpoint and its export to Hugging Face.
 
@@ -363,11 +364,13 @@ def training_section(result: dict, out: Path) -> str:
     speed = sorted(m["tokens_per_s"] for m in train)[len(train) // 2]
     return (
         "\n## Continued pretraining\n\n"
-        f"`megatron-ext train` ({HERE.name}/train.yaml) on two gloo processes at TP=2, from the "
-        "expanded checkpoint, on the blend re-tokenized with the expanded tokenizer: "
+        f"`megatron-ext train` ({HERE.name}/train.yaml) on two gloo processes at TP=2 with "
+        "sequence parallelism, from the expanded checkpoint, on the blend re-tokenized with the "
+        "expanded tokenizer: "
         f"{len(train)} steps, first only the new embedding and output rows (the base rows stay "
         "bitwise unchanged), then the whole model; the fused embedding and linear cross-entropy "
-        f"kernels; median {speed:,.0f} tokens/s on this CPU. Loss {train[0]['loss']:.2f} -> "
+        "kernels; checkpoints written in the background (`async_save`); "
+        f"median {speed:,.0f} tokens/s on this CPU. Loss {train[0]['loss']:.2f} -> "
         f"{train[-1]['loss']:.2f}. Checkpoint `{Path(result['checkpoint']).relative_to(out)}`, "
         "exported to `models/tiny-ar-hf`; every step is in `runs/tiny-ar/metrics.jsonl`.\n\n"
         + "\n".join(rows)
