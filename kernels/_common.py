@@ -90,16 +90,29 @@ def finish_weight_grad(weight: torch.Tensor, grad_fp32: torch.Tensor) -> torch.T
             private buffer, which is then added to ``main_grad`` when there is one.
 
     Returns:
-        The gradient in the parameter's dtype; under megatron-core's DDP None, the gradient being
-        in ``main_grad`` already. megatron-core's own layers return an uninitialised
-        weight-sized tensor there instead, so that with ``overlap_grad_reduce`` DDP's hooks all
-        run on the device thread; without overlap (what ``megatron-ext train`` runs) that tensor
-        is only memory, V/TP x H of it at the start of backward, where activation memory peaks.
-        Under ``overlap_grad_reduce`` megatron-core's hook rejects the None loudly.
+        The gradient in the parameter's dtype; under megatron-core's DDP, where the gradient is
+        in ``main_grad`` already, :func:`_main_grad_placeholder`.
     """
     if not has_main_grad(weight):
         return grad_fp32.to(weight.dtype)
     if grad_fp32 is not weight.main_grad:
         weight.main_grad.add_(grad_fp32)
     weight.grad_added_to_main_grad = True
-    return None
+    return _main_grad_placeholder(weight)
+
+
+def _main_grad_placeholder(weight: torch.Tensor) -> torch.Tensor | None:
+    """A gradient for ``weight`` that costs no memory, once its real one is in ``main_grad``.
+
+    megatron-core's DDP hook needs a gradient to arrive (under ``overlap_grad_reduce`` it asserts
+    one before it marks the weight's bucket ready for its reduction) and drops it unread once
+    ``grad_added_to_main_grad`` is set. megatron-core's own layers allocate an uninitialised
+    weight-sized tensor for that, V/TP x H at the start of backward for the output layer, where
+    activation memory peaks. This is a view of ``main_grad``'s memory in the weight's dtype and
+    layout, which autograd adopts as ``weight.grad`` without a copy. It is only returned while
+    ``weight.grad`` is None (always so under DDP's hook, which resets it), so that autograd never
+    adds to it in place, which would write into ``main_grad``.
+    """
+    if weight.grad is not None:
+        return None
+    return weight.main_grad.view(-1).view(weight.dtype)[: weight.numel()].view(weight.shape)

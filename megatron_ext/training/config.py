@@ -88,6 +88,11 @@ class TrainConfig:
         sequence_parallel: Megatron sequence parallelism (needs TP > 1).
         use_distributed_optimizer: Shard optimizer state over data-parallel ranks (on GPUs;
             megatron-core 0.16 accepts only CUDA tensors there, so CPU runs replicate it).
+        overlap_grad_reduce: Start each gradient bucket's data-parallel reduction as soon as
+            the last micro-batch's backward pass has produced it, overlapping it with the rest
+            of the backward pass (megatron-core's DDP); off: one reduction after backward.
+        ddp_bucket_size: Parameters per gradient bucket under ``overlap_grad_reduce`` (None:
+            megatron-core's default, max(40M, 1M x data-parallel size)).
         micro_batch_size: Sequences per micro-batch per data-parallel rank.
         global_batch_size: Sequences per iteration (all ranks, all micro-batches).
         seq_length: Tokens per sequence.
@@ -143,6 +148,8 @@ class TrainConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: int | None = None
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seq_length: int = 256
@@ -266,6 +273,8 @@ class TrainConfig:
                 f"--sequence-parallel splits the sequence over {tp} tensor-parallel ranks: "
                 f"--seq-length {self.seq_length} is not a multiple of {tp}"
             )
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size <= 0:
+            raise ConfigError(f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
         choices = {
             "kernels": ("fused", "megatron"),
             "transformer_impl": ("auto", "local", "transformer_engine"),

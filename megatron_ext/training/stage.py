@@ -92,19 +92,22 @@ def build_stage(
         module.set_trainable_rows(None)
 
     def finalize(model_chunks, *args, **kwargs):
+        # After the data-parallel reductions: with overlap_grad_reduce they start during backward.
+        result = finalize_model_grads(model_chunks, *args, **kwargs)
         if rows is not None:
             _mask_frozen_rows(module, rows)
-        return finalize_model_grads(model_chunks, *args, **kwargs)
+        return result
 
     module.config.finalize_model_grads_func = finalize
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        # Our kernels return no weight gradient once it is in main_grad (kernels/_common.py),
-        # which megatron-core's hook accepts only without overlap.
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=config.overlap_grad_reduce,
+        bucket_size=config.ddp_bucket_size,
         use_distributed_optimizer=use_distributed_optimizer(config),
     )
     model = DistributedDataParallel(module.config, ddp_config, module)
+    # As Megatron-LM does: with overlap, only the last micro-batch of a step starts reductions.
+    module.config.no_sync_func = model.no_sync if config.overlap_grad_reduce else None
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",

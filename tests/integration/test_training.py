@@ -166,10 +166,12 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
         (2, ["--pipeline-model-parallel-size", "2"]),
         (2, []),  # data parallel
+        # Two micro-batches per rank, the output layer's gradient in a bucket of its own.
+        (2, ["--overlap-grad-reduce", "--ddp-bucket-size", "20000", "--micro-batch-size", "1"]),
         (1, ["--kernels", "megatron"]),
         (1, ["--recompute-activations"]),
     ],
-    ids=["tp2", "tp2-sp", "pp2", "dp2", "megatron-kernels", "recompute"],
+    ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-overlap", "megatron-kernels", "recompute"],
 )
 def test_parallel_layouts_match_tp1(tmp_path, layout_reference, world_size, overrides):
     config, start, reference, reference_weights = layout_reference
@@ -293,13 +295,24 @@ def _stage_one_changes(rank, world_size, config_path, overrides):
     return changed
 
 
-@pytest.mark.parametrize("kernels", ["fused", "megatron"])
-def test_embedding_stage_changes_only_new_rows(tmp_path, small_tokenizer, training_data, kernels):
+@pytest.mark.parametrize(
+    ("world_size", "overrides"),
+    [
+        (1, []),
+        (1, ["--kernels", "megatron"]),
+        # Reductions start during backward: the frozen rows must be zeroed after they end.
+        (2, ["--overlap-grad-reduce", "--micro-batch-size", "1"]),
+    ],
+    ids=["fused", "megatron", "dp2-overlap"],
+)
+def test_embedding_stage_changes_only_new_rows(
+    tmp_path, small_tokenizer, training_data, world_size, overrides
+):
     config = write_config(
         tmp_path,
         small_tokenizer,
         training_data,
-        train_iters=4,
+        train_iters=8,
         save=str(tmp_path / "run"),
         save_interval=1,
         keep_last_checkpoints=0,
@@ -311,7 +324,7 @@ def test_embedding_stage_changes_only_new_rows(tmp_path, small_tokenizer, traini
              "weight_decay": 0.0, "lr": 1.0e-2},
         ],
     )  # fmt: skip
-    changed = run_ranks(_stage_one_changes, 1, config, ["--kernels", kernels])[0]
+    changed = run_ranks(_stage_one_changes, world_size, config, overrides)[0]
     assert set(changed) == {"embedding.word_embeddings.weight", "output_layer.weight"}
     for rows in changed.values():
         assert rows and min(rows) >= 1500 and max(rows) < 2000
