@@ -59,14 +59,8 @@ def write_config(directory: Path, tokenizer: Path, data: dict[str, str], **setti
 
 # bf16 runs need a GPU (megatron-core's mixed-precision optimizer takes CUDA tensors only); on
 # one they also exercise the distributed optimizer and its checkpoints.
-PRECISIONS = [
-    pytest.param([], id="fp32"),
-    pytest.param(
-        ["--bf16"],
-        id="bf16",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU"),
-    ),
-]
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU")
+PRECISIONS = [pytest.param([], id="fp32"), pytest.param(["--bf16"], id="bf16", marks=GPU_ONLY)]
 
 
 def _train(rank, world_size, config_path, overrides):
@@ -89,7 +83,14 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(
+    "precision",
+    [
+        *PRECISIONS,
+        # The distributed optimizer's reduce-scatter started during backward, stage by stage.
+        pytest.param(["--bf16", "--overlap-grad-reduce"], id="bf16-overlap", marks=GPU_ONLY),
+    ],
+)
 def test_tiny_config_trains_and_reports_per_language(
     tmp_path, small_tokenizer, training_data, precision
 ):
