@@ -260,3 +260,22 @@ def test_rejects_bad_arguments():
     fused_linear_cross_entropy(hidden_sbh, weight, labels)  # flat labels: taken in order
     with pytest.raises(ValueError, match=r"labels \(1, 4\) does not match hidden \(4, 1, 8\)"):
         fused_linear_cross_entropy(hidden_sbh, weight, labels.reshape(1, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [16, 1000, -1])
+def test_rejects_labels_outside_the_vocabulary(backend, bad):
+    """No shard holds them: megatron-core's loss would use a target logit of 0 without a word.
+
+    On CPU tensors, where the check raises at once (CUDA's is a device-side assertion, which
+    would end the test process).
+    """
+    hidden, weight, labels = (t.cpu() for t in make_inputs(6, 8, 16))
+    labels = labels.reshape(2, 3)
+    assert labels[0, 0] == -100  # ignored: never out of range
+    fused_linear_cross_entropy(hidden, weight, labels.flatten(), backend=backend)
+    labels[1, 2] = bad
+    with pytest.raises(
+        ValueError, match=rf"labels\[1, 2\] = {bad} is outside the vocabulary \[0, 16\)"
+    ):
+        fused_linear_cross_entropy(hidden.reshape(2, 3, 8), weight, labels, backend=backend)
