@@ -275,6 +275,11 @@ class TrainConfig:
             )
         if self.ddp_bucket_size is not None and self.ddp_bucket_size <= 0:
             raise ConfigError(f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
+        if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
+            raise ConfigError(
+                "--ddp-bucket-size needs --overlap-grad-reduce (without it megatron-core reduces "
+                "all gradients in one bucket)"
+            )
         choices = {
             "kernels": ("fused", "megatron"),
             "transformer_impl": ("auto", "local", "transformer_engine"),

@@ -72,6 +72,11 @@ def test_validate_checks_batch_and_layout():
     with pytest.raises(ConfigError, match="--seq-length 127 is not a multiple of 2"):
         sequence_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
         load_config(None, [*base, *sequence_parallel, "--seq-length", "127"]).validate(2)
+    with pytest.raises(ConfigError, match="--ddp-bucket-size needs --overlap-grad-reduce"):
+        load_config(None, [*base, "--ddp-bucket-size", "1000000"]).validate(1)
+    with pytest.raises(ConfigError, match="--ddp-bucket-size must be positive"):
+        overlap = ["--overlap-grad-reduce", "--ddp-bucket-size", "0"]
+        load_config(None, [*base, *overlap]).validate(1)
     config = load_config(None, base)
     config.stages = [StageConfig(name="x", new_rows_only=True)]
     with pytest.raises(ConfigError, match="new_rows_only needs trainable=embeddings"):
