@@ -4,6 +4,10 @@ Multi-rank agreement with megatron-core's vocab_parallel_cross_entropy is in
 tests/integration/test_kernels_tp.py.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
@@ -12,6 +16,7 @@ import kernels.cross_entropy as ce
 from kernels.cross_entropy import fused_linear_cross_entropy
 from tests.helpers import aliases_main_grad
 
+REPO = Path(__file__).resolve().parents[2]
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -279,3 +284,27 @@ def test_rejects_labels_outside_the_vocabulary(backend, bad):
         ValueError, match=rf"labels\[1, 2\] = {bad} is outside the vocabulary \[0, 16\)"
     ):
         fused_linear_cross_entropy(hidden.reshape(2, 3, 8), weight, labels, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device-side check needs CUDA")
+def test_cuda_labels_outside_the_vocabulary_fail_the_next_synchronisation():
+    """In a child process: a failed device-side assertion leaves CUDA unusable afterwards."""
+    script = """
+import torch
+from kernels.cross_entropy import fused_linear_cross_entropy
+hidden = torch.randn(6, 8, device="cuda")
+weight = torch.randn(16, 8, device="cuda")
+labels = torch.full((6,), 3, device="cuda")
+fused_linear_cross_entropy(hidden, weight, labels)
+torch.cuda.synchronize()
+print("in range: fine", flush=True)
+labels[4] = 16
+fused_linear_cross_entropy(hidden, weight, labels)
+torch.cuda.synchronize()
+"""
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert "in range: fine" in child.stdout, child.stderr[-2000:]
+    assert child.returncode != 0
+    assert "device-side assert" in child.stderr or "outside the vocabulary" in child.stderr
