@@ -479,7 +479,7 @@ def _reduce_grad_hidden(grad_hidden: torch.Tensor | None, cfg: _Config) -> None:
         dist.all_reduce(grad_hidden, group=cfg.tp_group)
 
 
-def _check_labels(labels: torch.Tensor, valid: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Fail on a label outside ``[0, vocab)`` that is not ``ignore_index``.
 
     No rank's shard holds such a label, so it would silently get a target logit of 0 (as in
@@ -487,7 +487,7 @@ def _check_labels(labels: torch.Tensor, valid: torch.Tensor, vocab: int, ignore_
     tensors get a device-side assertion, which needs no host synchronisation and fails the next
     synchronising call, as an out-of-range class does in ``F.cross_entropy``.
     """
-    in_range = ~valid | ((labels >= 0) & (labels < vocab))
+    in_range = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
     rule = f"outside the vocabulary [0, {vocab:,}) and not ignore_index ({ignore_index})"
     if labels.is_cuda:
         torch._assert_async(in_range.all(), f"fused_linear_cross_entropy: a label is {rule}")
@@ -568,7 +568,7 @@ def fused_linear_cross_entropy(
     shard = weight.shape[0]
     vocab = shard * world
     valid = flat_labels != ignore_index
-    _check_labels(labels, valid.view(labels.shape), vocab, ignore_index)
+    _check_labels(labels, vocab, ignore_index)
     local = flat_labels - rank * shard
     target = torch.where(valid & (local >= 0) & (local < shard), local, -1)
     token_weight = valid.to(_acc_dtype(hidden))
