@@ -47,7 +47,8 @@ def _embedding_fwd_kernel(
     out_ptr,
     n_tokens,
     hidden,
-    weight_stride,
+    weight_row_stride,
+    weight_col_stride,
     vocab_start,
     shard_rows,
     BLOCK_N: tl.constexpr,
@@ -61,7 +62,7 @@ def _embedding_fwd_kernel(
     rows = tl.load(ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64) - vocab_start
     hit = token_mask & (rows >= 0) & (rows < shard_rows)
     values = tl.load(
-        weight_ptr + rows[:, None] * weight_stride + cols[None, :],
+        weight_ptr + rows[:, None] * weight_row_stride + cols[None, :] * weight_col_stride,
         mask=hit[:, None] & col_mask[None, :],
         other=0.0,
     )
@@ -80,7 +81,8 @@ def _embedding_bwd_kernel(
     segment_row_ptr,
     grad_weight_ptr,
     hidden,
-    grad_weight_stride,
+    grad_weight_row_stride,
+    grad_weight_col_stride,
     BLOCK_H: tl.constexpr,
 ):
     """grad_weight[row] += sum of grad_out over the segment's tokens, in order, in fp32.
@@ -99,7 +101,7 @@ def _embedding_bwd_kernel(
             tl.float32
         )
     row = tl.load(segment_row_ptr + segment).to(tl.int64)
-    dest = grad_weight_ptr + row * grad_weight_stride + cols
+    dest = grad_weight_ptr + row * grad_weight_row_stride + cols * grad_weight_col_stride
     total = tl.load(dest, mask=col_mask, other=0.0).to(tl.float32) + acc
     tl.store(dest, total.to(grad_weight_ptr.dtype.element_ty), mask=col_mask)
 
@@ -130,7 +132,7 @@ def _lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, triton_pa
             out,
             flat.numel(),
             weight.shape[1],
-            weight.stride(0),
+            *weight.stride(),
             vocab_start,
             weight.shape[0],
             **launch,
@@ -180,7 +182,7 @@ def _accumulate_rows(
             segment_row,
             grad_weight,
             hidden,
-            grad_weight.stride(0),
+            *grad_weight.stride(),
             **launch,
         )
         return

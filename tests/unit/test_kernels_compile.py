@@ -45,14 +45,14 @@ def _signatures(dtype: str) -> dict[str, dict[str, str]]:
         },
         "_embedding_fwd_kernel": {
             "ids_ptr": "*i64", "weight_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-            "n_tokens": "i32", "hidden": "i32", "weight_stride": "i64", "vocab_start": "i32",
+            "n_tokens": "i32", "hidden": "i32", "weight_row_stride": "i64", "vocab_start": "i32",
             "shard_rows": "i32",
         },
         # The gradient goes into megatron-core's fp32 main_grad.
         "_embedding_bwd_kernel": {
             "grad_out_ptr": f"*{dtype}", "order_ptr": "*i64", "segment_start_ptr": "*i64",
             "segment_row_ptr": "*i64", "grad_weight_ptr": "*fp32", "hidden": "i32",
-            "grad_weight_stride": "i64",
+            "grad_weight_row_stride": "i64",
         },
     }  # fmt: skip
 
@@ -68,8 +68,11 @@ def _variants():
                 num_warps = launch.pop("num_warps")
                 for softcap in (False, True):
                     yield name, dtype, {"HAS_SOFTCAP": softcap, **launch}, num_warps
-        yield "_embedding_fwd_kernel", dtype, embedding._forward_launch(HIDDEN), 4
-        yield "_embedding_bwd_kernel", dtype, embedding._backward_launch(HIDDEN), 4
+        # Contiguous rows: Triton specialises an integer argument equal to 1 as a constant.
+        forward = {**embedding._forward_launch(HIDDEN), "weight_col_stride": 1}
+        backward = {**embedding._backward_launch(HIDDEN), "grad_weight_col_stride": 1}
+        yield "_embedding_fwd_kernel", dtype, forward, 4
+        yield "_embedding_bwd_kernel", dtype, backward, 4
 
 
 def _compile_report() -> None:

@@ -4,6 +4,8 @@ Agreement with megatron-core's VocabParallelEmbedding at TP=1 and TP=2 is in
 tests/integration/test_kernels_tp.py.
 """
 
+import random
+
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
@@ -56,6 +58,41 @@ def test_matches_masked_f_embedding(backend, shape, vocab_start):
     want = lookup_and_grad(shard_reference, ids, weight, upstream, vocab_start=vocab_start)
     torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(16))
+def test_random_cases_match_masked_f_embedding(backend, seed):
+    """Shapes, dtypes, strides and trainable ranges drawn from a seed.
+
+    Rows wider than one forward tile (256 columns), fp16, a column-strided weight, and trainable
+    ranges that start before, end after or miss this shard.
+    """
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    shape = rng.choice([(1,), (5,), (3, 7), (2, 3, 4)])
+    vocab, hidden = rng.choice([1, 3, 37]), rng.choice([1, 7, 64, 300])
+    vocab_start = rng.choice([0, 5, 40])
+    ids, weight = make_inputs(shape, vocab, hidden, dtype=dtype, seed=seed)
+    ids = ids + vocab_start - vocab // 2  # some ids below, in and above the shard
+    if rng.random() < 0.5:
+        weight = weight.t().contiguous().t()
+    trainable = None
+    if rng.random() < 0.5:
+        bounds = sorted(rng.randint(vocab_start - 3, vocab_start + vocab + 3) for _ in range(2))
+        trainable = tuple(bounds)
+    upstream = torch.randn(*shape, hidden, device=DEVICE).to(dtype)
+    kwargs = dict(vocab_start=vocab_start, trainable_rows=trainable)
+    got = lookup_and_grad(
+        vocab_parallel_embedding, ids, weight, upstream, backend=backend, **kwargs
+    )
+    # The reference in fp32: exact row sums of the half-precision upstream values.
+    want = lookup_and_grad(shard_reference, ids, weight.float(), upstream.float(), **kwargs)
+    torch.testing.assert_close(got[0].float(), want[0], atol=0, rtol=0)
+    # Each row's sum is accumulated in fp32 and rounded once: within one ulp of the dtype.
+    ulp = {torch.float32: 2**-20, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(got[1].float(), want[1], atol=1e-6, rtol=ulp)
+    assert got[1].dtype == dtype
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
