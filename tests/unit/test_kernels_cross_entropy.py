@@ -4,6 +4,7 @@ Multi-rank agreement with megatron-core's vocab_parallel_cross_entropy is in
 tests/integration/test_kernels_tp.py.
 """
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def unfused_loss(
         return loss * weights
     if reduction == "sum":
         return (loss * weights).sum()
-    return (loss * weights).sum() / weights.sum()
+    # No token counts: 0, the documented convention (0 / 0 would be nan).
+    return (loss * weights).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def make_inputs(n, h, v, dtype=torch.float32, seed=0, ignore_every=5):
@@ -121,6 +123,82 @@ def test_single_token_and_loss_mask(backend):
     )
     want = loss_and_grads(unfused_loss, hidden, weight, labels, loss_mask=mask)
     assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def random_case(seed):
+    """Shapes, dtypes and options drawn from a seed: the combinations no other test spells out."""
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    lead = rng.choice([(1,), (2,), (37,), (37,), (3, 5), (4, 1, 3)])
+    h, v = rng.choice([1, 5, 16, 17, 48]), rng.choice([2, 3, 33, 64, 129])
+    options = dict(
+        ignore_index=rng.choice([-100, -1, 0]),  # 0: a real id, ignored
+        label_smoothing=rng.choice([0.0, 0.1, 0.5]),
+        z_loss=rng.choice([0.0, 1e-2]),
+        softcap=rng.choice([None, 2.0, 30.0]),
+        reduction=rng.choice(["none", "sum", "mean"]),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, h, generator=gen) * rng.choice([0.1, 1.0, 3.0])
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    labels = torch.randint(0, v, lead, generator=gen)
+    labels[torch.rand(lead, generator=gen) < 0.2] = options["ignore_index"]
+    if rng.random() < 0.4:  # 0/1 as megatron's loss mask, or fractional weights
+        mask = torch.rand(lead, generator=gen)
+        options["loss_mask"] = (mask if rng.random() < 0.5 else (mask < 0.7).float()).to(DEVICE)
+    # Same values, other strides.
+    if rng.random() < 0.3 and hidden.dim() > 2:
+        hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    if rng.random() < 0.3:
+        weight = weight.t().contiguous().t()
+    upstream = torch.randn(lead, generator=gen) if options["reduction"] == "none" else None
+    grads = rng.choice([(True, True), (True, False), (False, True)])
+    hidden, weight = hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype)
+    return hidden, weight, labels.to(DEVICE), upstream, grads, options
+
+
+# Loss and gradients against fp32 math on the same values, as a fraction of the largest
+# reference value: half-precision logits carry an absolute rounding error that grows with their
+# magnitude (hidden states up to 3x larger here than elsewhere) and a sum over 37 tokens adds 37
+# of them. Per-element relative error would fail near-zero gradients for no fault of the kernel.
+RANDOM_CASE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def assert_close_at_scale(actual, expected, tol):
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, atol=tol * max(scale, 1.0), rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(24))
+def test_random_cases_match_unfused(backend, seed):
+    hidden, weight, labels, upstream, grads, options = random_case(seed)
+    hidden.requires_grad_(grads[0])
+    weight.requires_grad_(grads[1])
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (labels.shape if options["reduction"] == "none" else ())
+    ref_hidden = hidden.detach().float().requires_grad_(grads[0])
+    ref_weight = weight.detach().float().requires_grad_(grads[1])
+    mask = options.pop("loss_mask", None)
+    ref_loss = unfused_loss(
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+        ref_weight,
+        labels.flatten(),
+        loss_mask=None if mask is None else mask.flatten(),
+        **options,
+    )
+    ref_loss = ref_loss.view(loss.shape)
+    upstream = (torch.tensor(1.7) if upstream is None else upstream).to(DEVICE)
+    loss.backward(upstream)
+    ref_loss.backward(upstream)
+    tol = RANDOM_CASE_TOLERANCE[hidden.dtype]
+    assert_close_at_scale(loss, ref_loss.detach(), tol)
+    for mine, ref in ((hidden, ref_hidden), (weight, ref_weight)):
+        assert (mine.grad is not None) == mine.requires_grad
+        if mine.requires_grad:
+            assert mine.grad.dtype == mine.dtype
+            assert_close_at_scale(mine.grad.float(), ref.grad, tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
