@@ -10,7 +10,8 @@ copy of the parent, so a large pytest process would set a floor under the child'
 GPU (skipped without CUDA; run ``pytest tests/benchmarks/test_kernels_bench.py --benchmark-only
 -k gpu -s``): fused linear CE against the bare lm-head GEMMs, torch matmul + F.cross_entropy,
 megatron-core's fused vocab-parallel CE on materialised logits and Liger-Kernel's fused linear CE
-(each skipped if not installed); the training path (dW into ``main_grad``) at chunk floors of
+(each skipped if not installed); at H=4096 the GPU time of the fused paths by kind of kernel
+(torch.profiler); the training path (dW into ``main_grad``) at chunk floors of
 1024-4096 rows; the embedding against torch's gather and ``embedding_dense_backward``. ``-s``
 prints a markdown summary table at the end.
 """
@@ -18,6 +19,7 @@ prints a markdown summary table at the end.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -189,6 +191,33 @@ def _ce_inputs(n: int, h: int, v: int):
     return hidden.requires_grad_(), weight.requires_grad_(), labels
 
 
+def _ce_step(impl, hidden, weight, labels):
+    """One forward+backward of ``impl`` (see ``test_gpu_linear_cross_entropy``)."""
+    if impl == "gemms":
+        # The floor: logits = H W^T, dH = G W, dW = G^T H with G a ready-made logits gradient.
+        grad_logits = torch.randn(
+            hidden.shape[0], weight.shape[0], device="cuda", dtype=torch.bfloat16
+        )
+        h_, w_ = hidden.detach(), weight.detach()
+
+        def step():
+            hidden.grad = weight.grad = None
+            h_ @ w_.t()
+            grad_logits @ w_
+            grad_logits.t() @ h_
+
+        return step
+    if impl == "fused-ddp":
+        return _ddp_step(hidden, weight, labels)
+    loss_fn = _loss_fn(impl)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss_fn(hidden, weight, labels).backward()
+
+    return step
+
+
 def _ddp_step(hidden, weight, labels):
     """As in training under megatron-core's DDP: the weight's fp32 main_grad exists before the
     step (it is the gradient buffer, whatever the loss), and dW goes straight into it."""
@@ -209,30 +238,62 @@ def _ddp_step(hidden, weight, labels):
 @pytest.mark.parametrize(("h", "v"), CE_SHAPES, ids=[f"H{h}-V{v}" for h, v in CE_SHAPES])
 def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
     n = 8192
-    hidden, weight, labels = _ce_inputs(n, h, v)
-    if impl == "gemms":
-        # The floor: logits = H W^T, dH = G W, dW = G^T H with G a ready-made logits gradient.
-        grad_logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
-        h_, w_ = hidden.detach(), weight.detach()
-
-        def step():
-            hidden.grad = weight.grad = None
-            h_ @ w_.t()
-            grad_logits @ w_
-            grad_logits.t() @ h_
-
-    elif impl == "fused-ddp":
-        step = _ddp_step(hidden, weight, labels)
-    else:
-        loss_fn = _loss_fn(impl)
-
-        def step():
-            hidden.grad = weight.grad = None
-            loss_fn(hidden, weight, labels).backward()
-
+    step = _ce_step(impl, *_ce_inputs(n, h, v))
     ms, peak = _measure(benchmark, step, rounds=10)
     _GPU_ROWS.append(
         dict(bench="linear CE fwd+bwd", shape=f"N={n} H={h} V={v}", impl=impl, ms=ms, peak_mib=peak)
+    )
+
+
+# Which GPU kernels a step's time goes to, by kernel name (cuBLAS names its GEMM kernels
+# *gemm*, *xmma*, cutlass* or nvjet*).
+_KERNEL_KINDS = (
+    ("GEMM", re.compile(r"gemm|xmma|cutlass|nvjet", re.IGNORECASE)),
+    ("CE statistics", re.compile(r"_ce_stats_kernel")),
+    ("CE gradient", re.compile(r"_ce_grad_kernel")),
+    ("copy/cast", re.compile(r"copy", re.IGNORECASE)),
+)
+
+
+def _kernel_breakdown(step) -> str:
+    """GPU time of one ``step`` by kind of kernel: ms (launches), largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        kind = next((k for k, pattern in _KERNEL_KINDS if pattern.search(event.name)), "other")
+        entry = totals.setdefault(kind, [0.0, 0])
+        entry[0] += event.time_range.elapsed_us() / 1e3
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return ", ".join(f"{kind} {ms:.2f} ms ({count})" for kind, (ms, count) in ranked)
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["gemms", "fused", "fused-ddp"])
+@pytest.mark.parametrize("v", [32000, 64000])
+def test_gpu_linear_cross_entropy_breakdown(benchmark, impl, v):
+    """Where the fused loss's time goes at H=4096, the shape furthest from the 1.15x goal."""
+    n, h = 8192, 4096
+    step = _ce_step(impl, *_ce_inputs(n, h, v))
+    ms, peak = _measure(benchmark, step, rounds=5)
+    _GPU_ROWS.append(
+        dict(
+            bench="linear CE by kernel",
+            shape=f"N={n} H={h} V={v}",
+            impl=impl,
+            ms=ms,
+            peak_mib=peak,
+            note=_kernel_breakdown(step),
+        )
     )
 
 
