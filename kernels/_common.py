@@ -29,6 +29,16 @@ def use_triton(device: torch.device, backend: Backend) -> bool:
     return backend == "triton"
 
 
+def check_token_ids(name: str, ids: torch.Tensor) -> None:
+    """Refuse ids that are not int64 or int32 (what ``F.embedding`` takes), naming the argument.
+
+    The Triton kernels would otherwise truncate floats to ids, and narrower integer types
+    wrap around when a shard's first id is subtracted.
+    """
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an int64 or int32 tensor of token ids, got {ids.dtype}")
+
+
 def resolve_tp_group(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """Return the tensor-parallel group to communicate over, or None when there is nothing to do.
 

@@ -48,6 +48,7 @@ import triton.language as tl
 from kernels._common import (
     Backend,
     accumulate_mm_fp32,
+    check_token_ids,
     finish_weight_grad,
     has_main_grad,
     resolve_tp_group,
@@ -536,8 +537,9 @@ def fused_linear_cross_entropy(
         The fp32 loss: a scalar, or per-token losses for ``reduction="none"``.
 
     Raises:
-        ValueError: Bad arguments, or shapes that do not match; on CPU tensors also a label
-            outside the vocabulary that is not ``ignore_index`` (CUDA: a device-side assertion).
+        ValueError: Bad arguments, labels that are not int64/int32, or shapes that do not
+            match; on CPU tensors also a label outside the vocabulary that is not
+            ``ignore_index`` (CUDA: a device-side assertion).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -562,6 +564,7 @@ def fused_linear_cross_entropy(
             )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    check_token_ids("labels", labels)
 
     group = resolve_tp_group(tp_group)
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)

@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from kernels._common import (
     Backend,
+    check_token_ids,
     finish_weight_grad,
     has_main_grad,
     resolve_tp_group,
@@ -250,7 +251,11 @@ def vocab_parallel_embedding(
 
     Returns:
         ``[*ids.shape, H]`` embeddings (``[s / TP, b, H]`` with sequence parallelism).
+
+    Raises:
+        ValueError: ``ids`` are not int64 or int32.
     """
+    check_token_ids("ids", ids)
     shard_end = vocab_start + weight.shape[0]
     start, end = trainable_rows if trainable_rows is not None else (vocab_start, shard_end)
     row_range = (max(start, vocab_start) - vocab_start, max(min(end, shard_end) - vocab_start, 0))

@@ -343,6 +343,8 @@ def test_rejects_bad_arguments():
     fused_linear_cross_entropy(hidden_sbh, weight, labels)  # flat labels: taken in order
     with pytest.raises(ValueError, match=r"labels \(1, 4\) does not match hidden \(4, 1, 8\)"):
         fused_linear_cross_entropy(hidden_sbh, weight, labels.reshape(1, 4))
+    with pytest.raises(ValueError, match="labels must be an int64 or int32 tensor.*float32"):
+        fused_linear_cross_entropy(hidden, weight, labels.float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -176,3 +176,14 @@ def test_reference_gradcheck_float64():
         )
 
     assert torch.autograd.gradcheck(fn, (weight,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8])
+def test_rejects_ids_that_are_not_int64_or_int32(backend, dtype):
+    """As F.embedding does; the Triton path would truncate 1.7 to row 1, uint8 would wrap."""
+    weight = torch.randn(8, 4, device=DEVICE)
+    ids = torch.tensor([[1, 0]], device=DEVICE)
+    vocab_parallel_embedding(ids.int(), weight, backend=backend)
+    with pytest.raises(ValueError, match=f"ids must be an int64 or int32 tensor.*{dtype}"):
+        vocab_parallel_embedding(ids.to(dtype), weight, backend=backend)
