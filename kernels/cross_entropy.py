@@ -553,11 +553,15 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"weight {tuple(weight.shape)} does not match hidden {tuple(hidden.shape)}"
         )
-    if flat_labels.numel() != hidden_2d.shape[0]:
-        raise ValueError(f"{flat_labels.numel()} labels for {hidden_2d.shape[0]} hidden states")
     for name, tensor in (("labels", labels), ("loss_mask", loss_mask)):
+        if tensor is None:
+            continue
+        if tensor.numel() != hidden_2d.shape[0]:
+            raise ValueError(
+                f"{name} has {tensor.numel()} elements for {hidden_2d.shape[0]} hidden states"
+            )
         # Same count, other layout: megatron's [b, s] labels against [s, b, H] hidden states.
-        if tensor is not None and tensor.dim() > 1 and tensor.shape != hidden.shape[:-1]:
+        if tensor.dim() > 1 and tensor.shape != hidden.shape[:-1]:
             raise ValueError(
                 f"{name} {tuple(tensor.shape)} does not match hidden {tuple(hidden.shape)}: "
                 "give them the same leading shape (or flatten them)"

@@ -343,6 +343,11 @@ def test_rejects_bad_arguments():
     fused_linear_cross_entropy(hidden_sbh, weight, labels)  # flat labels: taken in order
     with pytest.raises(ValueError, match=r"labels \(1, 4\) does not match hidden \(4, 1, 8\)"):
         fused_linear_cross_entropy(hidden_sbh, weight, labels.reshape(1, 4))
+    with pytest.raises(ValueError, match="labels has 3 elements for 4 hidden states"):
+        fused_linear_cross_entropy(hidden, weight, labels[:3])
+    # A one-element mask would broadcast to every token.
+    with pytest.raises(ValueError, match="loss_mask has 1 elements for 4 hidden states"):
+        fused_linear_cross_entropy(hidden, weight, labels, loss_mask=torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="labels must be an int64 or int32 tensor.*float32"):
         fused_linear_cross_entropy(hidden, weight, labels.float())
 
