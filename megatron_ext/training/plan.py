@@ -12,8 +12,18 @@ import torch
 
 from megatron_ext.arch import LlamaArch
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment.
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, NVIDIA's datasheets) by device-name fragment. The first
+# fragment in the name wins: the PCIe and NVL H100s ("NVIDIA H100 PCIe") before the SXM one
+# ("NVIDIA H100 80GB HBM3").
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+)
 
 
 def peak_tflops(override: float | None = None) -> float | None:
@@ -23,7 +33,7 @@ def peak_tflops(override: float | None = None) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
 
 
 def layer_params(arch: LlamaArch) -> int:

@@ -14,7 +14,7 @@ from megatron_ext.arch import PRESETS
 from megatron_ext.commands.train import main
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.training.config import load_config
-from megatron_ext.training.plan import plan_run
+from megatron_ext.training.plan import peak_tflops, plan_run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -92,3 +92,19 @@ def test_example_cluster_configs_fit_an_h100(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"= ([\d.]+) GB", out).group(1)) < 80, out
+
+
+def test_mfu_peak_follows_the_device_name(monkeypatch):
+    """torch.cuda.get_device_name() of each card; the PCIe and NVL H100s are slower than SXM."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def peak_of(name):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
+        return peak_tflops()
+
+    sxm = peak_of("NVIDIA H100 80GB HBM3")
+    assert peak_of("NVIDIA H100 PCIe") < peak_of("NVIDIA H100 NVL") < sxm
+    assert peak_of("NVIDIA H200") == peak_of("NVIDIA GH200 480GB") == sxm
+    assert peak_of("NVIDIA A100-SXM4-80GB") == peak_of("NVIDIA A100 80GB PCIe") < sxm
+    assert peak_of("Tesla T4") is None  # unknown: no MFU rather than a wrong one
+    assert peak_of("NVIDIA H100 PCIe") == 756.0 and peak_tflops(500.0) == 500.0
