@@ -32,6 +32,33 @@ class ConfigError(ValueError):
 
 TRAINABLE = ("all", "embeddings")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+# Smallest value of each numeric setting: sizes and counts start at 1; rates, intervals (0: off)
+# and limits at 0. Settings that may be None are checked when set.
+AT_LEAST = {
+    "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1,
+    "make_vocab_size_divisible_by": 1,
+    "micro_batch_size": 1,
+    "global_batch_size": 1,
+    "seq_length": 1,
+    "train_iters": 1,
+    "eval_iters": 1,
+    "log_interval": 1,
+    "ddp_bucket_size": 1,
+    "lr": 0,
+    "min_lr": 0,
+    "lr_warmup_iters": 0,
+    "weight_decay": 0,
+    "adam_beta1": 0,
+    "adam_beta2": 0,
+    "clip_grad": 0,
+    "eval_interval": 0,
+    "save_interval": 0,
+    "keep_last_checkpoints": 0,
+    "max_skipped_iters": 0,
+}
+# Settings that must be above 0 (when set).
+POSITIVE = ("adam_eps", "exit_duration_in_mins", "peak_tflops")
 
 
 @dataclass
@@ -245,6 +272,7 @@ class TrainConfig:
         Raises:
             ConfigError: Naming the setting (as a command-line flag) and the problem.
         """
+        self._check_ranges()
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if world_size % (tp * pp):
             raise ConfigError(
@@ -273,8 +301,6 @@ class TrainConfig:
                 f"--sequence-parallel splits the sequence over {tp} tensor-parallel ranks: "
                 f"--seq-length {self.seq_length} is not a multiple of {tp}"
             )
-        if self.ddp_bucket_size is not None and self.ddp_bucket_size <= 0:
-            raise ConfigError(f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
         if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
             raise ConfigError(
                 "--ddp-bucket-size needs --overlap-grad-reduce (without it megatron-core reduces "
@@ -301,11 +327,33 @@ class TrainConfig:
                     f"stage {stage.name!r}: new_rows_only needs weight_decay: 0 (decay would "
                     "move the rows it keeps frozen)"
                 )
+            for name in ("lr", "min_lr", "lr_warmup_iters", "weight_decay"):
+                if getattr(stage, name) < 0:
+                    raise ConfigError(f"stage {stage.name!r}: {name} must be at least 0")
+            if stage.min_lr > stage.lr:
+                raise ConfigError(
+                    f"stage {stage.name!r}: min_lr {stage.min_lr:g} is above its lr {stage.lr:g} "
+                    "(the learning rate decays from lr to min_lr)"
+                )
             if stage.lr_warmup_iters >= stage.train_iters:
                 raise ConfigError(
                     f"stage {stage.name!r}: {stage.lr_warmup_iters} warm-up iterations leave none "
                     f"of its {stage.train_iters} to decay (use lr_warmup_iters < train_iters)"
                 )
+
+    def _check_ranges(self) -> None:
+        """Each numeric setting within its range (before anything divides by one)."""
+        for name, lowest in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < lowest:
+                raise ConfigError(f"{_flag(name)} must be at least {lowest}, got {value}")
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{_flag(name)} must be above 0, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"{_flag(name)} must be below 1, got {getattr(self, name)}")
 
 
 def _flag(name: str) -> str:
@@ -414,7 +462,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         args = argv[i + 1 : j]
         target = _scalar_type(_HINTS[name])
         if typing.get_origin(target) is list:
-            values[name] = args
+            values[name] = _coerce(name, args, "command line")
         elif not args and target is bool:
             values[name] = True
         elif len(args) == 1:

@@ -61,6 +61,32 @@ def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
         load_config(path, ["--train-iters", "15"]).resolved_stages()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # 0 would divide by zero (world size, log interval) or train on empty sequences.
+        (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be at least 1"),
+        (["--log-interval", "0"], "--log-interval must be at least 1, got 0"),
+        (["--seq-length", "0"], "--seq-length must be at least 1"),
+        (["--eval-iters", "0"], "--eval-iters must be at least 1"),
+        (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
+        (["--clip-grad", "-1"], "--clip-grad must be at least 0"),
+        (["--save-interval", "-5"], "--save-interval must be at least 0"),
+        (["--adam-beta2", "1"], "--adam-beta2 must be below 1"),
+        (["--adam-eps", "0"], "--adam-eps must be above 0"),
+        (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be above 0"),
+        # megatron-core's scheduler would fail later on a bare assertion.
+        (["--lr", "1e-4", "--min-lr", "1e-3"], "min_lr 0.001 is above its lr 0.0001"),
+        # Stages are mappings: they cannot come from the command line.
+        (["--stages", "foo"], "command line: stages\\[0\\]: a stage is a mapping"),
+    ],
+)
+def test_validate_names_a_setting_out_of_range(argv, message):
+    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, *argv]).validate(1)
+
+
 def test_validate_checks_batch_and_layout():
     base = ["--data-path", "x", "--tokenizer-model", "t.model"]
     with pytest.raises(ConfigError, match="not a multiple of --micro-batch-size 3 x 2"):
@@ -74,7 +100,7 @@ def test_validate_checks_batch_and_layout():
         load_config(None, [*base, *sequence_parallel, "--seq-length", "127"]).validate(2)
     with pytest.raises(ConfigError, match="--ddp-bucket-size needs --overlap-grad-reduce"):
         load_config(None, [*base, "--ddp-bucket-size", "1000000"]).validate(1)
-    with pytest.raises(ConfigError, match="--ddp-bucket-size must be positive"):
+    with pytest.raises(ConfigError, match="--ddp-bucket-size must be at least 1, got 0"):
         overlap = ["--overlap-grad-reduce", "--ddp-bucket-size", "0"]
         load_config(None, [*base, *overlap]).validate(1)
     config = load_config(None, base)
