@@ -113,6 +113,11 @@ def install_cpu_shims() -> None:
         _cpu_initialize_rng_tracker(force_reset=True)
 
 
+def job_world_size() -> int:
+    """Processes in this job: the process group's, else torchrun's ``WORLD_SIZE``, else 1."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
@@ -142,7 +147,7 @@ def init(
         install_cpu_shims()
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        world_size = job_world_size() if world_size is None else world_size
         if gpu:
             torch.cuda.set_device(
                 int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))

@@ -277,7 +277,8 @@ class TrainConfig:
         if world_size % (tp * pp):
             raise ConfigError(
                 f"{world_size} processes cannot be split into --tensor-model-parallel-size {tp} "
-                f"x --pipeline-model-parallel-size {pp}"
+                f"x --pipeline-model-parallel-size {pp} (start a multiple of {tp * pp}, e.g. "
+                f"torchrun --nproc-per-node {tp * pp} -m megatron_ext.cli train ...)"
             )
         dp = world_size // (tp * pp)
         if self.global_batch_size % (self.micro_batch_size * dp):

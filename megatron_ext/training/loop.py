@@ -160,11 +160,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        # Before megatron-core splits the processes, which would fail with a bare RuntimeError.
+        self.world_size = distributed.job_world_size()
+        config.validate(self.world_size)
         distributed.init(
             config.tensor_model_parallel_size, config.pipeline_model_parallel_size, seed=config.seed
         )
-        self.world_size = dist.get_world_size()
-        config.validate(self.world_size)
         if config.bf16 and not torch.cuda.is_available():
             raise ConfigError(
                 "--bf16 needs a GPU: megatron-core's mixed-precision optimizer accepts only CUDA "

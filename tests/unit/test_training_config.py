@@ -110,3 +110,14 @@ def test_validate_checks_batch_and_layout():
     config.stages = [StageConfig(name="x", trainable="embeddings", new_rows_only=True)]
     with pytest.raises(ConfigError, match="new_rows_only needs weight_decay: 0"):
         config.validate(1)
+
+
+def test_trainer_checks_the_layout_before_splitting_the_processes(monkeypatch):
+    """One process at TP=2: the config's message, not megatron-core's bare RuntimeError."""
+    from megatron_ext.training.loop import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
+    config = load_config(None, [*base, "--tensor-model-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="1 processes cannot be split.*--nproc-per-node 2"):
+        Trainer(config)
