@@ -60,16 +60,16 @@ class DatasetTokenizer:
         }
 
 
-def check_preprocessing_records(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str]:
-    """Compare the tokenizer each dataset was made with to the run's.
+def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str]:
+    """Check that each dataset exists, and compare the tokenizer it was made with to the run's.
 
     ``megatron-ext preprocess`` records its tokenizer's sha256 and size in
     ``{prefix}.stats.json``; datasets without that record (Megatron-LM's own tool) are left to the
     per-batch check in :func:`micro_batches`.
 
     Raises:
-        ConfigError: A dataset was made with a larger vocabulary than the run's: its ids would
-            fall outside the embedding.
+        ConfigError: A dataset's ``.bin`` or ``.idx`` file is missing, or a dataset was made with
+            a larger vocabulary than the run's: its ids would fall outside the embedding.
 
     Returns:
         A warning for each dataset made with another tokenizer file no larger than the run's:
@@ -78,6 +78,12 @@ def check_preprocessing_records(prefixes: list[str], tokenizer: DatasetTokenizer
     """
     warnings = []
     for prefix in prefixes:
+        missing = [name for name in (prefix + ".bin", prefix + ".idx") if not Path(name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"--data-path: {' and '.join(missing)} not found (a prefix names the pair that "
+                "megatron-ext preprocess writes)"
+            )
         record = Path(prefix + ".stats.json")
         if not record.is_file():
             continue

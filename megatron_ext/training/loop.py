@@ -39,7 +39,7 @@ from megatron_ext.training.data import (
     Batch,
     DatasetTokenizer,
     build_datasets,
-    check_preprocessing_records,
+    check_datasets,
     micro_batches,
 )
 from megatron_ext.training.metrics import MetricsLog
@@ -194,7 +194,7 @@ class Trainer:
         self.plan = resolve_arch(config, tokenizer.vocab_size, self.resume)
         remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
         dataset_tokenizer = DatasetTokenizer(tokenizer, config.tokenizer_model)
-        for warning in check_preprocessing_records(config.data_blend[0], dataset_tokenizer):
+        for warning in check_datasets(config.data_blend[0], dataset_tokenizer):
             self._log_rank0(warning)
         self.datasets = build_datasets(
             config, dataset_tokenizer, train_samples=self.start.consumed_samples + remaining

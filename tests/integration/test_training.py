@@ -535,7 +535,8 @@ def test_data_from_another_tokenizer_fails_loudly(
 ):
     """Ids beyond the vocabulary stop the run (the fused embedding would read them as zeros)."""
     from megatron_ext.tokenizer.encoders import SentencePieceEncoder
-    from megatron_ext.training.data import DatasetTokenizer, check_preprocessing_records
+    from megatron_ext.training.config import ConfigError
+    from megatron_ext.training.data import DatasetTokenizer, check_datasets
     from tests.conftest import preprocess_languages
 
     # Llama-2's 32,000-piece ids fed to a run with the 2,000-piece test tokenizer.
@@ -557,7 +558,11 @@ def test_data_from_another_tokenizer_fails_loudly(
 
     # A smaller tokenizer's data with a larger tokenizer: valid ids, so a warning naming both.
     tokenizer = DatasetTokenizer(SentencePieceEncoder(llama2_tokenizer), str(llama2_tokenizer))
-    warnings = check_preprocessing_records(list(training_data.values()), tokenizer)
+    warnings = check_datasets(list(training_data.values()), tokenizer)
     assert len(warnings) == 2
     assert all(str(small_tokenizer) in w and str(llama2_tokenizer) in w for w in warnings)
-    assert check_preprocessing_records(list(large.values()), tokenizer) == []  # no records left
+    assert check_datasets(list(large.values()), tokenizer) == []  # no records left
+
+    # A prefix without its files, named (megatron-core's assertion would end in a traceback).
+    with pytest.raises(ConfigError, match=r"--data-path: .*missing\.bin and .*missing\.idx"):
+        check_datasets([str(tmp_path / "missing")], tokenizer)
