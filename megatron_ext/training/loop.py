@@ -287,6 +287,13 @@ class Trainer:
         state = dataclasses.replace(self.start)
         if self.resume is not None:
             self._log_rank0(f"resuming from {self.resume} (iteration {state.iteration})")
+        elif config.load:
+            # As on a job's first run, where --load names the directory --save is about to fill.
+            start = config.pretrained_checkpoint or "newly initialised weights"
+            self._log_rank0(
+                f"--load {config.load}: no checkpoint there yet (no "
+                f"{checkpointing.LATEST!r} file); starting from {start}"
+            )
         metrics = MetricsLog(
             Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,
             config.tensorboard_dir if self.is_logger else None,

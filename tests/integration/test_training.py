@@ -221,6 +221,8 @@ def test_kill_9_then_resume_reproduces_the_losses_bitwise(
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # A first run whose --load names a directory without checkpoints says so.
+    assert f"--load {killed}: no checkpoint there yet" in proc.stdout.read()
     resumed_from = int(pointer.read_text())
     assert resumed_from < 30
     # As if the kill had landed mid-save: a half-written checkpoint past the latest one.
