@@ -148,6 +148,9 @@ class TrainConfig:
         load: Checkpoint directory to resume from (usually the same as ``save``).
         save_interval: Iterations between checkpoints (0: only at the end and on SIGTERM).
         keep_last_checkpoints: Older checkpoints are deleted (0: keep all).
+        force: Let ``save`` name a directory that holds another run's checkpoints (a run not
+            resumed from there): this run starts its own in it, its checkpoints replacing the
+            others as it saves and ``metrics.jsonl`` starting anew. Without it that is an error.
         async_save: Write checkpoints in the background (megatron-core's asynchronous
             ``dist_checkpointing``); each is published once complete on all ranks.
         log_interval: Iterations between console lines (metrics.jsonl gets every iteration).
@@ -205,6 +208,7 @@ class TrainConfig:
     load: str | None = None
     save_interval: int = 0
     keep_last_checkpoints: int = 2
+    force: bool = False
     async_save: bool = False
     log_interval: int = 10
     tensorboard_dir: str | None = None

@@ -180,6 +180,20 @@ class Trainer:
             self.device
         )
         self.resume = checkpointing.latest_checkpoint(config.load) if config.load else None
+        # A run continues its --save directory only when it resumes from that directory.
+        self.continues_save = bool(
+            config.save
+            and self.resume is not None
+            and Path(config.load).resolve() == Path(config.save).resolve()
+        )
+        if config.save and not self.continues_save and not config.force:
+            existing = checkpointing.latest_checkpoint(config.save)
+            if existing is not None:
+                raise ConfigError(
+                    f"--save {config.save} already holds another run's checkpoints (latest: "
+                    f"{existing.name}): resume it with --load {config.save}, choose another "
+                    "--save, or pass --force to start this run there (replacing them)"
+                )
         self.checkpoints = (
             checkpointing.CheckpointWriter(
                 config.save, config.keep_last_checkpoints, config.async_save
@@ -297,7 +311,7 @@ class Trainer:
         metrics = MetricsLog(
             Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,
             config.tensorboard_dir if self.is_logger else None,
-            resume_step=state.iteration if self.resume else None,
+            resume_step=state.iteration if self.continues_save else None,
         )
         stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins)
         result = TrainResult(iteration=state.iteration)

@@ -4,7 +4,7 @@ Training entries carry ``step``, ``stage``, ``loss``, ``lr``, ``grad_norm``, ``t
 ``mfu`` (None where the device peak is unknown) and ``skipped``; validation entries carry
 ``"split": "valid"``, ``lang``, ``loss`` and ``bpc`` (bits per character). Only one rank writes.
 A resumed run first drops the entries after the checkpoint it resumes from, so the file reads as
-one uninterrupted run.
+one uninterrupted run; a run that starts afresh starts the file anew.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends metric entries to a JSONL file and, optionally, TensorBoard."""
+    """Appends metric entries to a JSONL file and, optionally, TensorBoard.
+
+    ``resume_step``: the iteration a resumed run continues from (the file keeps the entries up to
+    it); None: a new run (the file starts empty).
+    """
 
     def __init__(
         self,
@@ -30,7 +34,8 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.exists():
                 _truncate_after(self.path, resume_step)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+            mode = "w" if resume_step is None else "a"
+            self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 (closed in close)
         self._tensorboard = None
         if tensorboard_dir:
             try:

@@ -371,6 +371,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_tokenizer,
     assert json.loads((save / "interrupted.json").read_text())["iteration"] == last
 
 
+def test_a_new_run_does_not_clobber_another_runs_checkpoints(
+    tmp_path, small_tokenizer, training_data
+):
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=2)
+    save = ["--save", str(tmp_path / "run")]
+    run_ranks(_train, 1, config, save)
+    with pytest.raises(AssertionError, match=r"already holds another run's checkpoints"):
+        run_ranks(_train, 1, config, save)  # neither resumed (--load) nor forced
+    assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 2, 2]
+    run_ranks(_train, 1, config, [*save, "--force"])
+    # A new run, a new file: the first run's entries are gone, not followed by the second's.
+    assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 2, 2]
+
+
 def test_resume_at_another_tensor_parallel_size(tmp_path, small_tokenizer, training_data):
     # A constant learning rate: the schedule does not depend on the run's length.
     config = write_config(tmp_path, small_tokenizer, training_data, lr_decay_style="constant",
