@@ -67,12 +67,22 @@ class LlamaArch:
 
     def padded_vocab_size(self, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
         """Megatron's padded vocabulary: a multiple of ``divisible_by * TP``."""
+        if divisible_by < 1 or tensor_model_parallel_size < 1:
+            raise ArchitectureError(
+                f"make-vocab-size-divisible-by ({divisible_by}) and tensor-model-parallel-size "
+                f"({tensor_model_parallel_size}) must be at least 1"
+            )
         multiple = divisible_by * tensor_model_parallel_size
         return math.ceil(self.vocab_size / multiple) * multiple
 
     def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int):
         """Raise if the model cannot be split this way."""
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ArchitectureError(
+                f"tensor-model-parallel-size ({tp}) and pipeline-model-parallel-size ({pp}) must "
+                "be at least 1"
+            )
         if self.num_attention_heads % tp or self.num_query_groups % tp:
             raise ArchitectureError(
                 f"tensor-model-parallel-size {tp} must divide the {self.num_attention_heads} "

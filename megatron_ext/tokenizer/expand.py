@@ -89,6 +89,8 @@ class ExpansionConfig:
             raise ExpansionError("--unmarked-weight must be 0 or more")
         if self.min_frequency < 1:
             raise ExpansionError("--min-frequency must be at least 1")
+        if self.num_threads < 1:
+            raise ExpansionError("--threads must be at least 1")
 
 
 @dataclass

@@ -183,3 +183,19 @@ def test_corpus_reader_accepts_compressed_text_files(corpora, tmp_path):
     with gzip.open(tmp_path / "mixed.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n\n".join(texts) + "\n")  # blank lines are dropped, not documents
     assert list(iter_documents([str(tmp_path / "*.txt.gz")])) == texts
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_new_tokens": 0}, "--num-new-tokens must be at least 1"),
+        ({"method": "merge"}, "--method must be one of gain, append"),
+        ({"unmarked_weight": -1}, "--unmarked-weight must be 0 or more"),
+        ({"min_frequency": 0}, "--min-frequency must be at least 1"),
+        # SentencePiece would fail only after the corpus is read, on an internal check.
+        ({"num_threads": 0}, "--threads must be at least 1"),
+    ],
+)
+def test_settings_out_of_range_name_the_flag(settings, message):
+    with pytest.raises(ExpansionError, match=message):
+        ExpansionConfig(**{"num_new_tokens": 10, **settings}).validate()
