@@ -194,7 +194,14 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
     """The ``megatron_ext.json`` of a converted checkpoint."""
     path = Path(checkpoint_dir) / METADATA
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found (not a checkpoint written by megatron-ext)")
+        # A training run's directory holds its checkpoints one level down.
+        inside = sorted(
+            p.parent
+            for p in Path(checkpoint_dir).glob(f"iter_*/{METADATA}")
+            if not p.parent.name.endswith(".tmp")
+        )
+        hint = f"; its checkpoints are in iter_* directories, e.g. {inside[-1]}" if inside else ""
+        raise CheckpointError(f"{path}: not found (not a checkpoint written by megatron-ext){hint}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -236,6 +243,12 @@ def megatron_to_hf(
 
     Padding rows are stripped, so ``config.json``'s ``vocab_size`` is the tokenizer's size.
     Needs ``torch.distributed`` initialised (one process).
+
+    Raises:
+        CheckpointError: Not a megatron-ext checkpoint, or ``tokenizer_model`` has another
+            vocabulary size than the checkpoint.
+        TokenizerLoadError: ``tokenizer_model`` is missing or not a SentencePiece model.
+        OutputExistsError: ``output_dir`` exists and ``force`` is false.
     """
     from megatron.core import dist_checkpointing
 
@@ -244,11 +257,16 @@ def megatron_to_hf(
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
     metadata = read_metadata(checkpoint_dir)
     arch = LlamaArch(**metadata["arch"])
+    if tokenizer_model:
+        pieces = len(load_sentencepiece(tokenizer_model))
+        if pieces != arch.vocab_size:
+            raise CheckpointError(
+                f"{tokenizer_model}: {pieces:,} pieces, but {checkpoint_dir} has a vocabulary "
+                f"of {arch.vocab_size:,}: export with the tokenizer it was trained with"
+            )
     dtype = DTYPES[metadata["dtype"]]
     model = _meta_model(arch, metadata["padded_vocab_size"], dtype)
-    sharded = {
-        k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")
-    }
+    sharded = model_sharded_state(model)
     for value in sharded.values():
         if hasattr(value, "data") and isinstance(value.data, torch.Tensor):
             value.data = torch.empty(value.data.shape, dtype=value.data.dtype)

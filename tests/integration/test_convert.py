@@ -182,6 +182,22 @@ def test_tokenizer_must_extend_the_checkpoint(tmp_path, hf_dir, tokenizers_300, 
         _vocabulary_plan(hf, str(truncated), str(base))
 
 
+def test_export_checks_its_tokenizer_and_points_into_a_run_directory(
+    tmp_path, hf_dir, tokenizers_300
+):
+    from megatron_ext.checkpoint.convert import megatron_to_hf, read_metadata
+
+    checkpoint = tmp_path / "run" / "iter_0000005"  # where megatron-ext train saves
+    run_ranks(convert, 1, hf_dir, checkpoint, {"dtype": "fp32"})
+    with pytest.raises(CheckpointError, match=r"not found .*e\.g\. .*run/iter_0000005"):
+        read_metadata(tmp_path / "run")
+    # Copied next to the weights, a tokenizer of another size would pass for the model's.
+    _, expanded = tokenizers_300
+    with pytest.raises(CheckpointError, match=r"expanded\.model: 30\d pieces, but .* of 300"):
+        megatron_to_hf(checkpoint, tmp_path / "back", tokenizer_model=str(expanded))
+    assert not (tmp_path / "back").exists()
+
+
 def test_cli_round_trip(tmp_path, hf_dir):
     import subprocess
     import sys
