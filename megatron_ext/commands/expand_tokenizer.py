@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output}")
     base = load_base(args.base_model)
     check_exportable(base)  # fail before the long part, not after it
-    files = expand_inputs(args.corpus)
+    files = expand_inputs(args.corpus, flag="--corpus")
     documents = iter_documents(
         files,
         key=args.json_key,

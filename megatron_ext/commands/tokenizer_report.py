@@ -113,6 +113,11 @@ def run(args: argparse.Namespace) -> dict:
     output = Path(args.output_dir)
     if output.exists() and not args.force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output}")
+    for flag, named in (("--tokenizer", args.tokenizer), ("--corpus", args.corpus)):
+        names = [name for name, _ in named]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InputError(f"{flag}: the name {repeated[0]!r} is given twice")
     processors = {name: load_sentencepiece(path) for name, path in args.tokenizer}
     corpora = {
         name: list(iter_documents([path], args.json_key, args.on_bad_line == "skip"))

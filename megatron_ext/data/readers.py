@@ -95,8 +95,12 @@ def input_format(path: str | os.PathLike) -> tuple[str, str | None]:
     return fmt, compression
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
+def expand_inputs(patterns: Sequence[str], flag: str = "--input") -> list[str]:
     """Files named by ``patterns`` (paths or globs), each pattern's matches sorted, no repeats.
+
+    Args:
+        patterns: Paths or globs.
+        flag: The command-line flag they came from, for error messages.
 
     Raises:
         InputError: If a pattern matches no file or names a file of unknown format.
@@ -107,10 +111,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         )
         if os.path.isdir(pattern):
-            raise InputError(f"--input {pattern}: a directory; give files or a glob (dir/*.jsonl)")
+            raise InputError(f"{flag} {pattern}: a directory; give files or a glob (dir/*.jsonl)")
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise InputError(f"--input {pattern}: no such file")
+            raise InputError(f"{flag} {pattern}: no such file")
         for match in matches:
             input_format(match)
             if match not in files:

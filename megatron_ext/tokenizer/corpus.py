@@ -36,7 +36,7 @@ def iter_documents(
     Raises:
         InputError: A missing or unreadable file, or a malformed line unless skipping.
     """
-    for path in expand_inputs(patterns):
+    for path in expand_inputs(patterns, flag="--corpus"):
         for block in iter_blocks(path):
             for line, (field,) in parse_block(block, [key]):
                 if isinstance(field, BadField):

@@ -196,3 +196,19 @@ def test_report(expanded, llama2_tokenizer, corpora, tmp_path):
         report["corpora"]["ar"]["ours"]["fertility"]
         < report["corpora"]["ar"]["base"]["fertility"] / 2
     )
+
+
+def test_report_names_the_flag_of_a_bad_input(llama2_tokenizer, corpora, tmp_path, capsys):
+    corpus = f"ar={corpora / 'ar' / 'valid.jsonl'}"
+
+    def report(*args):
+        argv = [*args, "--output-dir", str(tmp_path / "report")]
+        return tokenizer_report.main(argv)
+
+    # Two tokenizers under one name: the report would hold one of them without a word.
+    twice = [f"base={llama2_tokenizer}"] * 2
+    assert report("--tokenizer", twice[0], "--tokenizer", twice[1], "--corpus", corpus) == 1
+    assert "--tokenizer: the name 'base' is given twice" in capsys.readouterr().err
+    assert report("--tokenizer", twice[0], "--corpus", f"ar={tmp_path / 'nope.jsonl'}") == 1
+    assert f"--corpus {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

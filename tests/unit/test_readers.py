@@ -120,8 +120,10 @@ def test_expand_inputs(tmp_path, corpora):
         str(tmp_path / "a.jsonl"),
         str(tmp_path / "b.jsonl"),
     ]
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="^--input .*missing.jsonl: no such file"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(InputError, match="^--corpus .*: a directory"):
+        expand_inputs([str(tmp_path)], flag="--corpus")
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(InputError, match="unknown input format"):
         expand_inputs([str(tmp_path / "x.csv")])
