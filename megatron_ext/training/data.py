@@ -141,6 +141,9 @@ def build_datasets(
         config: The run's settings.
         tokenizer: End-of-document id and identity for the index cache.
         train_samples: Samples the training blend must provide (default: the whole run's).
+
+    Raises:
+        ConfigError: A dataset has no validation documents under ``config.split``.
     """
     prefixes, weights = config.data_blend
     if train_samples is None:
@@ -161,7 +164,7 @@ def build_datasets(
             _dataset_config(config, tokenizer, ([prefix], None)),
         ).build()
         if dataset is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}: no validation documents with --split {config.split} "
                 "(give the validation split a share)"
             )

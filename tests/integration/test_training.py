@@ -385,6 +385,13 @@ def test_a_new_run_does_not_clobber_another_runs_checkpoints(
     assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 2, 2]
 
 
+def test_a_split_without_validation_is_a_config_error(tmp_path, small_tokenizer, training_data):
+    """Every run validates each language; the CLI prints a ConfigError as one line."""
+    config = write_config(tmp_path, small_tokenizer, training_data, split="100,0,0")
+    with pytest.raises(AssertionError, match=r"ConfigError: .*no validation documents"):
+        run_ranks(_train, 1, config, [])
+
+
 def test_resume_at_another_tensor_parallel_size(tmp_path, small_tokenizer, training_data):
     # A constant learning rate: the schedule does not depend on the run's length.
     config = write_config(tmp_path, small_tokenizer, training_data, lr_decay_style="constant",
