@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,18 @@ def _reduce_report(losses_reduced: list[dict[str, torch.Tensor]]) -> torch.Tenso
     return total
 
 
+def _writable_directory(flag: str, directory: str | None) -> None:
+    """Create ``directory`` if needed; a ConfigError naming ``flag`` if it cannot be written."""
+    if not directory:
+        return
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag} {directory}: cannot create it ({err.strerror})") from err
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"{flag} {directory}: not writable")
+
+
 class StopRequest:
     """Decides, the same on every rank, when a run should save and stop early.
 
@@ -163,6 +176,9 @@ class Trainer:
         # Before megatron-core splits the processes, which would fail with a bare RuntimeError.
         self.world_size = distributed.job_world_size()
         config.validate(self.world_size)
+        # Before hours of training, not at the first save.
+        _writable_directory("--save", config.save)
+        _writable_directory("--tensorboard-dir", config.tensorboard_dir)
         distributed.init(
             config.tensor_model_parallel_size, config.pipeline_model_parallel_size, seed=config.seed
         )

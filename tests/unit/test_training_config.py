@@ -121,3 +121,16 @@ def test_trainer_checks_the_layout_before_splitting_the_processes(monkeypatch):
     config = load_config(None, [*base, "--tensor-model-parallel-size", "2"])
     with pytest.raises(ConfigError, match="1 processes cannot be split.*--nproc-per-node 2"):
         Trainer(config)
+
+
+def test_trainer_refuses_an_output_directory_it_cannot_create(tmp_path, monkeypatch):
+    """At the start, not at the first save after hours of training."""
+    from megatron_ext.training.loop import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "file").write_text("")
+    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
+    for flag in ("--save", "--tensorboard-dir"):
+        config = load_config(None, [*base, flag, str(tmp_path / "file" / "run")])
+        with pytest.raises(ConfigError, match=f"^{flag} .*file/run: cannot create it"):
+            Trainer(config)
