@@ -6,6 +6,9 @@ import pytest
 
 from megatron_ext.training.config import ConfigError, StageConfig, load_config, parse_overrides
 
+# The two settings validate() requires; the files need not exist.
+REQUIRED = ["--data-path", "x", "--tokenizer-model", "t.model"]
+
 
 def test_overrides_use_megatron_flag_names_and_types(tmp_path):
     path = tmp_path / "c.yaml"
@@ -82,28 +85,25 @@ def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
     ],
 )
 def test_validate_names_a_setting_out_of_range(argv, message):
-    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [*base, *argv]).validate(1)
+        load_config(None, [*REQUIRED, *argv]).validate(1)
 
 
 def test_validate_checks_batch_and_layout():
-    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
     with pytest.raises(ConfigError, match="not a multiple of --micro-batch-size 3 x 2"):
-        load_config(None, [*base, "--micro-batch-size", "3", "--global-batch-size", "8"]).validate(
-            2
-        )
+        batch = ["--micro-batch-size", "3", "--global-batch-size", "8"]
+        load_config(None, [*REQUIRED, *batch]).validate(2)
     with pytest.raises(ConfigError, match="3 processes cannot be split"):
-        load_config(None, [*base, "--tensor-model-parallel-size", "2"]).validate(3)
+        load_config(None, [*REQUIRED, "--tensor-model-parallel-size", "2"]).validate(3)
     with pytest.raises(ConfigError, match="--seq-length 127 is not a multiple of 2"):
         sequence_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
-        load_config(None, [*base, *sequence_parallel, "--seq-length", "127"]).validate(2)
+        load_config(None, [*REQUIRED, *sequence_parallel, "--seq-length", "127"]).validate(2)
     with pytest.raises(ConfigError, match="--ddp-bucket-size needs --overlap-grad-reduce"):
-        load_config(None, [*base, "--ddp-bucket-size", "1000000"]).validate(1)
+        load_config(None, [*REQUIRED, "--ddp-bucket-size", "1000000"]).validate(1)
     with pytest.raises(ConfigError, match="--ddp-bucket-size must be at least 1, got 0"):
         overlap = ["--overlap-grad-reduce", "--ddp-bucket-size", "0"]
-        load_config(None, [*base, *overlap]).validate(1)
-    config = load_config(None, base)
+        load_config(None, [*REQUIRED, *overlap]).validate(1)
+    config = load_config(None, REQUIRED)
     config.stages = [StageConfig(name="x", new_rows_only=True)]
     with pytest.raises(ConfigError, match="new_rows_only needs trainable=embeddings"):
         config.validate(1)
@@ -117,8 +117,7 @@ def test_trainer_checks_the_layout_before_splitting_the_processes(monkeypatch):
     from megatron_ext.training.loop import Trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
-    config = load_config(None, [*base, "--tensor-model-parallel-size", "2"])
+    config = load_config(None, [*REQUIRED, "--tensor-model-parallel-size", "2"])
     with pytest.raises(ConfigError, match="1 processes cannot be split.*--nproc-per-node 2"):
         Trainer(config)
 
@@ -129,8 +128,7 @@ def test_trainer_refuses_an_output_directory_it_cannot_create(tmp_path, monkeypa
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     (tmp_path / "file").write_text("")
-    base = ["--data-path", "x", "--tokenizer-model", "t.model"]
     for flag in ("--save", "--tensorboard-dir"):
-        config = load_config(None, [*base, flag, str(tmp_path / "file" / "run")])
+        config = load_config(None, [*REQUIRED, flag, str(tmp_path / "file" / "run")])
         with pytest.raises(ConfigError, match=f"^{flag} .*file/run: cannot create it"):
             Trainer(config)
