@@ -21,7 +21,8 @@ divides that sum by the number (mask weight) of non-ignored tokens, and is 0 whe
 Algorithm: tokens are processed in chunks of ``C`` rows; for each chunk the logits
 ``[C, V/TP]`` exist only in the input dtype, the per-token max, sum-exp, target logit and logit sum
 are combined across TP with one MAX and one SUM all-reduce of size ``O(C)``, and the gradient with
-respect to the logits is written over the logits in place. With ``mean``/``sum`` reduction the
+respect to the logits is written over the logits in place. Without TP the Triton path does the
+statistics, the loss and that gradient in one kernel (two passes over each row). With ``mean``/``sum`` reduction the
 gradients are computed during the forward pass (the upstream gradient is a scalar, applied in
 backward), so forward+backward costs the three lm-head GEMMs; with ``none`` the per-token upstream
 gradient is only known in backward, which recomputes each chunk's logits (a fourth GEMM). ``dW`` is
@@ -63,6 +64,10 @@ MAX_BLOCK_V = 8192
 # GPU, logits (rows x vocab shard) on a CPU.
 MIN_GPU_CHUNK_ROWS = 2048
 MIN_CPU_CHUNK_LOGITS = 512 * 32000
+# Without TP, the Triton path takes each row's loss and gradient in one launch
+# (_ce_whole_row_kernel); benchmarks turn this off to measure what that saves over the two
+# kernels TP needs, and tests to run those at TP=1.
+ONE_ROW_KERNEL_WITHOUT_TP = True
 
 
 @triton.jit
@@ -70,6 +75,66 @@ def _softcap(z, cap):
     # cap * tanh(z / cap) through exp: portable across Triton versions and the interpreter, and
     # exact at the saturated ends (exp overflowing to inf gives +/-cap).
     return cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
+
+
+@triton.jit
+def _scan_row(base, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row's max, sum of exp(z - max) and sum of z, in fp32."""
+    m = -float("inf")
+    s = 0.0
+    total = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = _softcap(z, softcap)
+        total += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        z = tl.where(mask, z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    return m, s, total
+
+
+@triton.jit
+def _target_logit(base, target, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z[target] of one row, 0 when the target is not in it (``target`` < 0)."""
+    # Loaded after the scan: a value live across its loop makes ptxas spill on sm_90.
+    on_shard = target >= 0
+    z_t = tl.load(base + tl.where(on_shard, target, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_t = _softcap(z_t, softcap)
+    return tl.where(on_shard, z_t, 0.0)
+
+
+@triton.jit
+def _write_row_grad(
+    base,
+    n_cols,
+    target,
+    lse,
+    scale,
+    z_coef,
+    smooth,
+    target_coef,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Overwrite one row of logits with scale * d loss / d logits, computed in fp32."""
+    p_coef = 1.0 + z_coef * lse
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = _softcap(z, softcap)
+        d = p_coef * tl.exp(z - lse) - smooth - tl.where(cols == target, target_coef, 0.0)
+        if HAS_SOFTCAP:
+            c = z / softcap
+            d = d * (1.0 - c * c)
+        tl.store(base + cols, (d * scale).to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -86,31 +151,14 @@ def _ce_stats_kernel(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Per row: max, sum of exp(z - max), z[target] (0 when off-shard) and sum of z, in fp32."""
+    """Per row of a shard: max, sum-exp, target logit and logit sum, which TP ranks combine."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
-    m = -float("inf")
-    s = 0.0
-    total = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = _softcap(z, softcap)
-        total += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        z = tl.where(mask, z, -float("inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-    target = tl.load(target_ptr + row)
-    on_shard = target >= 0
-    z_t = tl.load(base + tl.where(on_shard, target, 0)).to(tl.float32)
-    if HAS_SOFTCAP:
-        z_t = _softcap(z_t, softcap)
+    m, s, total = _scan_row(base, n_cols, softcap, HAS_SOFTCAP, BLOCK_V)
+    z_t = _target_logit(base, tl.load(target_ptr + row), softcap, HAS_SOFTCAP)
     tl.store(max_ptr + row, m)
     tl.store(sumexp_ptr + row, s)
-    tl.store(target_logit_ptr + row, tl.where(on_shard, z_t, 0.0))
+    tl.store(target_logit_ptr + row, z_t)
     tl.store(logit_sum_ptr + row, total)
 
 
@@ -129,24 +177,61 @@ def _ce_grad_kernel(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Overwrite one row of logits with d(scale * loss)/d(logits), computed in fp32."""
+    """Per row, given the global log-sum-exp: the logits' gradient over the logits."""
+    row = tl.program_id(0).to(tl.int64)
+    _write_row_grad(
+        logits_ptr + row * stride,
+        n_cols,
+        tl.load(target_ptr + row),
+        tl.load(lse_ptr + row),
+        tl.load(scale_ptr + row),
+        z_coef,
+        smooth,
+        target_coef,
+        softcap,
+        HAS_SOFTCAP,
+        BLOCK_V,
+    )
+
+
+@triton.jit
+def _ce_whole_row_kernel(
+    logits_ptr,
+    stride,
+    target_ptr,
+    lse_ptr,
+    loss_ptr,
+    scale_ptr,
+    n_cols,
+    z_loss,
+    z_coef,
+    smooth,
+    target_coef,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row of the whole vocabulary (no TP): log-sum-exp, loss and the logits' gradient.
+
+    One launch instead of the statistics and gradient kernels: the gradient pass (with
+    ``WRITE_GRAD``) re-reads a row the first pass has just read, while few enough rows are in
+    flight for it to be in L2, and the O(N) arithmetic between the passes needs no kernels.
+    """
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
-    scale = tl.load(scale_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    m, s, total = _scan_row(base, n_cols, softcap, HAS_SOFTCAP, BLOCK_V)
     target = tl.load(target_ptr + row)
-    p_coef = 1.0 + z_coef * lse
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = _softcap(z, softcap)
-        d = p_coef * tl.exp(z - lse) - smooth - tl.where(cols == target, target_coef, 0.0)
-        if HAS_SOFTCAP:
-            c = z / softcap
-            d = d * (1.0 - c * c)
-        tl.store(base + cols, (d * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+    z_t = _target_logit(base, target, softcap, HAS_SOFTCAP)
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, lse - target_coef * z_t - smooth * total + z_loss * lse * lse)
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr + row)
+        _write_row_grad(
+            base, n_cols, target, lse, scale, z_coef, smooth, target_coef, softcap, HAS_SOFTCAP,
+            BLOCK_V,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -162,9 +247,17 @@ class _Config:
     # reflects requires_grad, so a caller's torch.no_grad() is only visible from outside.
     grad_enabled: bool
 
+    def grad_coefficients(self) -> tuple[float, float, float]:
+        """``(z_coef, smooth, target_coef)`` in the logits' gradient.
+
+        ``d loss / d z_v = (1 + z_coef lse) softmax_v - smooth - target_coef [v == y]``, then
+        the soft-cap's chain rule.
+        """
+        return 2.0 * self.z_loss, self.smoothing / self.vocab_size, 1.0 - self.smoothing
+
 
 def _row_launch(n_cols: int, on_gpu: bool) -> dict[str, int]:
-    """Launch settings of the two row kernels (one program per row of ``n_cols`` logits)."""
+    """Launch settings of the row kernels (one program per row of ``n_cols`` logits)."""
     return {
         "BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(n_cols)),
         "num_warps": 16 if on_gpu else 1,
@@ -229,9 +322,7 @@ def _logits_grad_(
     ``shifted_exp``: ``(exp(z - shift), shift)`` from the PyTorch path's statistics pass (the
     softmax then costs one multiply instead of another exp); without it the logits are read.
     """
-    z_coef = 2.0 * cfg.z_loss
-    smooth = cfg.smoothing / cfg.vocab_size
-    target_coef = 1.0 - cfg.smoothing
+    z_coef, smooth, target_coef = cfg.grad_coefficients()
     if cfg.triton:
         _ce_grad_kernel[(logits.shape[0],)](
             logits,
@@ -293,6 +384,43 @@ def _global_lse_and_loss(
         + cfg.z_loss * lse.square()
     )
     return lse, loss, None if shifted is None else (shifted, local_max)
+
+
+def _chunk_loss_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    write_grad: bool,
+    lse: torch.Tensor,
+    loss: torch.Tensor,
+    cfg: _Config,
+) -> None:
+    """Fill ``lse`` and ``loss`` for one chunk's rows.
+
+    With ``write_grad``, also overwrite ``logits`` with ``scale[:, None] * d loss / d logits``.
+    """
+    if cfg.triton and cfg.tp_group is None and ONE_ROW_KERNEL_WITHOUT_TP:
+        _ce_whole_row_kernel[(logits.shape[0],)](
+            logits,
+            logits.stride(0),
+            target,
+            lse,
+            loss,
+            scale,
+            logits.shape[1],
+            cfg.z_loss,
+            *cfg.grad_coefficients(),
+            cfg.softcap or 1.0,
+            HAS_SOFTCAP=cfg.softcap is not None,
+            WRITE_GRAD=write_grad,
+            **_row_launch(logits.shape[1], logits.is_cuda),
+        )
+        return
+    chunk_lse, chunk_loss, shifted_exp = _global_lse_and_loss(logits, target, cfg)
+    lse.copy_(chunk_lse)
+    loss.copy_(chunk_loss)
+    if write_grad:
+        _logits_grad_(logits, target, lse, scale, cfg, shifted_exp)
 
 
 def _chunk_rows(n: int, hidden_size: int, shard_vocab: int, on_gpu: bool) -> int:
@@ -407,9 +535,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             logits = buffer.logits(hidden[rows], weight)
-            lse[rows], loss[rows], shifted_exp = _global_lse_and_loss(logits, target[rows], cfg)
+            _chunk_loss_(logits, target[rows], scale[rows], grads_now, lse[rows], loss[rows], cfg)
             if grads_now:
-                _logits_grad_(logits, target[rows], lse[rows], scale[rows], cfg, shifted_exp)
                 overwrite = start == 0 and not dw_in_main_grad
                 _apply_logits_grad(
                     logits, hidden[rows], weight, grad_hidden, grad_weight, rows, overwrite

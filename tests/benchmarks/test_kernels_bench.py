@@ -251,6 +251,7 @@ _KERNEL_KINDS = (
     ("GEMM", re.compile(r"gemm|xmma|cutlass|nvjet", re.IGNORECASE)),
     ("CE statistics", re.compile(r"_ce_stats_kernel")),
     ("CE gradient", re.compile(r"_ce_grad_kernel")),
+    ("CE rows, one kernel", re.compile(r"_ce_whole_row_kernel")),
     ("copy/cast", re.compile(r"copy", re.IGNORECASE)),
 )
 
@@ -278,12 +279,20 @@ def _kernel_breakdown(step) -> str:
 
 
 @gpu
-@pytest.mark.parametrize("impl", ["gemms", "fused", "fused-ddp"])
+@pytest.mark.parametrize("impl", ["gemms", "fused", "fused-ddp", "fused-ddp, two row kernels"])
 @pytest.mark.parametrize("v", [32000, 64000])
-def test_gpu_linear_cross_entropy_breakdown(benchmark, impl, v):
-    """Where the fused loss's time goes at H=4096, the shape furthest from the 1.15x goal."""
+def test_gpu_linear_cross_entropy_breakdown(benchmark, monkeypatch, impl, v):
+    """Where the fused loss's time goes at H=4096, the shape furthest from the 1.15x goal.
+
+    ``two row kernels``: the statistics and gradient kernels TP needs, run at TP=1, against which
+    the one-kernel row pass (the TP=1 default) is measured.
+    """
+    from kernels import cross_entropy
+
     n, h = 8192, 4096
-    step = _ce_step(impl, *_ce_inputs(n, h, v))
+    if impl == "fused-ddp, two row kernels":
+        monkeypatch.setattr(cross_entropy, "ONE_ROW_KERNEL_WITHOUT_TP", False)
+    step = _ce_step(impl.split(",")[0], *_ce_inputs(n, h, v))
     ms, peak = _measure(benchmark, step, rounds=5)
     _GPU_ROWS.append(
         dict(

@@ -43,6 +43,11 @@ def _signatures(dtype: str) -> dict[str, dict[str, str]]:
             "scale_ptr": "*fp32", "n_cols": "i32", "z_coef": "fp32", "smooth": "fp32",
             "target_coef": "fp32", "softcap": "fp32",
         },
+        "_ce_whole_row_kernel": {
+            "logits_ptr": f"*{dtype}", "stride": "i64", "target_ptr": "*i64", "lse_ptr": "*fp32",
+            "loss_ptr": "*fp32", "scale_ptr": "*fp32", "n_cols": "i32", "z_loss": "fp32",
+            "z_coef": "fp32", "smooth": "fp32", "target_coef": "fp32", "softcap": "fp32",
+        },
         "_embedding_fwd_kernel": {
             "ids_ptr": "*i64", "weight_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
             "n_tokens": "i32", "hidden": "i32", "weight_row_stride": "i64", "vocab_start": "i32",
@@ -62,12 +67,18 @@ def _variants():
     from kernels import cross_entropy, embedding
 
     for dtype in DTYPES:
-        for name in ("_ce_stats_kernel", "_ce_grad_kernel"):
-            for n_cols in SHARD_VOCABS:
-                launch = cross_entropy._row_launch(n_cols, on_gpu=True)
-                num_warps = launch.pop("num_warps")
-                for softcap in (False, True):
-                    yield name, dtype, {"HAS_SOFTCAP": softcap, **launch}, num_warps
+        for n_cols in SHARD_VOCABS:
+            launch = cross_entropy._row_launch(n_cols, on_gpu=True)
+            num_warps = launch.pop("num_warps")
+            for softcap in (False, True):
+                constexprs = {"HAS_SOFTCAP": softcap, **launch}
+                yield "_ce_stats_kernel", dtype, constexprs, num_warps
+                yield "_ce_grad_kernel", dtype, constexprs, num_warps
+                # The whole vocabulary on one rank (TP=1): only the unsharded width.
+                if n_cols == max(SHARD_VOCABS):
+                    for write_grad in (False, True):
+                        whole = {**constexprs, "WRITE_GRAD": write_grad}
+                        yield "_ce_whole_row_kernel", dtype, whole, num_warps
         # Contiguous rows: Triton specialises an integer argument equal to 1 as a constant.
         forward = {**embedding._forward_launch(HIDDEN), "weight_col_stride": 1}
         backward = {**embedding._backward_launch(HIDDEN), "grad_weight_col_stride": 1}
