@@ -505,3 +505,63 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 def config_dict(config: TrainConfig) -> dict[str, Any]:
     """The configuration as plain data (for the checkpoint and the run log)."""
     return dataclasses.asdict(config)
+
+
+# Settings that give a saved state another meaning when they change between a checkpoint and the
+# run resuming it (Megatron-LM refuses a changed schedule; a changed blend it takes silently).
+# The data position is a count of samples into an order that these settings decide.
+DATA_ORDER_SETTINGS = ("data_path", "split", "seq_length", "seed")
+# The learning rate at the saved step is recomputed from these.
+SCHEDULE_SETTINGS = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style")
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Warnings for settings that differ from those a checkpoint was saved with.
+
+    Resuming with them is allowed (a new data mix or a longer run are common reasons), but it
+    does not continue the saved run exactly, so the run log says what changed and what that does.
+
+    Args:
+        saved: The checkpoint's configuration (its ``config_dict``).
+        config: The configuration resuming it.
+
+    Returns:
+        One message per kind of change (data order, schedule, stages), naming the flags.
+    """
+    current = config_dict(config)
+
+    def changes(names: tuple[str, ...]) -> str:
+        return ", ".join(
+            f"{_flag(name)} {_shown(saved[name])} -> {_shown(current[name])}"
+            for name in names
+            if name in saved and saved[name] != current[name]
+        )
+
+    warnings = []
+    if data := changes(DATA_ORDER_SETTINGS):
+        warnings.append(
+            f"warning: resuming with {data}: the saved data position (samples read so far) now "
+            "counts into another order of samples, so some may be read twice and others never"
+        )
+    if schedule := changes(SCHEDULE_SETTINGS):
+        warnings.append(
+            f"warning: resuming with {schedule}: the learning rate continues on the new schedule "
+            "from the saved step"
+        )
+    if "stages" in saved and saved["stages"] != current["stages"]:
+        warnings.append(
+            f"warning: resuming with other --stages ({_stage_list(saved['stages'])} -> "
+            f"{_stage_list(current['stages'])}): the saved position (stage number, iterations "
+            "in it) is taken in the new list"
+        )
+    return warnings
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _stage_list(stages: list[dict[str, Any]]) -> str:
+    if not stages:
+        return "one stage training everything"
+    return ", ".join(f"{s.get('name')}: {s.get('train_iters') or 'rest'}" for s in stages)

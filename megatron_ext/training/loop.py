@@ -35,7 +35,13 @@ from megatron_ext.model.gpt import LlamaGPTModel
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.tokenizer.metrics import characters_per_piece
 from megatron_ext.training import checkpointing
-from megatron_ext.training.config import ConfigError, StageConfig, TrainConfig, config_dict
+from megatron_ext.training.config import (
+    ConfigError,
+    StageConfig,
+    TrainConfig,
+    config_dict,
+    resume_changes,
+)
 from megatron_ext.training.data import (
     Batch,
     DatasetTokenizer,
@@ -221,6 +227,8 @@ class Trainer:
         if self.resume is not None:
             saved = checkpointing.read_train_state(self.resume)
             self.start = LoopState(**{k: saved[k] for k in asdict(self.start) if k in saved})
+            for warning in resume_changes(saved.get("config", {}), config):
+                self._log_rank0(warning)
         self.plan = resolve_arch(config, tokenizer.vocab_size, self.resume)
         remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
         dataset_tokenizer = DatasetTokenizer(tokenizer, config.tokenizer_model)

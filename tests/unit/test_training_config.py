@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from megatron_ext.training.config import ConfigError, StageConfig, load_config, parse_overrides
+from megatron_ext.training.config import (
+    ConfigError,
+    StageConfig,
+    config_dict,
+    load_config,
+    parse_overrides,
+    resume_changes,
+)
 
 # The two settings validate() requires; the files need not exist.
 REQUIRED = ["--data-path", "x", "--tokenizer-model", "t.model"]
@@ -48,6 +57,33 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
     path.write_text("trian_iters: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown setting 'trian_iters'"):
         load_config(path)
+
+
+def test_resume_changes_name_what_differs_from_the_checkpoint(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "train_iters: 100\nlr: 3.0e-4\nstages:\n"
+        "  - {name: emb, train_iters: 20, trainable: embeddings}\n  - {name: full}\n"
+    )
+    argv = [*REQUIRED[2:], "--data-path", "0.25", "en", "0.75", "ar"]
+    # What a checkpoint holds: the configuration through JSON.
+    saved = json.loads(json.dumps(config_dict(load_config(path, argv))))
+    assert resume_changes(saved, load_config(path, argv)) == []  # a re-queued job
+    # Settings that leave the saved state's meaning alone say nothing.
+    assert resume_changes(saved, load_config(path, [*argv, "--save-interval", "5"])) == []
+
+    blend = ["--data-path", "0.5", "en", "0.5", "ar", "--seq-length", "512"]
+    (data,) = resume_changes(saved, load_config(path, [*argv, *blend]))
+    assert "--data-path 0.25 en 0.75 ar -> 0.5 en 0.5 ar, --seq-length 256 -> 512" in data
+    assert "data position" in data
+
+    (schedule,) = resume_changes(saved, load_config(path, [*argv, "--train-iters", "200"]))
+    assert schedule.startswith("warning: resuming with --train-iters 100 -> 200: the learning")
+
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(path.read_text().replace("train_iters: 20", "train_iters: 30"))
+    (changed,) = resume_changes(saved, load_config(stages, argv))
+    assert "--stages (emb: 20, full: rest -> emb: 30, full: rest)" in changed
 
 
 def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
