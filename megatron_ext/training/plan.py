@@ -64,16 +64,16 @@ class RunPlan:
     micro_batches: int
     total_params: int
     params_per_gpu: int
-    weights_gb: float
-    grads_gb: float
-    optimizer_gb: float
-    activations_gb: float
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
     flops_per_step: float
-    checkpoint_gb: float
+    checkpoint_gib: float
 
     def lines(self, config) -> list[str]:
         """Human-readable summary of the plan."""
-        total = self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+        total = self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
         return [
             f"processes: {self.world_size} = TP {config.tensor_model_parallel_size} x PP "
             f"{config.pipeline_model_parallel_size} x DP {self.data_parallel_size}",
@@ -82,12 +82,12 @@ class RunPlan:
             f"{self.micro_batches} micro-batches per step per DP rank",
             f"parameters: {self.total_params / 1e9:.3f} B in all, "
             f"{self.params_per_gpu / 1e9:.3f} B on the busiest GPU",
-            f"memory per GPU (estimate): weights {self.weights_gb:.1f} GB + grads "
-            f"{self.grads_gb:.1f} GB + optimizer {self.optimizer_gb:.1f} GB + activations "
-            f"{self.activations_gb:.1f} GB = {total:.1f} GB",
+            f"memory per GPU (estimate): weights {self.weights_gib:.1f} GiB + grads "
+            f"{self.grads_gib:.1f} GiB + optimizer {self.optimizer_gib:.1f} GiB + activations "
+            f"{self.activations_gib:.1f} GiB = {total:.1f} GiB",
             f"model FLOPs per step: {self.flops_per_step:.3e}",
-            f"checkpoint: {self.checkpoint_gb:.1f} GB per save (weights and optimizer state), "
-            f"about {self.checkpoint_gb / self.world_size:.1f} GB written by each process",
+            f"checkpoint: {self.checkpoint_gib:.1f} GiB per save (weights and optimizer state), "
+            f"about {self.checkpoint_gib / self.world_size:.1f} GiB written by each process",
         ]
 
 
@@ -115,7 +115,7 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     stage_vocab = vocab_rows if pp == 1 else padded_vocab_size * h
     per_gpu = (stage_layers * per_layer + stage_vocab) // tp
     bytes_param = 2 if config.bf16 else 4
-    gb = 1024**3
+    gib = 1024**3
     optimizer_bytes = 12 if config.bf16 else 8
     optimizer_shards = dp if config.use_distributed_optimizer else 1
     s, b = config.seq_length, config.micro_batch_size
@@ -136,11 +136,11 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
         micro_batches=micro_batches,
         total_params=total,
         params_per_gpu=per_gpu,
-        weights_gb=per_gpu * bytes_param / gb,
-        grads_gb=per_gpu * 4 / gb,
-        optimizer_gb=per_gpu * optimizer_bytes / optimizer_shards / gb,
-        activations_gb=activations / gb,
+        weights_gib=per_gpu * bytes_param / gib,
+        grads_gib=per_gpu * 4 / gib,
+        optimizer_gib=per_gpu * optimizer_bytes / optimizer_shards / gib,
+        activations_gib=activations / gib,
         flops_per_step=training_flops_per_token(arch, padded_vocab_size, s) * tokens,
         # Every parameter once: weights, and fp32 main weights (bf16) and Adam's two moments.
-        checkpoint_gb=total * (bytes_param + optimizer_bytes) / gb,
+        checkpoint_gib=total * (bytes_param + optimizer_bytes) / gib,
     )

@@ -263,7 +263,7 @@ def test_data_parallel_ranks_share_the_checkpoint_writes(tmp_path, small_tokeniz
     run_config = load_config(config, [])
     model = resolve_arch(run_config, 2000, None)
     plan = plan_run(run_config, model.arch, model.padded_vocab_size, world_size=2)
-    assert sum(written) == pytest.approx(plan.checkpoint_gb * 1024**3, rel=0.05)
+    assert sum(written) == pytest.approx(plan.checkpoint_gib * 1024**3, rel=0.05)
 
 
 def _stage_one_changes(rank, world_size, config_path, overrides):

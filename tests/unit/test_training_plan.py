@@ -48,7 +48,7 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert "memory per GPU (estimate)" in out
     # bf16 weights, fp32 main weights and Adam's two moments: 14 bytes per parameter.
     params = float(re.search(r"parameters: ([\d.]+) B in all", out).group(1)) * 1e9
-    checkpoint = float(re.search(r"checkpoint: ([\d.]+) GB per save", out).group(1))
+    checkpoint = float(re.search(r"checkpoint: ([\d.]+) GiB per save", out).group(1))
     assert checkpoint == pytest.approx(params * 14 / 1024**3, rel=1e-3)
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
@@ -75,7 +75,7 @@ def _converted_metadata(directory, arch, base_vocab_size: int) -> None:
 def test_example_cluster_configs_fit_an_h100(
     tmp_path, capsys, llama2_tokenizer, config, world_size
 ):
-    """The Slurm examples' configs resolve, and their estimated memory fits 80 GB per GPU."""
+    """The Slurm examples' configs resolve, and their estimated memory fits an 80 GB GPU."""
     base = SentencePieceEncoder(llama2_tokenizer).vocab_size
     argv = [
         "--dry-run", "--config", str(EXAMPLES / config), "--world-size", str(world_size),
@@ -91,7 +91,8 @@ def test_example_cluster_configs_fit_an_h100(
     _converted_metadata(tmp_path, preset.with_vocab_size(base), base)
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert float(re.search(r"= ([\d.]+) GB", out).group(1)) < 80, out
+    # An H100 80GB holds 79.6 GiB; leave 2.6 GiB for the CUDA context and NCCL's buffers.
+    assert float(re.search(r"= ([\d.]+) GiB", out).group(1)) < 77, out
 
 
 def test_mfu_peak_follows_the_device_name(monkeypatch):
