@@ -21,17 +21,17 @@ divides that sum by the number (mask weight) of non-ignored tokens, and is 0 whe
 Algorithm: tokens are processed in chunks of ``C`` rows; for each chunk the logits
 ``[C, V/TP]`` exist only in the input dtype, the per-token max, sum-exp, target logit and logit sum
 are combined across TP with one MAX and one SUM all-reduce of size ``O(C)``, and the gradient with
-respect to the logits is written over the logits in place. Without TP the Triton path does the
-statistics, the loss and that gradient in one kernel (two passes over each row). With ``mean``/``sum`` reduction the
-gradients are computed during the forward pass (the upstream gradient is a scalar, applied in
-backward), so forward+backward costs the three lm-head GEMMs; with ``none`` the per-token upstream
-gradient is only known in backward, which recomputes each chunk's logits (a fourth GEMM). ``dW`` is
-accumulated in fp32 into megatron-core's ``main_grad`` when present, else into a private buffer;
-on the mean/sum path that happens during the forward pass (so a forward with gradients enabled
-under megatron-core's DDP must be followed by its backward, as in training), and backward only
-corrects for an upstream gradient other than 1 by recomputing ``(factor - 1) dW``. ``dH`` is
-all-reduced across TP inside backward, so callers must not wrap ``hidden`` in
-``copy_to_tensor_model_parallel_region``.
+respect to the logits is written over the logits in place (without TP, the Triton path does the
+statistics, the loss and that gradient in one kernel, two passes over each row). With
+``mean``/``sum`` reduction the gradients are computed during the forward pass (the upstream
+gradient is a scalar, applied in backward), so forward+backward costs the three lm-head GEMMs;
+with ``none`` the per-token upstream gradient is only known in backward, which recomputes each
+chunk's logits (a fourth GEMM). ``dW`` is accumulated in fp32 into megatron-core's ``main_grad``
+when present, else into a private buffer; on the mean/sum path that happens during the forward
+pass (so a forward with gradients enabled under megatron-core's DDP must be followed by its
+backward, as in training), and backward only corrects for an upstream gradient other than 1 by
+recomputing ``(factor - 1) dW``. ``dH`` is all-reduced across TP inside backward, so callers must
+not wrap ``hidden`` in ``copy_to_tensor_model_parallel_region``.
 """
 
 # Triton spells compile-time constants (tl.constexpr parameters) in upper case.
