@@ -18,7 +18,10 @@ from kernels.embedding import FusedVocabParallelEmbedding, vocab_parallel_embedd
 from tests.distributed import run_ranks
 
 # gloo ranks on CPU tensors; on a GPU machine the kernels are covered by the unit tests on CUDA.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo multi-rank test")
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo multi-rank test"),
+    pytest.mark.triton_interpreter,
+]
 
 # V divides by 1 to 4 and no shard is a whole number of 32-column blocks; N: uneven token chunks.
 N, H, V = 23, 16, 204

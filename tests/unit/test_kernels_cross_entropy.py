@@ -20,7 +20,9 @@ from tests.helpers import aliases_main_grad
 REPO = Path(__file__).resolve().parents[2]
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
+# On a machine without CUDA the Triton cases run in Triton's interpreter (see tests/conftest.py).
+TRITON = pytest.mark.triton_interpreter
+BACKENDS = ["torch", pytest.param("triton", marks=TRITON)]
 # (label_smoothing, z_loss, softcap)
 FEATURES = [(0.0, 0.0, None), (0.1, 0.0, None), (0.0, 1e-3, None), (0.1, 1e-3, 3.0)]
 
@@ -92,7 +94,10 @@ def assert_close(actual, expected, atol, rtol):
         torch.testing.assert_close(a.float(), e.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "triton-two-row-kernels"])
+TWO_ROW_KERNELS = pytest.param("triton-two-row-kernels", marks=TRITON)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, TWO_ROW_KERNELS])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("features", FEATURES, ids=["plain", "smooth", "zloss", "all"])
 def test_matches_unfused_autograd_fp32(monkeypatch, backend, reduction, features):
@@ -221,6 +226,7 @@ def test_bf16_within_documented_tolerance(backend):
     assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+@TRITON
 def test_bf16_triton_matches_reference():
     hidden, weight, labels = make_inputs(64, 32, 203, dtype=torch.bfloat16)
     got = loss_and_grads(

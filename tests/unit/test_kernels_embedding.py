@@ -15,7 +15,9 @@ from tests.helpers import aliases_main_grad
 
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
+# On a machine without CUDA the Triton cases run in Triton's interpreter (see tests/conftest.py).
+TRITON = pytest.mark.triton_interpreter
+BACKENDS = ["torch", pytest.param("triton", marks=TRITON)]
 
 
 def shard_reference(ids, weight, vocab_start, trainable_rows=None):
