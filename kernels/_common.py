@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Literal
 
 import torch
@@ -61,15 +63,62 @@ def accumulate_mm_fp32(
     """``acc += a @ b`` (``acc = a @ b`` with ``overwrite``) with ``acc`` in fp32.
 
     On CUDA, bf16/fp16 operands stay in that dtype on the tensor cores and cuBLAS reads and writes
-    the fp32 accumulator directly (``out_dtype``), so partial products are never rounded to
-    ``a.dtype``; CPU has no mixed-dtype GEMM, so operands are upcast. ``overwrite`` (beta = 0)
-    lets the first product fill an uninitialised buffer, saving a memset of it.
+    the fp32 accumulator directly (``out_dtype``, torch 2.8 onwards), so partial products are never
+    rounded to ``a.dtype``; an older torch gets :func:`accumulate_mm_rounded`. CPU has no
+    mixed-dtype GEMM, so operands are upcast. ``overwrite`` (beta = 0) lets the first product fill
+    an uninitialised buffer, saving a memset of it.
     """
     beta = 0.0 if overwrite else 1.0
     if a.dtype == acc.dtype or not a.is_cuda:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
-    else:
+    elif _gemm_has_fp32_output(acc.device):
         torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    else:
+        accumulate_mm_rounded(acc, a, b, overwrite=overwrite)
+
+
+# Rows of ``a @ b`` that accumulate_mm_rounded makes at a time (bounds its temporary).
+ROUNDED_BLOCK_ROWS = 4096
+
+
+def accumulate_mm_rounded(
+    acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, overwrite: bool = False
+) -> None:
+    """``acc += a @ b`` with the product rounded to ``a.dtype`` before the fp32 addition.
+
+    For a torch without an fp32-output GEMM of half-precision operands. Each call's product is
+    rounded once (accumulation inside the GEMM is fp32), as megatron-core's layers round each
+    micro-batch's weight gradient without gradient-accumulation fusion; the sum over calls stays
+    fp32. The product is made ``ROUNDED_BLOCK_ROWS`` rows at a time, so the temporary is that many
+    rows, not a whole weight-sized gradient.
+    """
+    for start in range(0, a.shape[0], ROUNDED_BLOCK_ROWS):
+        rows = slice(start, start + ROUNDED_BLOCK_ROWS)
+        product = torch.mm(a[rows], b)
+        if overwrite:
+            acc[rows].copy_(product)
+        else:
+            acc[rows].add_(product)
+
+
+@functools.cache
+def _gemm_has_fp32_output(device: torch.device) -> bool:
+    """Whether this torch's ``addmm`` writes an fp32 result of bf16 operands (torch >= 2.8)."""
+    ones = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    acc = torch.ones(2, 2, device=device)
+    try:
+        torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+        works, failure = bool((acc == 3).all()), "a wrong result"
+    except (TypeError, RuntimeError) as err:
+        works, failure = False, type(err).__name__
+    if not works:
+        warnings.warn(
+            f"torch {torch.__version__}: no GEMM with an fp32 output for bf16/fp16 operands "
+            f"({failure}); the fused loss rounds each chunk's weight gradient to bf16/fp16 "
+            "before adding it in fp32 (torch 2.8 or later keeps it exact)",
+            stacklevel=3,
+        )
+    return works
 
 
 def has_main_grad(weight: torch.Tensor) -> bool:

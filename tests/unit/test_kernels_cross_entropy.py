@@ -226,6 +226,52 @@ def test_bf16_within_documented_tolerance(backend):
     assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+def test_rounded_weight_gradient_accumulation(monkeypatch):
+    """The fallback for a torch without fp32-output GEMMs: one bf16 rounding of each product."""
+    from kernels import _common
+
+    monkeypatch.setattr(_common, "ROUNDED_BLOCK_ROWS", 3)  # 7 rows: blocks of 3, 3 and 1
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 64, generator=gen).bfloat16()
+    b = torch.randn(64, 5, generator=gen).bfloat16()
+    exact = a.double() @ b.double()
+    acc = torch.randn(7, 5, generator=gen)
+    start = acc.clone()
+    _common.accumulate_mm_rounded(acc, a, b)
+    # bf16 keeps 8 significant bits: rounding moves a value by at most 2^-8 of itself.
+    bound = 2.0**-8 * exact.abs() + 1e-5 * (start.double().abs() + exact.abs())
+    assert ((acc.double() - start.double() - exact).abs() <= bound).all()
+    _common.accumulate_mm_rounded(acc.fill_(float("nan")), a, b, overwrite=True)
+    assert ((acc.double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-6).all()
+
+
+def test_weight_gradient_products_of_bf16_are_not_rounded():
+    """(1 + 2^-7)^2 = 1 + 2^-6 + 2^-14 needs 15 bits: fp32 keeps the 2^-14, bf16 would not.
+
+    On CUDA this is cuBLAS's fp32-output GEMM, on a CPU the upcast operands.
+    """
+    from kernels._common import accumulate_mm_fp32
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if DEVICE == "cuda" and (major, minor) < (2, 8):
+        pytest.skip(f"torch {torch.__version__} has no fp32-output GEMM (the rounded fallback)")
+    a = torch.full((4, 1), 1 + 2.0**-7, dtype=torch.bfloat16, device=DEVICE)
+    acc = torch.zeros(4, 4, device=DEVICE)
+    accumulate_mm_fp32(acc, a, a.t())
+    assert (acc == 1 + 2.0**-6 + 2.0**-14).all(), acc
+
+
+def test_bf16_loss_within_tolerance_with_rounded_weight_gradients(monkeypatch):
+    """With the fallback in place of the fp32-output GEMM, bf16 stays within its tolerance."""
+    from kernels import _common
+
+    monkeypatch.setattr(ce, "accumulate_mm_fp32", _common.accumulate_mm_rounded)
+    hidden, weight, labels = make_inputs(64, 32, 203, dtype=torch.bfloat16)
+    got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, backend="torch")
+    want = loss_and_grads(unfused_loss, hidden.float(), weight.float(), labels)
+    assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 @TRITON
 def test_bf16_triton_matches_reference():
     hidden, weight, labels = make_inputs(64, 32, 203, dtype=torch.bfloat16)
