@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.arch import ArchitectureError
     from megatron_ext.checkpoint.hf import CheckpointError
     from megatron_ext.tokenizer.encoders import TokenizerLoadError
-    from megatron_ext.training.checkpointing import CheckpointLoadError
+    from megatron_ext.training.checkpointing import CheckpointLoadError, CheckpointSaveError
 
     # Bad inputs: the message names the file, flag or tensor; exit 2 as for a usage error.
     input_errors = (
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             result = train(config)
-        except TrainingError as err:
+        except (TrainingError, CheckpointSaveError) as err:
             print(f"megatron-ext train: {err}", file=sys.stderr)
             return 1
     except input_errors as err:

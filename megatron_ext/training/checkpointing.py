@@ -39,6 +39,7 @@ from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.checkpoint.convert import apply_model_state, model_sharded_state
 
@@ -48,6 +49,15 @@ LATEST = "latest_checkpointed_iteration.txt"
 INTERRUPTED = "interrupted.json"
 TRAIN_STATE = "train_state.json"
 METADATA = "megatron_ext.json"
+
+
+# dist_checkpointing raises many types, and torch's CheckpointException (a failed rank's reads
+# or writes, gathered on every rank) derives from BaseException, not Exception.
+DIST_CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (the message names it, the cause and the latest)."""
 
 
 class CheckpointLoadError(RuntimeError):
@@ -166,6 +176,7 @@ class CheckpointWriter:
         self.save_dir = Path(save)
         self.keep_last = keep_last
         self._queue = AsyncCallsQueue() if async_save else None
+        self._in_flight: Path | None = None  # the staging directory of a background save
 
     def save(
         self,
@@ -197,31 +208,57 @@ class CheckpointWriter:
             staging.mkdir(parents=True)
         dist.barrier()
         sharded = _sharded_state(model.sharded_state_dict(), optimizer, False, True)
-        request = dist_checkpointing.save(
-            sharded,
-            str(staging),
-            sharded_strategy=_save_strategy(),
-            async_sharded_save=self._queue is not None,
-        )
         publish = functools.partial(
             self._publish, staging, final, iteration, dict(train_state), dict(metadata)
         )
-        if request is None:
-            publish()
-        else:
+        try:
+            request = dist_checkpointing.save(
+                sharded,
+                str(staging),
+                sharded_strategy=_save_strategy(),
+                async_sharded_save=self._queue is not None,
+            )
+            if request is None:
+                publish()
+        except DIST_CHECKPOINT_ERRORS as err:
+            raise self._save_error(staging, err) from err
+        if request is not None:
             request.add_finalize_fn(publish)
             self._queue.schedule_async_request(request)
+            self._in_flight = staging
         return final
 
     def poll(self) -> None:
         """Publish a background save that every rank has finished (collective; cheap)."""
-        if self._queue is not None and self._queue.get_num_unfinalized_calls():
-            self._queue.maybe_finalize_async_calls(blocking=False)
+        self._finalize(blocking=False)
 
     def wait(self) -> None:
         """Finish and publish a background save (collective)."""
-        if self._queue is not None and self._queue.get_num_unfinalized_calls():
-            self._queue.maybe_finalize_async_calls(blocking=True)
+        self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        if self._queue is None or not self._queue.get_num_unfinalized_calls():
+            return
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except DIST_CHECKPOINT_ERRORS as err:  # a writer failed: every rank raises here
+            raise self._save_error(self._in_flight, err) from err
+
+    def _save_error(self, staging: Path | None, err: BaseException) -> CheckpointSaveError:
+        """What a failed save says: the checkpoint, the cause's last line, what is left."""
+        free = shutil.disk_usage(self.save_dir).free / 2**30
+        try:
+            latest = latest_checkpoint(self.save_dir)
+        except CheckpointLoadError:
+            latest = None
+        if latest is None:
+            left = "There is no complete checkpoint there yet."
+        else:
+            left = f"The latest complete checkpoint, {latest.name}, is intact: --load resumes it."
+        return CheckpointSaveError(
+            f"{staging}: the checkpoint could not be written ({_cause(err)}); {free:,.1f} GiB "
+            f"free on that file system. {left}"
+        )
 
     def _publish(
         self,
@@ -249,6 +286,16 @@ class CheckpointWriter:
             if self._queue is not None:
                 print(f"checkpoint {final} complete", flush=True)
         dist.barrier()
+
+
+def _cause(err: BaseException) -> str:
+    """``Type: last line`` of an error.
+
+    torch's CheckpointException carries every failed rank's whole traceback in its message; the
+    last line says what went wrong.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
 
 
 def _save_strategy() -> SaveShardedStrategy:
@@ -304,8 +351,21 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
     sharded = _sharded_state(model_sharded_state(model), optimizer, True, same_layout)
     try:
         state = dist_checkpointing.load(sharded, str(path))
-    except Exception as err:  # dist_checkpointing raises many types; name the checkpoint
-        raise CheckpointLoadError(f"{path}: cannot load ({type(err).__name__}: {err})") from err
+    except DIST_CHECKPOINT_ERRORS as err:
+        path = Path(path)
+        # Published checkpoints only: a .tmp one was never complete.
+        earlier = sorted(
+            p.name
+            for p in path.parent.glob("iter_*")
+            if p.is_dir() and p.suffix != ".tmp" and p.name < path.name
+        )
+        hint = (
+            f"; to resume from {earlier[-1]} instead, write {int(earlier[-1][5:])} into "
+            f"{path.parent / LATEST}"
+            if earlier
+            else ""
+        )
+        raise CheckpointLoadError(f"{path}: cannot load ({_cause(err)}){hint}") from err
     apply_model_state(model, state["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

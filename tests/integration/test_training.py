@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -241,6 +242,66 @@ def test_kill_9_then_resume_reproduces_the_losses_bitwise(
 
     assert losses(killed) == losses(whole)  # bitwise: JSON keeps every float's exact value
     assert not list(killed.glob("iter_*.tmp"))  # removed by the next save
+
+
+def _files_at_most(limit: int):
+    """For a child process: no file grows past ``limit`` bytes (EFBIG, as a full disk fails)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("saving", [[], ["--async-save"]], ids=["sync", "async"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_it(
+    tmp_path, small_tokenizer, training_data, saving
+):
+    config = write_config(tmp_path, small_tokenizer, training_data, save_interval=2)
+    save = tmp_path / "run"
+    args = ("--config", str(config), "--save", str(save), "--load", str(save), *saving)
+    # Two iterations and a checkpoint; this also builds the dataset index cache.
+    proc = _cli(*args, "--train-iters", "2")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    pointer = save / "latest_checkpointed_iteration.txt"
+    assert pointer.read_text().strip() == "2"
+    # The next checkpoint's files (MBs for this model) cannot be written; the log can.
+    proc = _cli(*args, preexec_fn=_files_at_most(2**20))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"megatron-ext train: {save / 'iter_0000004.tmp'}: the checkpoint ")
+    assert "could not be written (CheckpointException: " in message
+    assert "GiB free on that file system" in message
+    assert "The latest complete checkpoint, iter_0000002, is intact: --load resumes it." in message
+    assert pointer.read_text().strip() == "2"  # never pointed at the half-written one
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_instead(
+    tmp_path, small_tokenizer, training_data
+):
+    config = write_config(tmp_path, small_tokenizer, training_data, save_interval=2)
+    save = tmp_path / "run"
+    args = ("--config", str(config), "--save", str(save), "--load", str(save))
+    proc = _cli(*args, "--train-iters", "4")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    for shard in (save / "iter_0000004").glob("*.distcp"):  # e.g. a copy cut short
+        shard.write_bytes(shard.read_bytes()[:1000])
+    proc = _cli(*args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    pointer = save / "latest_checkpointed_iteration.txt"
+    message = err.strip().splitlines()[-1]  # one line; what torch says of the file may vary
+    assert message.startswith(
+        f"megatron-ext train: {save / 'iter_0000004'}: cannot load (CheckpointException: "
+    )
+    assert message.endswith(f"); to resume from iter_0000002 instead, write 2 into {pointer}")
+    pointer.write_text("2\n")  # as the message says
+    proc = _cli(*args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resuming from {save / 'iter_0000002'} (iteration 2)" in out
 
 
 def test_data_parallel_ranks_share_the_checkpoint_writes(tmp_path, small_tokenizer, training_data):
