@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.arch import LlamaArch
 from megatron_ext.checkpoint.hf import CheckpointError, HFCheckpoint, save_hf_checkpoint
@@ -35,6 +36,29 @@ from megatron_ext.tokenizer.encoders import load_sentencepiece
 
 METADATA = "megatron_ext.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# dist_checkpointing raises many types, and torch's CheckpointException (a failed rank's reads
+# or writes, gathered on every rank) derives from BaseException, not Exception.
+DIST_CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+def error_cause(err: BaseException) -> str:
+    """``Type: last line`` of an error.
+
+    torch's CheckpointException carries every failed rank's whole traceback in its message; the
+    last line says what went wrong.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
+
+
+def _load(sharded: dict, checkpoint_dir: str | os.PathLike) -> dict:
+    """``dist_checkpointing.load``, its failures a CheckpointError naming the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(sharded, str(checkpoint_dir))
+    except DIST_CHECKPOINT_ERRORS as err:
+        raise CheckpointError(f"{checkpoint_dir}: cannot load ({error_cause(err)})") from err
 
 
 def _vocabulary_plan(
@@ -224,10 +248,8 @@ def apply_model_state(model, state: dict, source: str | os.PathLike) -> None:
 
 def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
     """Load a converted (or training) checkpoint's weights into this rank's model (any TP/PP)."""
-    from megatron.core import dist_checkpointing
-
     sharded = model_sharded_state(model)
-    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    state = _load(sharded, checkpoint_dir)
     # A training checkpoint also holds optimizer state (its common part comes back too).
     apply_model_state(model, {k: v for k, v in state.items() if k in sharded}, checkpoint_dir)
 
@@ -250,8 +272,6 @@ def megatron_to_hf(
         TokenizerLoadError: ``tokenizer_model`` is missing or not a SentencePiece model.
         OutputExistsError: ``output_dir`` exists and ``force`` is false.
     """
-    from megatron.core import dist_checkpointing
-
     output_dir = Path(output_dir)
     if output_dir.exists() and not force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
@@ -270,7 +290,7 @@ def megatron_to_hf(
     for value in sharded.values():
         if hasattr(value, "data") and isinstance(value.data, torch.Tensor):
             value.data = torch.empty(value.data.shape, dtype=value.data.dtype)
-    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    state = _load(sharded, checkpoint_dir)
 
     def tensors():
         true = arch.vocab_size

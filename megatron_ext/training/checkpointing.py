@@ -39,9 +39,13 @@ from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
-from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_ext.checkpoint.convert import apply_model_state, model_sharded_state
+from megatron_ext.checkpoint.convert import (
+    DIST_CHECKPOINT_ERRORS,
+    apply_model_state,
+    error_cause,
+    model_sharded_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +53,6 @@ LATEST = "latest_checkpointed_iteration.txt"
 INTERRUPTED = "interrupted.json"
 TRAIN_STATE = "train_state.json"
 METADATA = "megatron_ext.json"
-
-
-# dist_checkpointing raises many types, and torch's CheckpointException (a failed rank's reads
-# or writes, gathered on every rank) derives from BaseException, not Exception.
-DIST_CHECKPOINT_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -256,7 +255,7 @@ class CheckpointWriter:
         else:
             left = f"The latest complete checkpoint, {latest.name}, is intact: --load resumes it."
         return CheckpointSaveError(
-            f"{staging}: the checkpoint could not be written ({_cause(err)}); {free:,.1f} GiB "
+            f"{staging}: the checkpoint could not be written ({error_cause(err)}); {free:,.1f} GiB "
             f"free on that file system. {left}"
         )
 
@@ -286,16 +285,6 @@ class CheckpointWriter:
             if self._queue is not None:
                 print(f"checkpoint {final} complete", flush=True)
         dist.barrier()
-
-
-def _cause(err: BaseException) -> str:
-    """``Type: last line`` of an error.
-
-    torch's CheckpointException carries every failed rank's whole traceback in its message; the
-    last line says what went wrong.
-    """
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
 
 
 def _save_strategy() -> SaveShardedStrategy:
@@ -365,7 +354,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
             if earlier
             else ""
         )
-        raise CheckpointLoadError(f"{path}: cannot load ({_cause(err)}){hint}") from err
+        raise CheckpointLoadError(f"{path}: cannot load ({error_cause(err)}){hint}") from err
     apply_model_state(model, state["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -216,6 +216,13 @@ def test_cli_round_trip(tmp_path, hf_dir):
     assert result.returncode == 0, result.stderr
     assert transformers.AutoConfig.from_pretrained(back).vocab_size == 300
     assert not list(tmp_path.glob("*.tmp.*"))
+    # A checkpoint cut short (an interrupted copy): one line naming it, no traceback.
+    for shard in ckpt.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:1000])
+    result = subprocess.run([*to_hf, "--force"], capture_output=True, text=True)
+    assert result.returncode == 1  # convert's code for bad inputs
+    assert result.stderr.startswith(f"megatron-ext convert: error: {ckpt}: cannot load (Checkpoi")
+    assert "Traceback" not in result.stderr
 
 
 def full_size_shapes(rank, world_size, preset):
