@@ -127,7 +127,8 @@ class TrainConfig:
         data_path: Megatron's ``--data-path``: ``[w1, prefix1, w2, prefix2, ...]`` or prefixes.
         data_names: Names of the datasets in metrics (default: from the prefixes, e.g. ``ar``).
         split: Train/validation/test split of every dataset (Megatron's ``--split``).
-        data_cache_path: Where megatron-core caches the dataset indices (default: beside data).
+        data_cache_path: Where megatron-core caches the dataset indices (default: ``cache``
+            beside the first dataset), in a subdirectory per version of the data files.
         reset_position_ids: Document-aware packing: positions restart after each end-of-document.
         reset_attention_mask: Document-aware packing: tokens attend only within their document.
         eod_mask_loss: No loss on predicting from the end-of-document token.

@@ -12,6 +12,7 @@ an uninterrupted one would, even with another global batch size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -115,13 +116,30 @@ class Datasets:
     valid: dict[str, torch.utils.data.Dataset]
 
 
+def index_cache_dir(config: TrainConfig, prefixes: list[str]) -> str:
+    """Where megatron-core caches the sample indices of the datasets at ``prefixes``.
+
+    megatron-core names its cached indices by the prefix and the settings, not by the files'
+    contents: a dataset rewritten under the same prefix (``preprocess --force``) would meet the
+    old dataset's indices, an IndexError when it shrank and silently wrong samples when it grew.
+    So the indices go into a subdirectory named by the files' sizes and modification times.
+    """
+    base = config.data_cache_path or os.path.join(os.path.dirname(prefixes[0]), "cache")
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            stat = os.stat(prefix + suffix)
+            digest.update(f"{prefix}{suffix} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return os.path.join(base, digest.hexdigest()[:16])
+
+
 def _dataset_config(config: TrainConfig, tokenizer: DatasetTokenizer, blend) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=config.seed,
         sequence_length=config.seq_length,
         blend=blend,
         split=config.split,
-        path_to_cache=config.data_cache_path or os.path.join(os.path.dirname(blend[0][0]), "cache"),
+        path_to_cache=index_cache_dir(config, blend[0]),
         tokenizer=tokenizer,
         reset_position_ids=config.reset_position_ids,
         reset_attention_mask=config.reset_attention_mask,

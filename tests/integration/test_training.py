@@ -304,6 +304,31 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_instead(
     assert f"resuming from {save / 'iter_0000002'} (iteration 2)" in out
 
 
+def test_a_dataset_rewritten_under_its_prefix_gets_new_indices(tmp_path, small_tokenizer, corpora):
+    """megatron-core's index cache is named by prefix and settings; a rewritten dataset (here
+    3,000 documents, then 300) used to meet the old indices: IndexError deep in a data worker."""
+    from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
+
+    lines = (corpora / "ar" / "train.jsonl").read_text(encoding="utf-8").splitlines(True)
+    corpus, prefix = tmp_path / "ar.jsonl", tmp_path / "data" / "ar"
+    data = {"en": str(prefix) + "_text_document", "ar": str(prefix) + "_text_document"}
+    config = write_config(tmp_path, small_tokenizer, data, train_iters=2, eval_iters=1)
+    for documents in (3000, 300):
+        corpus.write_text("".join(lines[:documents]), encoding="utf-8")
+        run_preprocess(
+            PreprocessConfig(
+                inputs=[str(corpus)], output_prefix=str(prefix),
+                tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(small_tokenizer),
+                append_eod=True, workers=1, force=True,
+            ),
+            progress=False,
+        )  # fmt: skip
+        proc = _cli("--config", str(config))
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    # Each version of the files has its indices in its own directory.
+    assert len([p for p in (tmp_path / "index_cache").iterdir() if p.is_dir()]) == 4
+
+
 def test_data_parallel_ranks_share_the_checkpoint_writes(tmp_path, small_tokenizer, training_data):
     config = write_config(
         tmp_path, small_tokenizer, training_data, train_iters=1, lr_warmup_iters=0
