@@ -1,4 +1,4 @@
-r"""Writer for Megatron's indexed dataset format (``.bin`` tokens + ``.idx`` index).
+r"""Writer (and a size check) for Megatron's indexed dataset format (``.bin`` + ``.idx``).
 
 Byte-compatible with ``megatron.core.datasets.indexed_dataset`` (``IndexedDatasetBuilder`` writes
 the same bytes, ``IndexedDataset`` reads ours), but takes whole blocks of documents as NumPy arrays
@@ -35,6 +35,63 @@ DTYPE_CODES: dict[type[np.number], int] = {
 
 # DType.optimal_dtype: Megatron switches to int32 at 65,500, not at 65,536.
 UINT16_VOCAB_LIMIT = 65500
+
+
+class IndexedDatasetError(ValueError):
+    """A ``.bin``/``.idx`` pair that is not a whole Megatron indexed dataset (names the file)."""
+
+
+# Magic, version, dtype code, sequence count, document-index count.
+_HEADER = struct.Struct("<QBQQ")
+_HEADER_SIZE = len(INDEX_HEADER) + _HEADER.size
+
+
+def check_indexed_files(prefix: str) -> tuple[int, int]:
+    """Check that ``prefix``'s ``.idx`` is whole and its ``.bin`` as long as the index says.
+
+    Reads only the header and the last sequence's length and pointer, so it costs the same for
+    any dataset size. A pair cut short (an interrupted copy) otherwise fails deep inside
+    megatron-core's reader, or at the first sample past the end, without naming the file.
+
+    Returns:
+        The number of sequences and of documents.
+
+    Raises:
+        IndexedDatasetError: A missing header, an unknown version or dtype, or a size other than
+            the header implies.
+    """
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    with open(idx_path, "rb") as idx:
+        head = idx.read(_HEADER_SIZE)
+        if len(head) < _HEADER_SIZE or not head.startswith(INDEX_HEADER):
+            raise IndexedDatasetError(f"{idx_path}: not a Megatron index (no MMIDIDX header)")
+        version, code, sequences, doc_indices = _HEADER.unpack(head[len(INDEX_HEADER) :])
+        dtype = {c: t for t, c in DTYPE_CODES.items()}.get(code)
+        if version != INDEX_VERSION or dtype is None:
+            raise IndexedDatasetError(f"{idx_path}: unknown version {version} or dtype {code}")
+        expected = _HEADER_SIZE + 12 * sequences + 8 * doc_indices
+        size = os.path.getsize(idx_path)
+        if size != expected:
+            raise IndexedDatasetError(
+                f"{idx_path}: {size:,} bytes, but its header announces {sequences:,} sequences "
+                f"and {doc_indices:,} document indices ({expected:,} bytes): the file is cut "
+                "short or damaged"
+            )
+        bin_expected = 0
+        if sequences:
+            idx.seek(_HEADER_SIZE + 4 * (sequences - 1))
+            (last_length,) = struct.unpack("<i", idx.read(4))
+            idx.seek(_HEADER_SIZE + 4 * sequences + 8 * (sequences - 1))
+            (last_pointer,) = struct.unpack("<q", idx.read(8))
+            bin_expected = last_pointer + last_length * np.dtype(dtype).itemsize
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != bin_expected:
+        raise IndexedDatasetError(
+            f"{bin_path}: {bin_size:,} bytes, but {idx_path} says its {sequences:,} sequences "
+            f"take {bin_expected:,}: one of the two is cut short, or they come from different "
+            "runs"
+        )
+    return sequences, max(doc_indices - 1, 0)
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:

@@ -25,6 +25,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from megatron_ext.data.indexed import IndexedDatasetError, check_indexed_files
 from megatron_ext.hashing import sha256_file
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.training.config import ConfigError, TrainConfig
@@ -69,8 +70,9 @@ def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str
     per-batch check in :func:`micro_batches`.
 
     Raises:
-        ConfigError: A dataset's ``.bin`` or ``.idx`` file is missing, or a dataset was made with
-            a larger vocabulary than the run's: its ids would fall outside the embedding.
+        ConfigError: A dataset's ``.bin`` or ``.idx`` file is missing or not as long as its index
+            says, or a dataset was made with a larger vocabulary than the run's: its ids would
+            fall outside the embedding.
 
     Returns:
         A warning for each dataset made with another tokenizer file no larger than the run's:
@@ -85,6 +87,10 @@ def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str
                 f"--data-path: {' and '.join(missing)} not found (a prefix names the pair that "
                 "megatron-ext preprocess writes)"
             )
+        try:
+            check_indexed_files(prefix)
+        except IndexedDatasetError as err:
+            raise ConfigError(f"--data-path: {err}") from err
         record = Path(prefix + ".stats.json")
         if not record.is_file():
             continue

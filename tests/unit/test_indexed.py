@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_ext.data.indexed import (
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    check_indexed_files,
+    token_dtype,
+)
 
 
 def _random_documents(rng, vocab, n_docs, max_sentences):
@@ -76,3 +81,31 @@ def test_rejects_inconsistent_blocks(tmp_path):
     with pytest.raises(TypeError):
         writer.add_documents(np.zeros(4, np.int32), np.array([2, 2]), np.array([2]))
     writer.close()
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])  # uint16 and int32 tokens
+def test_size_check_accepts_megatrons_files_and_names_a_pair_cut_short(tmp_path, vocab):
+    docs = _random_documents(np.random.default_rng(0), vocab, n_docs=30, max_sentences=3)
+    prefix = str(tmp_path / "d")
+    _write_megatron(prefix, docs, DType.optimal_dtype(vocab))
+    reference = IndexedDataset(prefix)
+    assert check_indexed_files(prefix) == (len(reference), len(reference.document_indices) - 1)
+    del reference
+    whole_idx, whole_bin = (tmp_path / "d.idx").read_bytes(), (tmp_path / "d.bin").read_bytes()
+
+    (tmp_path / "d.bin").write_bytes(whole_bin[:-2])  # one token short
+    with pytest.raises(IndexedDatasetError, match=r"d\.bin: [\d,]+ bytes, but .*d\.idx says"):
+        check_indexed_files(prefix)
+    (tmp_path / "d.bin").write_bytes(whole_bin)
+    (tmp_path / "d.idx").write_bytes(whole_idx[:-8])
+    with pytest.raises(IndexedDatasetError, match=r"d\.idx: [\d,]+ bytes, but its header"):
+        check_indexed_files(prefix)
+    (tmp_path / "d.idx").write_bytes(b"not an index at all, just bytes")
+    with pytest.raises(IndexedDatasetError, match="no MMIDIDX header"):
+        check_indexed_files(prefix)
+
+
+def test_size_check_accepts_an_empty_dataset(tmp_path):
+    prefix = str(tmp_path / "empty")
+    _write_megatron(prefix, [], np.uint16)
+    assert check_indexed_files(prefix) == (0, 0)
