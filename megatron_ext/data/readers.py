@@ -142,14 +142,62 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The zstd frames of a file, decompressed one after another; ending inside one is an error.
+
+    python-zstandard's ``stream_reader`` returns what it has decompressed when its input ends
+    mid-frame and then reports end of file: a ``.zst`` cut short (an interrupted download) read
+    as a shorter corpus, without a word. gzip raises ``EOFError`` there; this does the same.
+    """
+
+    def __init__(self, raw: _CountingReader, read_bytes: int = 1 << 20) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._read_bytes = read_bytes
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = self._context.decompressobj()
+        self._in_frame = False  # bytes of the current frame fed, its end not reached
+        self._out = bytearray()
+        self._at_end = False
+        self._zstd_error = zstandard.ZstdError
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while len(self._out) < len(buffer) and not self._at_end:
+            data = self._raw.read(self._read_bytes)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (cut short?)")
+                self._at_end = True
+            while data:  # one read may finish a frame and start the next
+                self._in_frame = True
+                try:
+                    self._out += self._frame.decompress(data)
+                except self._zstd_error as err:
+                    raise ValueError(f"not zstd data, or damaged ({err})") from err
+                data = b""
+                if self._frame.eof:
+                    data = self._frame.unused_data
+                    self._frame, self._in_frame = self._context.decompressobj(), False
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        del self._out[:n]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_stream(path: str, compression: str | None) -> tuple[BinaryIO, _CountingReader]:
     raw = _CountingReader(open(path, "rb"))  # noqa: SIM115 - closed by the caller via the stream
     if compression == ".gz":
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if compression == ".zst":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), raw
+        return io.BufferedReader(_ZstdFrames(raw)), raw
     return raw, raw
 
 

@@ -29,6 +29,11 @@ def records(path, keys=("text",), block_bytes=4 << 20):
     ]
 
 
+def records_of_bytes(path, data, **kwargs):
+    path.write_bytes(data)
+    return records(path, **kwargs)
+
+
 def reasons(recs):
     return {line: (f[0].reason if isinstance(f[0], BadField) else "text") for line, f in recs}
 
@@ -134,3 +139,23 @@ def test_corrupt_gzip_is_named(tmp_path):
     path.write_bytes(b"not gzip at all\n")
     with pytest.raises(InputError, match="bad.jsonl.gz: cannot decompress"):
         records(path)
+
+
+def test_zstd_cut_short_or_damaged_is_named_and_frames_are_all_read(tmp_path, corpora):
+    """python-zstandard's stream_reader silently stops at a cut (an interrupted download)."""
+    zstandard = pytest.importorskip("zstandard")
+    source = (corpora / "ar" / "valid.jsonl").read_bytes()
+    expected = records_of_bytes(tmp_path / "plain.jsonl", source)
+    whole = zstandard.ZstdCompressor().compress(source)
+    half = len(source) // 2
+    # Two frames, as parallel compressors (pzstd) and concatenated files write them.
+    frames = zstandard.ZstdCompressor().compress(source[:half])
+    frames += zstandard.ZstdCompressor().compress(source[half:])
+    assert records_of_bytes(tmp_path / "frames.jsonl.zst", frames, block_bytes=1000) == expected
+    for name, data in (("short.jsonl.zst", whole[:-10]), ("frames_short.jsonl.zst", frames[:-10])):
+        with pytest.raises(InputError, match=f"{name}: cannot decompress .*ends inside a zstd"):
+            records_of_bytes(tmp_path / name, data)
+    damaged = bytearray(whole)
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)
+    with pytest.raises(InputError, match="damaged.jsonl.zst: cannot decompress .*damaged"):
+        records_of_bytes(tmp_path / "damaged.jsonl.zst", bytes(damaged))
