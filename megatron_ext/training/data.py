@@ -127,8 +127,9 @@ def index_cache_dir(config: TrainConfig, prefixes: list[str]) -> str:
 
     megatron-core names its cached indices by the prefix and the settings, not by the files'
     contents: a dataset rewritten under the same prefix (``preprocess --force``) would meet the
-    old dataset's indices, an IndexError when it shrank and silently wrong samples when it grew.
-    So the indices go into a subdirectory named by the files' sizes and modification times.
+    old dataset's indices: an IndexError when it shrank and, when it grew, samples laid out for
+    the old documents (the added ones never read), without an error. So the indices go into a
+    subdirectory named by the files' sizes and modification times.
     """
     base = config.data_cache_path or os.path.join(os.path.dirname(prefixes[0]), "cache")
     digest = hashlib.sha256()
