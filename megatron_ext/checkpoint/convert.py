@@ -51,7 +51,7 @@ def error_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"
 
 
-def _load(sharded: dict, checkpoint_dir: str | os.PathLike) -> dict:
+def load_dist_checkpoint(sharded: dict, checkpoint_dir: str | os.PathLike) -> dict:
     """``dist_checkpointing.load``, its failures a CheckpointError naming the checkpoint."""
     from megatron.core import dist_checkpointing
 
@@ -249,7 +249,7 @@ def apply_model_state(model, state: dict, source: str | os.PathLike) -> None:
 def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
     """Load a converted (or training) checkpoint's weights into this rank's model (any TP/PP)."""
     sharded = model_sharded_state(model)
-    state = _load(sharded, checkpoint_dir)
+    state = load_dist_checkpoint(sharded, checkpoint_dir)
     # A training checkpoint also holds optimizer state (its common part comes back too).
     apply_model_state(model, {k: v for k, v in state.items() if k in sharded}, checkpoint_dir)
 
@@ -290,7 +290,7 @@ def megatron_to_hf(
     for value in sharded.values():
         if hasattr(value, "data") and isinstance(value.data, torch.Tensor):
             value.data = torch.empty(value.data.shape, dtype=value.data.dtype)
-    state = _load(sharded, checkpoint_dir)
+    state = load_dist_checkpoint(sharded, checkpoint_dir)
 
     def tensors():
         true = arch.vocab_size

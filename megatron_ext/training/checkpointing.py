@@ -44,8 +44,10 @@ from megatron_ext.checkpoint.convert import (
     DIST_CHECKPOINT_ERRORS,
     apply_model_state,
     error_cause,
+    load_dist_checkpoint,
     model_sharded_state,
 )
+from megatron_ext.checkpoint.hf import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -339,8 +341,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
     same_layout = train_state.get("layout") == _layout()
     sharded = _sharded_state(model_sharded_state(model), optimizer, True, same_layout)
     try:
-        state = dist_checkpointing.load(sharded, str(path))
-    except DIST_CHECKPOINT_ERRORS as err:
+        state = load_dist_checkpoint(sharded, path)
+    except CheckpointError as err:
         path = Path(path)
         # Published checkpoints only: a .tmp one was never complete.
         earlier = sorted(
@@ -354,7 +356,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
             if earlier
             else ""
         )
-        raise CheckpointLoadError(f"{path}: cannot load ({error_cause(err)}){hint}") from err
+        raise CheckpointLoadError(f"{err}{hint}") from err
     apply_model_state(model, state["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
