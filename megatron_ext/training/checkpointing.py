@@ -90,6 +90,59 @@ def latest_checkpoint(load: str | os.PathLike) -> Path | None:
     return path
 
 
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The published checkpoints under ``root``, oldest first (never a half-written ``.tmp``)."""
+    return sorted(
+        p.parent for p in Path(root).glob(f"iter_*/{TRAIN_STATE}") if p.parent.suffix != ".tmp"
+    )
+
+
+def _iteration(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("iter_"))
+
+
+def resume_checkpoint(load: str | os.PathLike, save: str | os.PathLike | None) -> Path | None:
+    """The checkpoint ``--load`` resumes, or None on the first run of a job.
+
+    None only where ``load`` is also the ``--save`` directory and holds no checkpoint yet: a job
+    re-queued with the same flags finds its own checkpoints there later. Anything else without a
+    run to resume is refused, since the run would otherwise quietly start from fresh weights.
+
+    Raises:
+        CheckpointLoadError: ``load`` is one checkpoint rather than its run's directory, weights
+            without a training state, checkpoints without the pointer naming one, or holds
+            nothing and is not ``save``.
+    """
+    latest = latest_checkpoint(load)
+    if latest is not None:
+        return latest
+    load = Path(load)
+    if (load / TRAIN_STATE).is_file():
+        raise CheckpointLoadError(
+            f"--load {load}: one checkpoint of the run in {load.parent}; --load takes the run's "
+            f"directory and resumes the checkpoint its {LATEST} names (to resume this one, write "
+            f"{_iteration(load)} into {load.parent / LATEST})"
+        )
+    if (load / METADATA).is_file():
+        raise CheckpointLoadError(
+            f"--load {load}: weights without a training state (as `megatron-ext convert` writes "
+            f"them); start a run from them with --pretrained-checkpoint {load}"
+        )
+    done = complete_checkpoints(load)
+    if done:
+        raise CheckpointLoadError(
+            f"--load {load}: holds checkpoints up to {done[-1].name} but no {LATEST} naming the "
+            f"one to resume: write its iteration (e.g. {_iteration(done[-1])}) into it"
+        )
+    if save is None or load.resolve() != Path(save).resolve():
+        found = f"no {LATEST}" if load.is_dir() else "no such directory"
+        raise CheckpointLoadError(
+            f"--load {load}: no checkpoint there ({found}); a job that starts afresh and resumes "
+            "itself later passes the same directory as --save and --load"
+        )
+    return None
+
+
 def _layout() -> dict[str, int]:
     return {
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
@@ -312,8 +365,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _prune(save: Path, keep_last: int) -> None:
-    done = sorted(p for p in save.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
+    for old in complete_checkpoints(save)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -344,14 +396,9 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
         state = load_dist_checkpoint(sharded, path)
     except CheckpointError as err:
         path = Path(path)
-        # Published checkpoints only: a .tmp one was never complete.
-        earlier = sorted(
-            p.name
-            for p in path.parent.glob("iter_*")
-            if p.is_dir() and p.suffix != ".tmp" and p.name < path.name
-        )
+        earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
         hint = (
-            f"; to resume from {earlier[-1]} instead, write {int(earlier[-1][5:])} into "
+            f"; to resume from {earlier[-1].name} instead, write {_iteration(earlier[-1])} into "
             f"{path.parent / LATEST}"
             if earlier
             else ""

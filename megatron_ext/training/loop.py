@@ -201,7 +201,9 @@ class Trainer:
         self.char_table = torch.from_numpy(characters_per_piece(tokenizer.processor)).to(
             self.device
         )
-        self.resume = checkpointing.latest_checkpoint(config.load) if config.load else None
+        self.resume = (
+            checkpointing.resume_checkpoint(config.load, config.save) if config.load else None
+        )
         # A run continues its --save directory only when it resumes from that directory.
         self.continues_save = bool(
             config.save
@@ -209,11 +211,11 @@ class Trainer:
             and Path(config.load).resolve() == Path(config.save).resolve()
         )
         if config.save and not self.continues_save and not config.force:
-            existing = checkpointing.latest_checkpoint(config.save)
-            if existing is not None:
+            existing = checkpointing.complete_checkpoints(config.save)
+            if existing:
                 raise ConfigError(
-                    f"--save {config.save} already holds another run's checkpoints (latest: "
-                    f"{existing.name}): resume it with --load {config.save}, choose another "
+                    f"--save {config.save} already holds another run's checkpoints (newest: "
+                    f"{existing[-1].name}): resume it with --load {config.save}, choose another "
                     "--save, or pass --force to start this run there (replacing them)"
                 )
         self.checkpoints = (

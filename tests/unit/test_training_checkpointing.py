@@ -1,4 +1,4 @@
-"""Which checkpoint a resumed run picks: never a half-written one."""
+"""Which checkpoint a resumed run picks: never a half-written one, nor fresh weights by mistake."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 
 from megatron_ext.training.checkpointing import (
     LATEST,
+    METADATA,
     TRAIN_STATE,
     CheckpointLoadError,
     checkpoint_dir,
     latest_checkpoint,
+    resume_checkpoint,
 )
 
 
@@ -41,3 +43,51 @@ def test_pointer_to_incomplete_checkpoint_fails_loudly(tmp_path):
     (tmp_path / LATEST).write_text("six\n")
     with pytest.raises(CheckpointLoadError, match="expected an iteration number"):
         latest_checkpoint(tmp_path)
+
+
+def test_resume_takes_the_run_directorys_latest(tmp_path):
+    run = tmp_path / "run"
+    _complete(run, 3)
+    latest = _complete(run, 6)
+    (run / LATEST).write_text("6\n")
+    assert resume_checkpoint(run, tmp_path / "elsewhere") == latest
+    assert resume_checkpoint(run, run) == latest
+
+
+def test_first_run_of_a_job_resumes_nothing(tmp_path):
+    # A re-queued job passes one directory to --save and --load; the first time it is empty.
+    assert resume_checkpoint(tmp_path / "run", tmp_path / "run") is None
+    (tmp_path / "run").mkdir()
+    assert resume_checkpoint(tmp_path / "run", tmp_path / "run") is None
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("one checkpoint", r"one checkpoint of the run in .*run; .*write 6 into .*run/" + LATEST),
+        ("converted weights", r"weights without a training state.*--pretrained-checkpoint"),
+        ("no pointer", r"holds checkpoints up to iter_0000006 but no " + LATEST),
+        ("a typo", r"no checkpoint there \(no such directory\)"),
+        ("an empty directory", r"no checkpoint there \(no " + LATEST),
+    ],
+)
+def test_load_that_would_start_from_fresh_weights_is_refused(tmp_path, target, message):
+    """Each of these used to start training from newly initialised weights, with one log line."""
+    run = tmp_path / "run"
+    _complete(run, 3)
+    one = _complete(run, 6)
+    load = {
+        "one checkpoint": one,
+        "converted weights": tmp_path / "converted",
+        "no pointer": run,
+        "a typo": tmp_path / "rnu",
+        "an empty directory": tmp_path / "empty",
+    }[target]
+    if target == "converted weights":
+        load.mkdir()
+        (load / METADATA).write_text("{}")
+        (load / "metadata.json").write_text("{}")
+    if target == "an empty directory":
+        load.mkdir()
+    with pytest.raises(CheckpointLoadError, match=message):
+        resume_checkpoint(load, tmp_path / "new-run")
