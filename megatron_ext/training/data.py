@@ -12,6 +12,7 @@ an uninterrupted one would, even with another global batch size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron_ext.data.indexed import IndexedDatasetError, check_indexed_files
 from megatron_ext.hashing import sha256_file
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+from megatron_ext.tokenizer.sp_proto import parse_model
 from megatron_ext.training.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -71,13 +73,15 @@ def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str
 
     Raises:
         ConfigError: A dataset's ``.bin`` or ``.idx`` file is missing or not as long as its index
-            says, or a dataset was made with a larger vocabulary than the run's: its ids would
-            fall outside the embedding.
+            says, or a dataset was made with a larger vocabulary than the run's (its ids would
+            fall outside the embedding) or with one whose ids name other pieces.
+
+    A dataset made with another tokenizer is accepted if each of its ids names the same piece in
+    the run's tokenizer: the base of an expanded one (named in the run's ``expansion.json``, or
+    compared piece by piece when the record's tokenizer file is at hand).
 
     Returns:
-        A warning for each dataset made with another tokenizer file no larger than the run's:
-        the base tokenizer of an expanded one (whose ids keep their meaning), or an unrelated
-        one (whose ids do not).
+        A warning for each dataset made with another tokenizer file that cannot be compared.
     """
     warnings = []
     for prefix in prefixes:
@@ -105,13 +109,49 @@ def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str
                 f"larger than --tokenizer-model {tokenizer.model_path} "
                 f"({tokenizer.vocab_size:,} pieces)"
             )
-        if sha256 != tokenizer.sha256:
+        if sha256 == tokenizer.sha256:
+            continue
+        made_with = f"{prefix} was tokenized with {used.get('model')} ({size:,} pieces)"
+        other_piece = _first_other_piece(used, tokenizer)
+        if other_piece:
+            raise ConfigError(
+                f"{record}: {made_with}, whose ids name other pieces than in --tokenizer-model "
+                f"{tokenizer.model_path} ({other_piece}): preprocess it again with the run's "
+                "tokenizer"
+            )
+        if other_piece is None:
             warnings.append(
-                f"warning: {prefix} was tokenized with {used.get('model')} ({size:,} pieces), "
-                f"not --tokenizer-model {tokenizer.model_path}: fine for the base tokenizer of "
-                f"an expanded one, wrong for any other ({record})"
+                f"warning: {made_with}, not --tokenizer-model {tokenizer.model_path}, and that "
+                "file is not there to compare: fine if it is the base tokenizer of the expanded "
+                f"one, wrong for any other ({record})"
             )
     return warnings
+
+
+def _first_other_piece(used: dict, tokenizer: DatasetTokenizer) -> str | None:
+    """Where the ids of the tokenizer in a preprocessing record mean another piece in the run's.
+
+    Returns:
+        "" when every id of ``used`` names the same piece in the run's tokenizer (its base, for
+        an expanded one), the first id that does not (with both pieces), or None when the
+        record's tokenizer file is neither the base named in the run's ``expansion.json`` nor
+        at its recorded path.
+    """
+    expansion = Path(tokenizer.model_path).with_name("expansion.json")
+    if expansion.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            base = json.loads(expansion.read_text(encoding="utf-8"))["inputs"]["base_model"]
+            if base["sha256"] == used["sha256"]:
+                return ""
+    model = used.get("model")
+    if not (model and Path(model).is_file() and sha256_file(model) == used["sha256"]):
+        return None
+    theirs = parse_model(Path(model).read_bytes()).pieces
+    ours = parse_model(Path(tokenizer.model_path).read_bytes()).pieces
+    for i, piece in enumerate(theirs):
+        if piece.piece != ours[i].piece:
+            return f"id {i:,} is {piece.piece!r} there, {ours[i].piece!r} here"
+    return ""
 
 
 @dataclass

@@ -665,13 +665,47 @@ def test_data_from_another_tokenizer_fails_loudly(
     assert proc.returncode == 2, err[-3000:]
     assert re.search(r"_text_document: token id [\d,]+ in sample \d+ is outside the vocab", err)
 
-    # A smaller tokenizer's data with a larger tokenizer: valid ids, so a warning naming both.
+    # A smaller, unrelated tokenizer's data: ids in range that name other pieces.
     tokenizer = DatasetTokenizer(SentencePieceEncoder(llama2_tokenizer), str(llama2_tokenizer))
-    warnings = check_datasets(list(training_data.values()), tokenizer)
-    assert len(warnings) == 2
-    assert all(str(small_tokenizer) in w and str(llama2_tokenizer) in w for w in warnings)
+    with pytest.raises(ConfigError, match=r"whose ids name other pieces .*\(id [\d,]+ is "):
+        check_datasets(list(training_data.values()), tokenizer)
     assert check_datasets(list(large.values()), tokenizer) == []  # no records left
 
     # A prefix without its files, named (megatron-core's assertion would end in a traceback).
     with pytest.raises(ConfigError, match=r"--data-path: .*missing\.bin and .*missing\.idx"):
         check_datasets([str(tmp_path / "missing")], tokenizer)
+
+
+def test_data_from_the_base_of_an_expanded_tokenizer_is_accepted(
+    tmp_path, small_tokenizer, training_data
+):
+    """Its ids name the same pieces; known by comparing them, or from the run's expansion.json."""
+    from megatron_ext.hashing import sha256_file
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.tokenizer.expand import load_base, merge_pieces
+    from megatron_ext.training.data import DatasetTokenizer, check_datasets
+
+    expanded = tmp_path / "expanded" / "tokenizer.model"
+    expanded.parent.mkdir()
+    grown = merge_pieces(load_base(small_tokenizer), [("▁qzx", 1), ("▁xqz", 1)], "gain")
+    expanded.write_bytes(grown.model.serialize())
+    tokenizer = DatasetTokenizer(SentencePieceEncoder(expanded), str(expanded))
+    prefixes = list(training_data.values())
+    assert check_datasets(prefixes, tokenizer) == []  # compared piece by piece
+
+    # The record names a file that is not there (preprocessed on another machine).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            (moved / Path(prefix + suffix).name).symlink_to(prefix + suffix)
+        record = json.loads(Path(prefix + ".stats.json").read_text())
+        record["tokenizer"]["model"] = str(tmp_path / "elsewhere" / "tokenizer.model")
+        (moved / Path(prefix + ".stats.json").name).write_text(json.dumps(record))
+    at_hand = [str(moved / Path(p).name) for p in prefixes]
+    warnings = check_datasets(at_hand, tokenizer)
+    assert len(warnings) == 2 and all("not there to compare" in w for w in warnings)
+    # ... but the expanded tokenizer's expansion.json names its base.
+    base = {"path": "elsewhere", "sha256": sha256_file(small_tokenizer)}
+    (expanded.parent / "expansion.json").write_text(json.dumps({"inputs": {"base_model": base}}))
+    assert check_datasets(at_hand, tokenizer) == []
