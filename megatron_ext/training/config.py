@@ -109,6 +109,14 @@ class TrainConfig:
         transformer_impl: ``transformer_engine``, ``local`` or ``auto`` (TE on a GPU if installed).
         bf16: bf16 parameters and activations with fp32 main weights and gradients.
         recompute_activations: Recompute each transformer layer's activations in backward.
+        bias_swiglu_fusion: megatron-core's fused SwiGLU, ``silu(gate) * up`` in one compiled
+            kernel (``torch.compile``) instead of three (None: on a GPU, as Megatron-LM does).
+        apply_rope_fusion: Transformer Engine's fused rotary embedding (None: when TE is
+            installed, on a GPU).
+        gradient_accumulation_fusion: The weight-gradient GEMMs of megatron-core's linear
+            layers add into the fp32 ``main_grad`` directly, with no bf16 gradient in between
+            (apex's ``fused_weight_gradient_mlp_cuda``; TE layers do it themselves). None: when
+            that extension imports, on a GPU.
         make_vocab_size_divisible_by: Vocabulary padding unit (times the TP size).
         tensor_model_parallel_size: TP size.
         pipeline_model_parallel_size: PP size.
@@ -174,6 +182,9 @@ class TrainConfig:
     transformer_impl: str = "auto"
     bf16: bool = False
     recompute_activations: bool = False
+    bias_swiglu_fusion: bool | None = None
+    apply_rope_fusion: bool | None = None
+    gradient_accumulation_fusion: bool | None = None
     make_vocab_size_divisible_by: int = 128
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1

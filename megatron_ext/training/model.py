@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,41 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
+def kernel_fusions(config: TrainConfig) -> dict[str, bool]:
+    """megatron-core's fused kernels that Megatron-LM turns on by default, where they can run.
+
+    Returns:
+        ``TransformerConfig`` fields: each fusion as the config asks, else on where available.
+
+    Raises:
+        ConfigError: A fusion is asked for where what it needs is missing.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    on_gpu = torch.cuda.is_available()
+    # megatron-core imports TE's fused RoPE and apex's fused weight-gradient GEMM when it can.
+    have = {
+        "bias_swiglu_fusion": (True, ""),
+        "apply_rope_fusion": (
+            on_gpu and rope_utils.fused_apply_rotary_pos_emb is not None,
+            "Transformer Engine's fused RoPE, on a GPU",
+        ),
+        "gradient_accumulation_fusion": (
+            on_gpu and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+            "apex's fused_weight_gradient_mlp_cuda extension, on a GPU",
+        ),
+    }
+    chosen = {}
+    for name, (available, needs) in have.items():
+        asked = getattr(config, name)
+        if asked and not available:
+            raise ConfigError(f"--{name.replace('_', '-')} needs {needs}")
+        chosen[name] = (on_gpu and available) if asked is None else asked
+    # Megatron-LM's --bias-swiglu-fusion is TransformerConfig's bias_activation_fusion.
+    chosen["bias_activation_fusion"] = chosen.pop("bias_swiglu_fusion")
+    return chosen
+
+
 def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
     """This rank's pipeline stage of the model, on the training device."""
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
@@ -102,10 +138,11 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
         overrides.update(
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
         )
-    transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
     use_te = transformer_engine_enabled(
         {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
     )
+    overrides.update(kernel_fusions(config))
+    transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
     if config.reset_attention_mask and use_te:
         raise ConfigError(
             "--reset-attention-mask needs --transformer-impl local (per-document attention "

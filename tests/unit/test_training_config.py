@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from megatron_ext.training.config import (
     ConfigError,
@@ -168,3 +169,23 @@ def test_trainer_refuses_an_output_directory_it_cannot_create(tmp_path, monkeypa
         config = load_config(None, [*REQUIRED, flag, str(tmp_path / "file" / "run")])
         with pytest.raises(ConfigError, match=f"^{flag} .*file/run: cannot create it"):
             Trainer(config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
+def test_kernel_fusions_follow_what_can_run(tmp_path):
+    """On a CPU: none by default, the compiled SwiGLU on request, the GPU-only ones refused."""
+    from megatron_ext.training.model import kernel_fusions
+
+    assert kernel_fusions(load_config(None, [])) == {
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "bias_activation_fusion": False,
+    }
+    fused = kernel_fusions(load_config(None, ["--bias-swiglu-fusion"]))
+    assert fused["bias_activation_fusion"] is True
+    for flag, needs in (
+        ("--apply-rope-fusion", "Transformer Engine"),
+        ("--gradient-accumulation-fusion", "fused_weight_gradient_mlp_cuda"),
+    ):
+        with pytest.raises(ConfigError, match=f"{flag} needs .*{needs}"):
+            kernel_fusions(load_config(None, [flag]))
