@@ -190,9 +190,10 @@ def test_gpu_1b_training_step(
     """bf16, seq 4096, micro-batch 1, 8 micro-batches per step, one GPU; peak memory per step."""
     import dataclasses
 
+    from megatron_ext.model.gpt import transformer_engine_enabled
     from megatron_ext.training.config import load_config
     from megatron_ext.training.loop import LoopState, Trainer
-    from megatron_ext.training.model import build_model
+    from megatron_ext.training.model import build_model, kernel_fusions
     from megatron_ext.training.plan import peak_tflops, training_flops_per_token
     from megatron_ext.training.stage import build_stage
 
@@ -228,9 +229,11 @@ def test_gpu_1b_training_step(
     tokens_per_s = config.global_batch_size * config.seq_length / benchmark.stats.stats.median
     flops = training_flops_per_token(plan.arch, vocab, config.seq_length) * tokens_per_s
     mfu = f"{100 * flops / (peak_tflops() * 1e12):.1f}%" if peak_tflops() else "n/a"
+    fused = ", ".join(name for name, on in kernel_fusions(config).items() if on) or "none"
     print(
         f"\n1B {kernels} V={vocab}: {tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
-        f"peak {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} GiB"
+        f"peak {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} GiB "
+        f"({'TE' if transformer_engine_enabled() else 'local'} spec; fusions: {fused})"
     )
     _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before
     report_vocab_growth(
