@@ -282,6 +282,37 @@ class TrainConfig:
             stems = [s[len(common) :] or s for s in stems]
         return stems
 
+    def _check_data_path(self) -> None:
+        """Refuse what megatron-core would misread or fail on with a bare assertion."""
+        items = [str(x) for x in self.data_path]
+        numbers = [_is_number(x) for x in items]
+        if any(numbers) and not (len(items) % 2 == 0 and all(numbers[0::2])):
+            raise ConfigError(
+                f"--data-path {' '.join(items)}: give a weight before every prefix "
+                "(--data-path 0.25 en 0.75 ar) or none (--data-path en ar)"
+            )
+        prefixes, weights = self.data_blend
+        for prefix, weight in zip(prefixes, weights or [], strict=False):
+            if not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(
+                    f"--data-path: {prefix} has weight {weight:g}; weights must be positive "
+                    "(leave a dataset out rather than weighting it 0)"
+                )
+        seen = set()
+        for prefix in prefixes:
+            if os.path.normpath(prefix) in seen:
+                raise ConfigError(
+                    f"--data-path lists {prefix} twice: give each dataset once, with one weight"
+                )
+            seen.add(os.path.normpath(prefix))
+        names = self.dataset_names()
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(
+                f"--data-path: two datasets would both be reported as {twice[0]!r}: name them "
+                "with --data-names"
+            )
+
     def validate(self, world_size: int) -> None:
         """Check the settings against each other and the number of processes.
 
@@ -311,6 +342,7 @@ class TrainConfig:
                 f"--data-names has {len(self.data_names)} names for "
                 f"{len(self.data_blend[0])} datasets"
             )
+        self._check_data_path()
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.sequence_parallel and self.seq_length % tp:
@@ -371,6 +403,14 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{_flag(name)} must be below 1, got {getattr(self, name)}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _flag(name: str) -> str:

@@ -126,6 +126,34 @@ def test_validate_names_a_setting_out_of_range(argv, message):
         load_config(None, [*REQUIRED, *argv]).validate(1)
 
 
+@pytest.mark.parametrize(
+    ("data_path", "message"),
+    [
+        # megatron-core's blend reader: a bare AssertionError for these two.
+        ("-0.25 a/en 0.75 a/ar", "a/en has weight -0.25; weights must be positive"),
+        ("0 a/en 1 a/ar", "a/en has weight 0; weights must be positive"),
+        ("nan a/en 1 a/ar", "a/en has weight nan"),
+        # ... and 0.25 read as a prefix here.
+        ("0.25 a/en a/ar", "give a weight before every prefix"),
+        ("a/en 0.75 a/ar", "give a weight before every prefix"),
+        # The blend would be all a/en, and its validation reported once.
+        ("0.25 a/en 0.75 ./a/en", "lists ./a/en twice"),
+        ("1 a/en_text_document 1 b/en_text_document", "both be reported as 'en'"),
+    ],
+)
+def test_data_path_mistakes_are_named(data_path, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*REQUIRED, "--data-path", *data_path.split()]).validate(1)
+
+
+def test_data_path_forms_megatron_reads():
+    for data_path in ("a/en a/ar", "0.25 a/en 0.75 a/ar", "30 a/en 70 a/ar"):
+        load_config(None, [*REQUIRED, "--data-path", *data_path.split()]).validate(1)
+    names = ["--data-names", "en1", "en2"]
+    both = ["--data-path", "1", "a/en_text_document", "1", "b/en_text_document"]
+    load_config(None, [*REQUIRED, *both, *names]).validate(1)
+
+
 def test_validate_checks_batch_and_layout():
     with pytest.raises(ConfigError, match="not a multiple of --micro-batch-size 3 x 2"):
         batch = ["--micro-batch-size", "3", "--global-batch-size", "8"]
