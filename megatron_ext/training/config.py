@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -282,6 +283,16 @@ class TrainConfig:
             stems = [s[len(common) :] or s for s in stems]
         return stems
 
+    def _check_split(self) -> None:
+        # megatron-core reads the numbers in the string and ignores the rest: "-1,2,0" is 1,2,0.
+        parts = [part.strip() for part in re.split(r"[,/]", self.split)]
+        shares = [float(p) for p in parts if re.fullmatch(r"\d+\.?\d*|\.\d+", p)]
+        if not 1 <= len(parts) <= 3 or len(shares) != len(parts) or sum(shares) <= 0:
+            raise ConfigError(
+                f"--split {self.split}: give up to three shares of train, validation and test, "
+                "not negative and not all 0 (e.g. --split 98,2,0)"
+            )
+
     def _check_data_path(self) -> None:
         """Refuse what megatron-core would misread or fail on with a bare assertion."""
         items = [str(x) for x in self.data_path]
@@ -343,6 +354,7 @@ class TrainConfig:
                 f"{len(self.data_blend[0])} datasets"
             )
         self._check_data_path()
+        self._check_split()
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.sequence_parallel and self.seq_length % tp:

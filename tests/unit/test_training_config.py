@@ -146,6 +146,15 @@ def test_data_path_mistakes_are_named(data_path, message):
         load_config(None, [*REQUIRED, "--data-path", *data_path.split()]).validate(1)
 
 
+@pytest.mark.parametrize("split", ["-1,2,0", "a,b,c", "0,0,0", "98,2,0,1", "98,,2", ""])
+def test_a_split_megatron_would_misread_or_fail_on_is_named(split):
+    # megatron-core: 1,2,0 for the first; NaN, NaN, AssertionError for the next three.
+    with pytest.raises(ConfigError, match=f"--split {split}: give up to three shares"):
+        load_config(None, [*REQUIRED, "--split", split]).validate(1)
+    for good in ("98,2,0", "98,2", "100", "99.5, 0.5, 0", "969/30/1"):
+        load_config(None, [*REQUIRED, "--split", good]).validate(1)
+
+
 def test_data_path_forms_megatron_reads():
     for data_path in ("a/en a/ar", "0.25 a/en 0.75 a/ar", "30 a/en 70 a/ar"):
         load_config(None, [*REQUIRED, "--data-path", *data_path.split()]).validate(1)
