@@ -93,7 +93,9 @@ def latest_checkpoint(load: str | os.PathLike) -> Path | None:
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     """The published checkpoints under ``root``, oldest first (never a half-written ``.tmp``)."""
     return sorted(
-        p.parent for p in Path(root).glob(f"iter_*/{TRAIN_STATE}") if p.parent.suffix != ".tmp"
+        p.parent
+        for p in Path(root).glob(f"iter_*/{TRAIN_STATE}")
+        if p.parent.suffix not in (".tmp", ".replaced")
     )
 
 
@@ -257,7 +259,10 @@ class CheckpointWriter:
         staging = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
             # Half-written checkpoints of killed jobs (one job writes to a checkpoint directory).
-            for stale in self.save_dir.glob("iter_*.tmp"):
+            for stale in [
+                *self.save_dir.glob("iter_*.tmp"),
+                *self.save_dir.glob("iter_*.replaced"),
+            ]:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         dist.barrier()
@@ -327,14 +332,19 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             _write_json(staging / METADATA, metadata)
             _write_json(staging / TRAIN_STATE, {**train_state, "layout": _layout()})
-            if final.exists():  # re-saving an iteration after a resume: the new one replaces it
-                shutil.rmtree(final)
+            # Re-saving an iteration after a resume: the new one replaces it. Renamed aside, not
+            # deleted first: deleting a large checkpoint takes long enough for a pre-empted job
+            # to be killed halfway, which would leave the pointer naming a broken checkpoint.
+            replaced = final.with_name(final.name + ".replaced")
+            if final.exists():
+                os.replace(final, replaced)
             os.replace(staging, final)
             pointer = self.save_dir / LATEST
             tmp_pointer = pointer.with_name(pointer.name + ".tmp")
             tmp_pointer.write_text(f"{iteration}\n")
             os.replace(tmp_pointer, pointer)
             _fsync_dir(self.save_dir)
+            shutil.rmtree(replaced, ignore_errors=True)
             if self.keep_last:
                 _prune(self.save_dir, self.keep_last)
             if self._queue is not None:

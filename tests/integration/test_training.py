@@ -243,6 +243,20 @@ def test_kill_9_then_resume_reproduces_the_losses_bitwise(
     assert losses(killed) == losses(whole)  # bitwise: JSON keeps every float's exact value
     assert not list(killed.glob("iter_*.tmp"))  # removed by the next save
 
+    # Rolled back (as after a loss spike): the last checkpoint is written again, replacing the
+    # one already there, which is renamed aside rather than deleted before its successor lands.
+    last = killed / "iter_0000030"
+    before = (last / "train_state.json").stat().st_mtime_ns
+    pointer.write_text("28\n")
+    proc = _cli(*args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resuming from {killed / 'iter_0000028'}" in out
+    assert (last / "train_state.json").stat().st_mtime_ns != before
+    assert pointer.read_text() == "30\n"
+    assert losses(killed) == losses(whole)
+    assert sorted(p.name for p in killed.glob("iter_*")) == ["iter_0000028", "iter_0000030"]
+
 
 def _files_at_most(limit: int):
     """For a child process: no file grows past ``limit`` bytes (EFBIG, as a full disk fails)."""
