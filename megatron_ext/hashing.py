@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -28,3 +30,13 @@ def sha256_path(path: str | os.PathLike) -> str:
         digest.update(str(child.relative_to(path)).encode() + b"\0")
         digest.update(bytes.fromhex(sha256_file(child)))
     return digest.hexdigest()
+
+
+def pieces_sha256(pieces: Iterable[str]) -> str:
+    """Hex sha256 of a vocabulary's pieces in id order.
+
+    Two vocabularies have the same one exactly when each id names the same piece, whatever else
+    their files hold (scores, normaliser settings, serialisation).
+    """
+    text = json.dumps(list(pieces), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

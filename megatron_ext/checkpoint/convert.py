@@ -32,7 +32,11 @@ from megatron_ext.checkpoint.layout import (
 from megatron_ext.embeddings.init import init_new_rows, subword_decomposition
 from megatron_ext.hashing import sha256_file
 from megatron_ext.outputs import OutputExistsError, atomic_directory
-from megatron_ext.tokenizer.encoders import load_sentencepiece
+from megatron_ext.tokenizer.encoders import (
+    SentencePieceEncoder,
+    TokenizerLoadError,
+    load_sentencepiece,
+)
 
 METADATA = "megatron_ext.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -94,6 +98,21 @@ def _vocabulary_plan(
             )
     pieces = [new.id_to_piece(i) for i in range(old_size, len(new))]
     return len(new), pieces, base_path
+
+
+def _pieces_sha256(tokenizer_model: str, vocab_size: int) -> str | None:
+    """The fingerprint of the tokenizer whose ids the rows follow (None: no such file at hand).
+
+    Without growth that is the Hugging Face checkpoint's own ``tokenizer.model``, if it has a
+    SentencePiece one of the model's size.
+    """
+    if not os.path.isfile(tokenizer_model):
+        return None
+    try:
+        encoder = SentencePieceEncoder(tokenizer_model)
+    except TokenizerLoadError:
+        return None
+    return encoder.pieces_sha256() if encoder.vocab_size == vocab_size else None
 
 
 def _vocab_rows(
@@ -208,6 +227,10 @@ def hf_to_megatron(
             "freeze_base_rows": freeze_base_rows,
             "trainable_rows": [hf.arch.vocab_size, vocab_size] if freeze_base_rows else None,
             "tokenizer_sha256": sha256_file(tokenizer_model) if tokenizer_model else None,
+            "tokenizer_pieces_sha256": _pieces_sha256(
+                tokenizer_model or base_tokenizer_model or str(hf.directory / "tokenizer.model"),
+                vocab_size,
+            ),
             "source": str(hf.directory),
         }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")

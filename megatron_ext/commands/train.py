@@ -57,8 +57,8 @@ def dry_run(config, world_size: int | None) -> int:
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     world_size = world_size or int(os.environ.get("WORLD_SIZE", tp * pp))
     config.validate(world_size)
-    vocab = SentencePieceEncoder(config.tokenizer_model).vocab_size
-    plan = resolve_arch(config, vocab, None)
+    tokenizer = SentencePieceEncoder(config.tokenizer_model)
+    plan = resolve_arch(config, tokenizer.vocab_size, None, tokenizer.pieces_sha256())
     run = plan_run(config, plan.arch, plan.padded_vocab_size, world_size)
     arch = plan.arch
     print(

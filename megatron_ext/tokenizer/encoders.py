@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
+from megatron_ext.hashing import pieces_sha256
+
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "Llama2Tokenizer",
@@ -73,6 +75,10 @@ class SentencePieceEncoder(TextEncoder):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no bos/eos: Megatron adds only the end of document)."""
         return self.processor.encode(texts, num_threads=self.num_threads)
+
+    def pieces_sha256(self) -> str:
+        """The vocabulary's fingerprint (:func:`megatron_ext.hashing.pieces_sha256`)."""
+        return pieces_sha256(map(self.processor.id_to_piece, range(self.vocab_size)))
 
 
 class HuggingFaceEncoder(TextEncoder):

@@ -231,9 +231,13 @@ class Trainer:
             self.start = LoopState(**{k: saved[k] for k in asdict(self.start) if k in saved})
             for warning in resume_changes(saved.get("config", {}), config):
                 self._log_rank0(warning)
-        self.plan = resolve_arch(config, tokenizer.vocab_size, self.resume)
+        self.tokenizer_pieces_sha256 = tokenizer.pieces_sha256()
+        self.plan = resolve_arch(
+            config, tokenizer.vocab_size, self.resume, self.tokenizer_pieces_sha256
+        )
         remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
         dataset_tokenizer = DatasetTokenizer(tokenizer, config.tokenizer_model)
+        self.tokenizer_sha256 = dataset_tokenizer.sha256
         for warning in check_datasets(config.data_blend[0], dataset_tokenizer):
             self._log_rank0(warning)
         self.datasets = build_datasets(
@@ -258,6 +262,8 @@ class Trainer:
             "tensor_model_parallel_size": self.config.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.config.pipeline_model_parallel_size,
             "dtype": "bf16" if self.config.bf16 else "fp32",
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "tokenizer_pieces_sha256": self.tokenizer_pieces_sha256,
             "source": self.config.pretrained_checkpoint,
         }
 

@@ -27,8 +27,20 @@ class ModelPlan:
     dtype: torch.dtype
 
 
-def resolve_arch(config: TrainConfig, vocab_size: int, resume: Path | None) -> ModelPlan:
+def resolve_arch(
+    config: TrainConfig,
+    vocab_size: int,
+    resume: Path | None,
+    pieces_sha256: str | None = None,
+) -> ModelPlan:
     """Architecture, padded vocabulary and base vocabulary from the config or a checkpoint.
+
+    Args:
+        config: The run's settings.
+        vocab_size: Pieces of ``--tokenizer-model``.
+        resume: The checkpoint the run resumes, if any.
+        pieces_sha256: The tokenizer's fingerprint (:func:`megatron_ext.hashing.pieces_sha256`),
+            compared with the one the checkpoint records (None: not compared).
 
     Raises:
         ConfigError: The tokenizer does not match the checkpoint, or the padded vocabulary
@@ -45,15 +57,23 @@ def resolve_arch(config: TrainConfig, vocab_size: int, resume: Path | None) -> M
         padded = meta["padded_vocab_size"]
         base = config.base_vocab_size or meta.get("base_vocab_size")
         where = f"{source}/{checkpointing.METADATA}"
+        recorded = meta.get("tokenizer_pieces_sha256")
     else:
         arch = _arch_from_config(config.arch).with_vocab_size(vocab_size)
         padded = arch.padded_vocab_size(tp, config.make_vocab_size_divisible_by)
         base = config.base_vocab_size
         where = "config"
+        recorded = None
     if arch.vocab_size != vocab_size:
         raise ConfigError(
             f"{where}: vocabulary of {arch.vocab_size} but --tokenizer-model "
             f"{config.tokenizer_model} has {vocab_size} pieces"
+        )
+    if pieces_sha256 and recorded and recorded != pieces_sha256:
+        raise ConfigError(
+            f"{where}: made with another tokenizer of {vocab_size:,} pieces than --tokenizer-model "
+            f"{config.tokenizer_model} (their ids name other pieces, so the embedding rows "
+            "would belong to other tokens): pass the tokenizer it was made with"
         )
     if padded % tp:
         raise ConfigError(

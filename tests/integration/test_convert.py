@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint.hf import CheckpointError, HFCheckpoint
+from megatron_ext.hashing import pieces_sha256
 from tests.distributed import run_ranks
 from tests.integration.test_llama_equivalence import tiny_llama
 
@@ -128,7 +129,8 @@ def test_vocabulary_expansion_keeps_old_logits_and_inits_new_rows(tmp_path, hf_d
     hf_with_tokenizer = tmp_path / "hf"
     shutil.copytree(hf_dir, hf_with_tokenizer)
     shutil.copy(base, hf_with_tokenizer / "tokenizer.model")
-    new_size = len(spm.SentencePieceProcessor(model_file=str(expanded)))
+    expanded_sp = spm.SentencePieceProcessor(model_file=str(expanded))
+    new_size = len(expanded_sp)
     assert new_size > 300
 
     for method in ("avg_subwords", "mean"):
@@ -136,6 +138,9 @@ def test_vocabulary_expansion_keeps_old_logits_and_inits_new_rows(tmp_path, hf_d
         kwargs = {"tokenizer_model": str(expanded), "embedding_init": method, "dtype": "fp32"}
         meta = run_ranks(convert, 1, hf_with_tokenizer, ckpt, kwargs)[0]
         assert meta["vocab_size"] == new_size and meta["padded_vocab_size"] == 384
+        # What train compares its tokenizer with: the expanded one's pieces, not the base's.
+        pieces = [expanded_sp.id_to_piece(i) for i in range(new_size)]
+        assert meta["tokenizer_pieces_sha256"] == pieces_sha256(pieces)
         tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5))
         (logits,) = run_ranks(logits_from_checkpoint, 1, ckpt, tokens)
         reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()

@@ -127,7 +127,11 @@ def test_tiny_config_trains_and_reports_per_language(
         first, last = (e for e in valid if e["lang"] == lang)
         assert last["loss"] < first["loss"]
         assert 0 < last["bpc"] < 8
-    assert (save / "iter_0000030" / "megatron_ext.json").is_file()
+    # What a resume compares its tokenizer with.
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+
+    meta = json.loads((save / "iter_0000030" / "megatron_ext.json").read_text())
+    assert meta["tokenizer_pieces_sha256"] == SentencePieceEncoder(small_tokenizer).pieces_sha256()
 
 
 def _weights(rank, world_size, config_path, checkpoint):

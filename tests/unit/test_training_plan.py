@@ -12,6 +12,7 @@ import torch
 
 from megatron_ext.arch import PRESETS
 from megatron_ext.commands.train import main
+from megatron_ext.hashing import pieces_sha256
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.training.config import load_config
 from megatron_ext.training.plan import peak_tflops, plan_run
@@ -54,7 +55,7 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert "60 processes cannot be split" in capsys.readouterr().err
 
 
-def _converted_metadata(directory, arch, base_vocab_size: int) -> None:
+def _converted_metadata(directory, arch, base_vocab_size: int, **recorded) -> None:
     """The ``megatron_ext.json`` a ``convert hf-to-megatron`` at TP=8 writes (only the file)."""
     (directory / "megatron_ext.json").write_text(
         json.dumps(
@@ -63,9 +64,31 @@ def _converted_metadata(directory, arch, base_vocab_size: int) -> None:
                 "vocab_size": arch.vocab_size,
                 "padded_vocab_size": arch.padded_vocab_size(8),
                 "base_vocab_size": base_vocab_size,
+                **recorded,
             }
         )
     )
+
+
+def test_a_checkpoint_made_with_another_tokenizer_of_its_size_is_refused(
+    tmp_path, capsys, llama2_tokenizer
+):
+    """Same size, other pieces (an expansion re-run on other text): its rows are other tokens'."""
+    tokenizer = SentencePieceEncoder(llama2_tokenizer)
+    pieces = [tokenizer.processor.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    argv = [
+        "--dry-run", "--arch", "llama2-7b", "--tensor-model-parallel-size", "8",
+        "--pretrained-checkpoint", str(tmp_path), "--tokenizer-model", str(llama2_tokenizer),
+        "--data-path", "no/such/data",
+    ]  # fmt: skip
+    arch = PRESETS["llama2-7b"].with_vocab_size(len(pieces))
+    _converted_metadata(tmp_path, arch, len(pieces), tokenizer_pieces_sha256=pieces_sha256(pieces))
+    assert main(argv) == 0
+    capsys.readouterr()
+    pieces[-2:] = pieces[-1], pieces[-2]
+    _converted_metadata(tmp_path, arch, len(pieces), tokenizer_pieces_sha256=pieces_sha256(pieces))
+    assert main(argv) == 2
+    assert f"made with another tokenizer of {len(pieces):,} pieces" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
