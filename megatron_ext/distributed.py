@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -164,6 +164,28 @@ def init(
         torch.manual_seed(seed)
         mcore_random.model_parallel_cuda_manual_seed(seed)
     return dist.get_backend()
+
+
+def launch_warning(
+    tensor_model_parallel_size: int, on_gpu: bool, environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """A warning when tensor parallelism on GPUs runs without ``CUDA_DEVICE_MAX_CONNECTIONS=1``.
+
+    megatron-core's tensor-parallel layers launch a collective and then the GEMM that should hide
+    it, relying on one hardware queue to start them in that order; with several queues the GEMM
+    may run first and the communication is no longer overlapped (Megatron-LM's launch scripts
+    set the variable; it must be set before CUDA starts, so it cannot be fixed from here).
+    """
+    if not on_gpu or tensor_model_parallel_size == 1:
+        return None
+    value = environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if value == "1":
+        return None
+    return (
+        f"warning: CUDA_DEVICE_MAX_CONNECTIONS is {value or 'unset'}: with tensor parallelism "
+        "megatron-core overlaps communication with computation only when it is 1 (export it "
+        "before launching, as examples/slurm/train.sbatch does)"
+    )
 
 
 def free_port() -> int:

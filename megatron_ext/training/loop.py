@@ -240,6 +240,11 @@ class Trainer:
         self.tokenizer_sha256 = dataset_tokenizer.sha256
         for warning in check_datasets(config.data_blend[0], dataset_tokenizer):
             self._log_rank0(warning)
+        warning = distributed.launch_warning(
+            config.tensor_model_parallel_size, torch.cuda.is_available()
+        )
+        if warning:
+            self._log_rank0(warning)
         self.datasets = build_datasets(
             config, dataset_tokenizer, train_samples=self.start.consumed_samples + remaining
         )

@@ -49,3 +49,13 @@ def test_cpu_shims_and_rng_tracker_across_tp_ranks():
     masks = run_ranks(_rank, 2)
     # The model-parallel stream is seeded per TP rank, so dropout differs across ranks.
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_launch_warning_names_the_queue_setting_tensor_parallelism_needs():
+    unset = distributed.launch_warning(8, on_gpu=True, environ={})
+    assert "CUDA_DEVICE_MAX_CONNECTIONS is unset" in unset
+    many = distributed.launch_warning(8, on_gpu=True, environ={"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+    assert "CUDA_DEVICE_MAX_CONNECTIONS is 8" in many
+    assert distributed.launch_warning(8, True, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}) is None
+    assert distributed.launch_warning(1, True, {}) is None  # no tensor-parallel collectives
+    assert distributed.launch_warning(2, False, {}) is None  # gloo: no hardware queues
