@@ -41,6 +41,29 @@ def check_token_ids(name: str, ids: torch.Tensor) -> None:
         raise ValueError(f"{name} must be an int64 or int32 tensor of token ids, got {ids.dtype}")
 
 
+def check_ids_in_vocab(
+    name: str, ids: torch.Tensor, vocab: int, ignore_index: int | None = None
+) -> None:
+    """Fail on an id outside ``[0, vocab)`` that is not ``ignore_index``.
+
+    No rank's shard holds such an id, so the kernels would silently give it a zero embedding or
+    a target logit of 0 (as megatron-core's vocab-parallel layers do). CPU tensors raise at
+    once, naming the first one; CUDA tensors get a device-side assertion, which needs no host
+    synchronisation and fails the next synchronising call, as an out-of-range index does in
+    ``F.embedding`` or ``F.cross_entropy``.
+    """
+    in_range = (ids >= 0) & (ids < vocab)
+    rule = f"outside the vocabulary [0, {vocab:,})"
+    if ignore_index is not None:
+        in_range |= ids == ignore_index
+        rule += f" and not ignore_index ({ignore_index})"
+    if ids.is_cuda:
+        torch._assert_async(in_range.all(), f"{name}: an id is {rule}")
+    elif not in_range.all():
+        where = tuple((~in_range).nonzero()[0].tolist())
+        raise ValueError(f"{name}{list(where)} = {int(ids[where])} is {rule}")
+
+
 def resolve_tp_group(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """Return the tensor-parallel group to communicate over, or None when there is nothing to do.
 

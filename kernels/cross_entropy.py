@@ -49,6 +49,7 @@ import triton.language as tl
 from kernels._common import (
     Backend,
     accumulate_mm_fp32,
+    check_ids_in_vocab,
     check_token_ids,
     finish_weight_grad,
     has_main_grad,
@@ -607,23 +608,6 @@ def _reduce_grad_hidden(grad_hidden: torch.Tensor | None, cfg: _Config) -> None:
         dist.all_reduce(grad_hidden, group=cfg.tp_group)
 
 
-def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Fail on a label outside ``[0, vocab)`` that is not ``ignore_index``.
-
-    No rank's shard holds such a label, so it would silently get a target logit of 0 (as in
-    megatron-core's vocab-parallel loss). CPU tensors raise at once, naming the first one; CUDA
-    tensors get a device-side assertion, which needs no host synchronisation and fails the next
-    synchronising call, as an out-of-range class does in ``F.cross_entropy``.
-    """
-    in_range = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
-    rule = f"outside the vocabulary [0, {vocab:,}) and not ignore_index ({ignore_index})"
-    if labels.is_cuda:
-        torch._assert_async(in_range.all(), f"fused_linear_cross_entropy: a label is {rule}")
-    elif not in_range.all():
-        where = tuple((~in_range).nonzero()[0].tolist())
-        raise ValueError(f"labels{list(where)} = {int(labels[where])} is {rule}")
-
-
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -702,7 +686,7 @@ def fused_linear_cross_entropy(
     shard = weight.shape[0]
     vocab = shard * world
     valid = flat_labels != ignore_index
-    _check_labels(labels, vocab, ignore_index)
+    check_ids_in_vocab("labels", labels, vocab, ignore_index)
     local = flat_labels - rank * shard
     target = torch.where(valid & (local >= 0) & (local < shard), local, -1)
     token_weight = valid.to(_acc_dtype(hidden))

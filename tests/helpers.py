@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 
 def read_texts(path: Path, key: str = "text") -> list[str]:
     """The ``key`` field of every line of a JSON Lines file."""
@@ -17,3 +20,19 @@ def aliases_main_grad(weight) -> bool:
     if weight.grad is None:
         return False
     return weight.grad.untyped_storage().data_ptr() == weight.main_grad.untyped_storage().data_ptr()
+
+
+# Backends for tests of CPU tensors (the checks that raise at once there): on a GPU machine the
+# Triton kernels run only on CUDA tensors, without the interpreter.
+CPU_TENSOR_BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=[
+            pytest.mark.triton_interpreter,
+            pytest.mark.skipif(
+                torch.cuda.is_available(), reason="CPU tensors reach Triton only in its interpreter"
+            ),
+        ],
+    ),
+]

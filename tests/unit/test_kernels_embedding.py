@@ -1,5 +1,8 @@
 """Vocab-parallel embedding (one shard, no communication) against F.embedding + masking.
 
+Without a process group a shard starting at id 0 is the whole vocabulary, so the shard cases
+start elsewhere (ids below, in and above it then belong to other ranks).
+
 Agreement with megatron-core's VocabParallelEmbedding at TP=1 and TP=2 is in
 tests/integration/test_kernels_tp.py.
 """
@@ -11,7 +14,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 from kernels.embedding import vocab_parallel_embedding
-from tests.helpers import aliases_main_grad
+from tests.helpers import CPU_TENSOR_BACKENDS, aliases_main_grad
 
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +53,7 @@ def lookup_and_grad(fn, ids, weight, upstream, **kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 7), (1,), (0,)], ids=["batch", "one-token", "empty"])
-@pytest.mark.parametrize("vocab_start", [0, 37])
+@pytest.mark.parametrize("vocab_start", [37, 74])
 def test_matches_masked_f_embedding(backend, shape, vocab_start):
     ids, weight = make_inputs(shape, 37, 20)
     upstream = torch.randn(*shape, 20, device=DEVICE)
@@ -74,7 +77,7 @@ def test_random_cases_match_masked_f_embedding(backend, seed):
     dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
     shape = rng.choice([(1,), (5,), (3, 7), (2, 3, 4)])
     vocab, hidden = rng.choice([1, 3, 37]), rng.choice([1, 7, 64, 300])
-    vocab_start = rng.choice([0, 5, 40])
+    vocab_start = rng.choice([5, 40])
     ids, weight = make_inputs(shape, vocab, hidden, dtype=dtype, seed=seed)
     ids = ids + vocab_start - vocab // 2  # some ids below, in and above the shard
     if rng.random() < 0.5:
@@ -142,6 +145,7 @@ def test_trainable_rows_freeze_the_others_exactly(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_runs_bitwise_identical(backend):
     ids, weight = make_inputs((8, 64), 16, 24, dtype=torch.bfloat16)
+    ids %= 16  # the whole vocabulary, with its hot row
     upstream = torch.randn(8, 64, 24, device=DEVICE).bfloat16()
     first = lookup_and_grad(vocab_parallel_embedding, ids, weight, upstream, backend=backend)
     second = lookup_and_grad(vocab_parallel_embedding, ids, weight, upstream, backend=backend)
@@ -178,6 +182,26 @@ def test_reference_gradcheck_float64():
         )
 
     assert torch.autograd.gradcheck(fn, (weight,))
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("bad", [8, 1000, -1])
+def test_rejects_ids_outside_the_vocabulary(backend, bad):
+    """Without a process group a shard from id 0 is the whole vocabulary; no rank holds others.
+
+    megatron-core's layer fails on them at TP=1 (``F.embedding``'s IndexError); the kernels
+    would give them a zero row. CPU tensors only: CUDA ones are left to the loss's check.
+    """
+    weight = torch.randn(8, 4)
+    ids = torch.tensor([[1, 0, 7], [2, 3, 4]])
+    vocab_parallel_embedding(ids, weight, backend=backend)
+    ids[1, 2] = bad
+    with pytest.raises(
+        ValueError, match=rf"ids\[1, 2\] = {bad} is outside the vocabulary \[0, 8\)"
+    ):
+        vocab_parallel_embedding(ids, weight, backend=backend)
+    # A shard from another id on: the caller's own split, others' ids are theirs (zero rows).
+    assert not vocab_parallel_embedding(ids, weight, vocab_start=2000, backend=backend).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
