@@ -56,11 +56,32 @@ def error_cause(err: BaseException) -> str:
 
 
 def load_dist_checkpoint(sharded: dict, checkpoint_dir: str | os.PathLike) -> dict:
-    """``dist_checkpointing.load``, its failures a CheckpointError naming the checkpoint."""
+    """``dist_checkpointing.load``, its failures a CheckpointError naming the checkpoint.
+
+    Raises:
+        CheckpointError: The checkpoint cannot be read, or one of its tensors has another
+            global shape than ``sharded`` expects (torch's reader would load the overlap only:
+            a model with a smaller vocabulary would get the first rows without a word).
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     try:
+        stored = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+        for tensor in nested_values(sharded):
+            if not isinstance(tensor, ShardedTensor) or tensor.key not in stored:
+                continue
+            saved = tuple(stored[tensor.key].global_shape)
+            if saved != tuple(tensor.global_shape):
+                raise CheckpointError(
+                    f"{checkpoint_dir}: {tensor.key} is {list(saved)} there but "
+                    f"{list(tensor.global_shape)} in the model loading it (another vocabulary "
+                    "or architecture)"
+                )
         return dist_checkpointing.load(sharded, str(checkpoint_dir))
+    except CheckpointError:
+        raise
     except DIST_CHECKPOINT_ERRORS as err:
         raise CheckpointError(f"{checkpoint_dir}: cannot load ({error_cause(err)})") from err
 

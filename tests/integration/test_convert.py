@@ -94,6 +94,26 @@ def test_bad_checkpoints_are_named(tmp_path, hf_dir):
         HFCheckpoint(broken)
 
 
+def _load_with_vocab(rank, world_size, ckpt_dir, padded_vocab):
+    from megatron_ext.arch import LlamaArch
+    from megatron_ext.checkpoint.convert import load_into, read_metadata
+    from megatron_ext.model.gpt import build_gpt_model
+
+    arch = LlamaArch(**read_metadata(ckpt_dir)["arch"])
+    config = arch.transformer_config(1, 1, params_dtype=torch.float32)
+    load_into(build_gpt_model(arch, config, padded_vocab), ckpt_dir)
+
+
+def test_a_checkpoint_is_not_loaded_into_a_model_of_another_shape(tmp_path, hf_dir):
+    """torch's reader would load the overlap: the first 256 of 384 rows, without a word."""
+    ckpt = tmp_path / "ckpt"
+    meta = run_ranks(convert, 1, hf_dir, ckpt, {"dtype": "fp32"})[0]
+    run_ranks(_load_with_vocab, 1, ckpt, meta["padded_vocab_size"])
+    shapes = r"embedding.word_embeddings.weight is \[384, 64\] there but \[256, 64\] in the model"
+    with pytest.raises(AssertionError, match=f"CheckpointError: .*{shapes}"):
+        run_ranks(_load_with_vocab, 1, ckpt, 256)
+
+
 @pytest.fixture(scope="module")
 def tokenizers_300(tmp_path_factory, corpora):
     """A 300-piece base tokenizer (the tiny model's vocabulary) and an extension of it."""
