@@ -58,10 +58,26 @@ def run_ranks(
     """
     if torch.cuda.is_available() and world_size > torch.cuda.device_count():
         pytest.skip(f"{world_size} ranks need {world_size} GPUs, this machine has fewer")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     pp = pipeline_model_parallel_size
     tp = world_size // pp if tensor_model_parallel_size is None else tensor_model_parallel_size
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        outcome = _spawn(fn, world_size, tp, pp, args, timeout)
+        errors = [f"rank {rank}:\n{err}" for rank, _, err in sorted(outcome) if err]
+        if not (errors and attempt < _PORT_ATTEMPTS and "EADDRINUSE" in errors[0]):
+            break
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [pickle.loads(value) for _, value, _ in sorted(outcome, key=lambda item: item[0])]
+
+
+# A port free when chosen can be taken (by any process's outgoing connection) before rank 0
+# listens on it; the ranks then fail in init, before ``fn`` runs, and start again on another.
+_PORT_ATTEMPTS = 3
+
+
+def _spawn(fn, world_size, tp, pp, args, timeout) -> list[tuple[int, bytes | None, str | None]]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, results))
@@ -70,13 +86,9 @@ def run_ranks(
     for proc in procs:
         proc.start()
     try:
-        outcome = [results.get(timeout=timeout) for _ in procs]
+        return [results.get(timeout=timeout) for _ in procs]
     finally:
         for proc in procs:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
-    errors = [f"rank {rank}:\n{err}" for rank, _, err in sorted(outcome) if err]
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [pickle.loads(value) for _, value, _ in sorted(outcome, key=lambda item: item[0])]
