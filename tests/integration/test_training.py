@@ -374,8 +374,14 @@ def test_data_parallel_ranks_share_the_checkpoint_writes(tmp_path, small_tokeniz
 
 
 def _stage_one_changes(rank, world_size, config_path, overrides):
-    """Weights before (iteration 1, lr 0) and after the embedding-only stage, compared."""
+    """Weights before (iteration 1, lr 0) and after the embedding-only stage, compared.
+
+    Returns:
+        For each weight of this rank that changed, the rows that did (global token ids for the
+        vocab-parallel embedding and output layer).
+    """
     import torch
+    from megatron.core import parallel_state
 
     from megatron_ext.training import checkpointing
     from megatron_ext.training.config import load_config
@@ -395,14 +401,20 @@ def _stage_one_changes(rank, world_size, config_path, overrides):
             {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
         )
     before, after = states
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    first_id = tp_rank * plan.padded_vocab_size // config.tensor_model_parallel_size
     changed = {}
     for name, tensor in before.items():
         if not tensor.is_floating_point():
             continue
         rows = (after[name] != tensor).reshape(tensor.shape[0], -1).any(dim=1)
         if rows.any():
-            changed[name] = rows.nonzero().flatten().tolist()
+            offset = first_id if name in VOCAB_PARALLEL else 0
+            changed[name] = (rows.nonzero().flatten() + offset).tolist()
     return changed
+
+
+VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 @pytest.mark.parametrize(
@@ -412,8 +424,10 @@ def _stage_one_changes(rank, world_size, config_path, overrides):
         (1, ["--kernels", "megatron"]),
         # Reductions start during backward: the frozen rows must be zeroed after they end.
         (2, ["--overlap-grad-reduce", "--micro-batch-size", "1"]),
+        # The padded 2,048 rows split in two: the new rows (from 1,500) start inside shard 1.
+        (2, ["--tensor-model-parallel-size", "2"]),
     ],
-    ids=["fused", "megatron", "dp2-overlap"],
+    ids=["fused", "megatron", "dp2-overlap", "tp2"],
 )
 def test_embedding_stage_changes_only_new_rows(
     tmp_path, small_tokenizer, training_data, world_size, overrides
@@ -434,8 +448,11 @@ def test_embedding_stage_changes_only_new_rows(
              "weight_decay": 0.0, "lr": 1.0e-2},
         ],
     )  # fmt: skip
-    changed = run_ranks(_stage_one_changes, world_size, config, overrides)[0]
-    assert set(changed) == {"embedding.word_embeddings.weight", "output_layer.weight"}
+    changed = {}
+    for ranks_changes in run_ranks(_stage_one_changes, world_size, config, overrides):
+        for name, rows in ranks_changes.items():
+            changed.setdefault(name, set()).update(rows)
+    assert set(changed) == set(VOCAB_PARALLEL)
     for rows in changed.values():
         assert rows and min(rows) >= 1500 and max(rows) < 2000
     assert len(changed["output_layer.weight"]) == 500  # every new output row gets a gradient
