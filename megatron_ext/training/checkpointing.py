@@ -99,8 +99,12 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     )
 
 
-def _iteration(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("iter_"))
+def _iteration(checkpoint: Path) -> int | str:
+    # From the checkpoint's own record: a directory may have been renamed.
+    try:
+        return int(read_train_state(checkpoint)["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its iteration"
 
 
 def resume_checkpoint(load: str | os.PathLike, save: str | os.PathLike | None) -> Path | None:
