@@ -320,8 +320,8 @@ class TrainConfig:
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ConfigError(
-                f"--data-path: two datasets would both be reported as {twice[0]!r}: name them "
-                "with --data-names"
+                f"--data-path: two datasets would both be reported as {twice[0]!r}: give them "
+                "distinct names with --data-names"
             )
 
     def validate(self, world_size: int) -> None:
