@@ -39,6 +39,8 @@ AT_LEAST = {
     "tensor_model_parallel_size": 1,
     "pipeline_model_parallel_size": 1,
     "make_vocab_size_divisible_by": 1,
+    # The first new id: 0 or below would make every row "new" (and 0 read as unset).
+    "base_vocab_size": 1,
     "micro_batch_size": 1,
     "global_batch_size": 1,
     "seq_length": 1,

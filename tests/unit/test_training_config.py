@@ -107,6 +107,8 @@ def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
         # 0 would divide by zero (world size, log interval) or train on empty sequences.
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be at least 1"),
         (["--log-interval", "0"], "--log-interval must be at least 1, got 0"),
+        (["--base-vocab-size", "-5"], "--base-vocab-size must be at least 1, got -5"),
+        (["--base-vocab-size", "0"], "--base-vocab-size must be at least 1, got 0"),
         (["--seq-length", "0"], "--seq-length must be at least 1"),
         (["--eval-iters", "0"], "--eval-iters must be at least 1"),
         (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
