@@ -35,6 +35,7 @@ from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import (
     SentencePieceEncoder,
     TokenizerLoadError,
+    first_other_piece,
     load_sentencepiece,
 )
 
@@ -111,12 +112,12 @@ def _vocabulary_plan(
         raise CheckpointError(
             f"{base_path}: {len(base)} pieces but the checkpoint's vocabulary is {old_size}"
         )
-    for i in range(old_size):
-        if new.id_to_piece(i) != base.id_to_piece(i):
-            raise CheckpointError(
-                f"{tokenizer_model}: piece {i} is {new.id_to_piece(i)!r}, the base has "
-                f"{base.id_to_piece(i)!r}: the new tokenizer must extend the base one"
-            )
+    i = first_other_piece(base, new)
+    if i is not None:
+        raise CheckpointError(
+            f"{tokenizer_model}: piece {i} is {new.id_to_piece(i)!r}, the base has "
+            f"{base.id_to_piece(i)!r}: the new tokenizer must extend the base one"
+        )
     pieces = [new.id_to_piece(i) for i in range(old_size, len(new))]
     return len(new), pieces, base_path
 

@@ -63,6 +63,16 @@ def load_sentencepiece(model_path: str | os.PathLike):
     return processor
 
 
+def first_other_piece(base, extended) -> int | None:
+    """The first id of ``base`` that names another piece in ``extended`` (None: it extends it).
+
+    Both are ``SentencePieceProcessor`` s; ``extended`` has at least ``base``'s pieces.
+    """
+    return next(
+        (i for i in range(len(base)) if base.id_to_piece(i) != extended.id_to_piece(i)), None
+    )
+
+
 class SentencePieceEncoder(TextEncoder):
     """The SentencePiece types: the model's ids; end of document is the model's eos (``</s>``)."""
 

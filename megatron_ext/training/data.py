@@ -28,8 +28,11 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_ext.data.indexed import IndexedDatasetError, check_indexed_files
 from megatron_ext.hashing import sha256_file
-from megatron_ext.tokenizer.encoders import SentencePieceEncoder
-from megatron_ext.tokenizer.sp_proto import parse_model
+from megatron_ext.tokenizer.encoders import (
+    SentencePieceEncoder,
+    first_other_piece,
+    load_sentencepiece,
+)
 from megatron_ext.training.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -146,12 +149,11 @@ def _first_other_piece(used: dict, tokenizer: DatasetTokenizer) -> str | None:
     model = used.get("model")
     if not (model and Path(model).is_file() and sha256_file(model) == used["sha256"]):
         return None
-    theirs = parse_model(Path(model).read_bytes()).pieces
-    ours = parse_model(Path(tokenizer.model_path).read_bytes()).pieces
-    for i, piece in enumerate(theirs):
-        if piece.piece != ours[i].piece:
-            return f"id {i:,} is {piece.piece!r} there, {ours[i].piece!r} here"
-    return ""
+    theirs, ours = load_sentencepiece(model), load_sentencepiece(tokenizer.model_path)
+    i = first_other_piece(theirs, ours)
+    if i is None:
+        return ""
+    return f"id {i:,} is {theirs.id_to_piece(i)!r} there, {ours.id_to_piece(i)!r} here"
 
 
 @dataclass
