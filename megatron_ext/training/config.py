@@ -59,7 +59,10 @@ AT_LEAST = {
     "save_interval": 0,
     "keep_last_checkpoints": 0,
     "max_skipped_iters": 0,
+    "seed": 0,
 }
+# Upper bounds. The seed shuffles the data through numpy's RandomState, which takes 32 bits.
+AT_MOST = {"seed": 2**32 - 1}
 # Settings that must be above 0 (when set).
 POSITIVE = ("adam_eps", "exit_duration_in_mins", "peak_tflops")
 
@@ -410,6 +413,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < lowest:
                 raise ConfigError(f"{_flag(name)} must be at least {lowest}, got {value}")
+        for name, highest in AT_MOST.items():
+            value = getattr(self, name)
+            if value is not None and value > highest:
+                raise ConfigError(f"{_flag(name)} must be at most {highest}, got {value}")
         for name in POSITIVE:
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -50,7 +50,12 @@ from megatron_ext.training.data import (
     micro_batches,
 )
 from megatron_ext.training.metrics import MetricsLog
-from megatron_ext.training.model import build_model, resolve_arch, training_device
+from megatron_ext.training.model import (
+    build_model,
+    context_warning,
+    resolve_arch,
+    training_device,
+)
 from megatron_ext.training.plan import peak_tflops, training_flops_per_token
 from megatron_ext.training.stage import StageRun, build_stage, optimizer_step
 
@@ -240,11 +245,13 @@ class Trainer:
         self.tokenizer_sha256 = dataset_tokenizer.sha256
         for warning in check_datasets(config.data_blend[0], dataset_tokenizer):
             self._log_rank0(warning)
-        warning = distributed.launch_warning(
-            config.tensor_model_parallel_size, torch.cuda.is_available()
-        )
-        if warning:
-            self._log_rank0(warning)
+        tp, on_gpu = config.tensor_model_parallel_size, torch.cuda.is_available()
+        for warning in (
+            distributed.launch_warning(tp, on_gpu),
+            context_warning(self.plan.arch, config.seq_length),
+        ):
+            if warning:
+                self._log_rank0(warning)
         self.datasets = build_datasets(
             config, dataset_tokenizer, train_samples=self.start.consumed_samples + remaining
         )

@@ -27,6 +27,22 @@ class ModelPlan:
     dtype: torch.dtype
 
 
+def context_warning(arch: LlamaArch, seq_length: int) -> str | None:
+    """A warning when ``seq_length`` runs past the positions the model was trained on.
+
+    megatron-core computes RoPE for any length, so a longer sequence trains without an error on
+    positions the model has never seen.
+    """
+    if seq_length <= arch.max_position_embeddings:
+        return None
+    return (
+        f"warning: --seq-length {seq_length} is beyond the {arch.max_position_embeddings} "
+        f"positions the model was trained on (max_position_embeddings): RoPE (base "
+        f"{arch.rope_theta:g}) extrapolates past them, which degrades the model unless a longer "
+        "context is what this run sets out to train"
+    )
+
+
 def resolve_arch(
     config: TrainConfig,
     vocab_size: int,

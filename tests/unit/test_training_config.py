@@ -115,6 +115,9 @@ def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
         (["--clip-grad", "-1"], "--clip-grad must be at least 0"),
         (["--save-interval", "-5"], "--save-interval must be at least 0"),
         (["--adam-beta2", "1"], "--adam-beta2 must be below 1"),
+        # numpy's RandomState, which shuffles the data, stopped on a bare ValueError.
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--seed", str(2**32)], "--seed must be at most 4294967295, got 4294967296"),
         (["--adam-eps", "0"], "--adam-eps must be above 0"),
         (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be above 0"),
         # megatron-core's scheduler would fail later on a bare assertion.

@@ -51,8 +51,21 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     params = float(re.search(r"parameters: ([\d.]+) B in all", out).group(1)) * 1e9
     checkpoint = float(re.search(r"checkpoint: ([\d.]+) GiB per save", out).group(1))
     assert checkpoint == pytest.approx(params * 14 / 1024**3, rel=1e-3)
+    assert "warning" not in out
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
+
+
+def test_dry_run_warns_of_a_sequence_beyond_the_models_positions(capsys, llama2_tokenizer):
+    """megatron-core's RoPE takes any length: 8,192 on Llama-2 (4,096) trains without an error."""
+    argv = [
+        "--dry-run", "--arch", "llama2-7b", "--tokenizer-model", str(llama2_tokenizer),
+        "--data-path", "no/such/data",
+    ]  # fmt: skip
+    assert main([*argv, "--seq-length", "4096"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main([*argv, "--seq-length", "8192"]) == 0
+    assert "warning: --seq-length 8192 is beyond the 4096 positions" in capsys.readouterr().out
 
 
 def _converted_metadata(directory, arch, base_vocab_size: int, **recorded) -> None:
