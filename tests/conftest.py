@@ -122,16 +122,18 @@ def small_tokenizer(tmp_path_factory, corpora) -> Path:
     )
 
 
-def preprocess_languages(corpora: Path, tokenizer: Path, directory: Path) -> dict[str, str]:
-    """The English and Arabic training corpora as indexed datasets: language -> prefix."""
+def preprocess_languages(
+    corpora: Path, tokenizer: Path, directory: Path, split: str = "train", name: str = "corpus"
+) -> dict[str, str]:
+    """The English and Arabic corpora's ``split`` as indexed datasets: language -> prefix."""
     from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
 
     prefixes = {}
     for lang in ("en", "ar"):
         stats = run_preprocess(
             PreprocessConfig(
-                inputs=[str(corpora / lang / "train.jsonl")],
-                output_prefix=str(directory / f"corpus_{lang}"),
+                inputs=[str(corpora / lang / f"{split}.jsonl")],
+                output_prefix=str(directory / f"{name}_{lang}"),
                 tokenizer_type="SentencePieceTokenizer",
                 tokenizer_model=str(tokenizer),
                 append_eod=True,
@@ -147,6 +149,13 @@ def preprocess_languages(corpora: Path, tokenizer: Path, directory: Path) -> dic
 def training_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
     """English and Arabic sample corpora preprocessed with ``small_tokenizer``: name -> prefix."""
     return preprocess_languages(corpora, small_tokenizer, tmp_path_factory.mktemp("training_data"))
+
+
+@pytest.fixture(scope="session")
+def held_out_data(tmp_path_factory, corpora, small_tokenizer) -> dict[str, str]:
+    """The corpora's validation files, made as ``training_data`` is: name -> prefix."""
+    directory = tmp_path_factory.mktemp("held_out_data")
+    return preprocess_languages(corpora, small_tokenizer, directory, "valid", "heldout")
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,14 @@ class TrainConfig:
         train_iters: Total iterations over all stages.
         data_path: Megatron's ``--data-path``: ``[w1, prefix1, w2, prefix2, ...]`` or prefixes.
         data_names: Names of the datasets in metrics (default: from the prefixes, e.g. ``ar``).
-        split: Train/validation/test split of every dataset (Megatron's ``--split``).
+        split: Train/validation/test split of every dataset (Megatron's ``--split``); each
+            dataset's validation part is validated and reported on its own. ``100,0,0`` trains on
+            all of them (then ``valid_data_path`` is needed).
+        valid_data_path: Prefixes of held-out datasets (Megatron's ``--valid-data-path``, without
+            weights), each validated whole and reported on its own, as well as the validation
+            parts of ``--split``: a fixed validation set, or a language the run does not train
+            on (English retention).
+        valid_data_names: Names of the held-out datasets in metrics (default: from the prefixes).
         data_cache_path: Where megatron-core caches the dataset indices (default: ``cache``
             beside the first dataset), in a subdirectory per version of the data files.
         reset_position_ids: Document-aware packing: positions restart after each end-of-document.
@@ -205,6 +212,8 @@ class TrainConfig:
     data_path: list[str] = field(default_factory=list)
     data_names: list[str] | None = None
     split: str = "98,2,0"
+    valid_data_path: list[str] | None = None
+    valid_data_names: list[str] | None = None
     data_cache_path: str | None = None
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
@@ -278,24 +287,50 @@ class TrainConfig:
 
     def dataset_names(self) -> list[str]:
         """One short name per dataset: ``data_names``, or the prefixes minus shared parts."""
-        prefixes = self.data_blend[0]
-        if self.data_names:
-            return list(self.data_names)
-        stems = [Path(p).name.removesuffix("_text_document") for p in prefixes]
-        if len(stems) > 1:
-            common = os.path.commonprefix(stems)
-            common = common[: common.rfind("_") + 1]  # only whole "_"-separated words
-            stems = [s[len(common) :] or s for s in stems]
-        return stems
+        return list(self.data_names) if self.data_names else _short_names(self.data_blend[0])
+
+    def validation_sets(self) -> dict[str, tuple[str, bool]]:
+        """Name -> (prefix, held out) of every validation set, in report order.
+
+        The validation parts of ``--split`` (when it gives them a share) come first, then the
+        held-out datasets of ``--valid-data-path``.
+        """
+        sets = {}
+        if self.split_shares()[1] > 0:
+            sets.update(
+                (name, (prefix, False))
+                for name, prefix in zip(self.dataset_names(), self.data_blend[0], strict=True)
+            )
+        held_out = [str(p) for p in self.valid_data_path or []]
+        names = list(self.valid_data_names) if self.valid_data_names else _short_names(held_out)
+        for name, prefix in zip(names, held_out, strict=True):
+            if name in sets:
+                raise ConfigError(
+                    f"--valid-data-path: {prefix} would be reported as {name!r}, as "
+                    f"{sets[name][0]} is: give the held-out sets other names with "
+                    "--valid-data-names"
+                )
+            sets[name] = (prefix, True)
+        return sets
+
+    def split_shares(self) -> list[float]:
+        """The train, validation and test shares of ``--split``, as megatron-core reads them."""
+        parts = _split_parts(self.split)
+        return [float(p) for p in parts] + [0.0] * (3 - len(parts))
 
     def _check_split(self) -> None:
         # megatron-core reads the numbers in the string and ignores the rest: "-1,2,0" is 1,2,0.
-        parts = [part.strip() for part in re.split(r"[,/]", self.split)]
+        parts = _split_parts(self.split)
         shares = [float(p) for p in parts if re.fullmatch(r"\d+\.?\d*|\.\d+", p)]
         if not 1 <= len(parts) <= 3 or len(shares) != len(parts) or sum(shares) <= 0:
             raise ConfigError(
                 f"--split {self.split}: give up to three shares of train, validation and test, "
                 "not negative and not all 0 (e.g. --split 98,2,0)"
+            )
+        if self.split_shares()[1] == 0 and not self.valid_data_path:
+            raise ConfigError(
+                f"--split {self.split} leaves no validation data: give the validation split a "
+                "share (--split 98,2,0) or held-out datasets with --valid-data-path"
             )
 
     def _check_data_path(self) -> None:
@@ -329,6 +364,40 @@ class TrainConfig:
                 "distinct names with --data-names"
             )
 
+    def _check_valid_data_path(self) -> None:
+        held_out = [str(x) for x in self.valid_data_path or []]
+        if any(_is_number(x) for x in held_out):
+            raise ConfigError(
+                f"--valid-data-path {' '.join(held_out)}: give prefixes without weights (each "
+                "held-out dataset is validated and reported on its own)"
+            )
+        if self.valid_data_names and len(self.valid_data_names) != len(held_out):
+            raise ConfigError(
+                f"--valid-data-names has {len(self.valid_data_names)} names for "
+                f"{len(held_out)} datasets"
+            )
+        trained = {os.path.normpath(p) for p in self.data_blend[0]}
+        seen = set()
+        for prefix in held_out:
+            key = os.path.normpath(prefix)
+            if key in seen:
+                raise ConfigError(f"--valid-data-path lists {prefix} twice")
+            seen.add(key)
+            if key in trained:
+                raise ConfigError(
+                    f"--valid-data-path: {prefix} is in --data-path too, so the run trains on it: "
+                    "a held-out dataset must be one the run does not train on (the validation "
+                    "part of --split is held out of each --data-path dataset)"
+                )
+        names = self.valid_data_names or _short_names(held_out)
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(
+                f"--valid-data-path: two datasets would both be reported as {twice[0]!r}: give "
+                "them distinct names with --valid-data-names"
+            )
+        self.validation_sets()  # a held-out set named like a --split validation set
+
     def validate(self, world_size: int) -> None:
         """Check the settings against each other and the number of processes.
 
@@ -360,6 +429,7 @@ class TrainConfig:
             )
         self._check_data_path()
         self._check_split()
+        self._check_valid_data_path()
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.sequence_parallel and self.seq_length % tp:
@@ -424,6 +494,20 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{_flag(name)} must be below 1, got {getattr(self, name)}")
+
+
+def _split_parts(split: str) -> list[str]:
+    return [part.strip() for part in re.split(r"[,/]", split)]
+
+
+def _short_names(prefixes: list[str]) -> list[str]:
+    """Dataset names from prefixes: the file names minus ``_text_document`` and shared words."""
+    stems = [Path(p).name.removesuffix("_text_document") for p in prefixes]
+    if len(stems) > 1:
+        common = os.path.commonprefix(stems)
+        common = common[: common.rfind("_") + 1]  # only whole "_"-separated words
+        stems = [s[len(common) :] or s for s in stems]
+    return stems
 
 
 def _is_number(text: str) -> bool:

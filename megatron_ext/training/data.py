@@ -2,12 +2,13 @@
 
 The training set is megatron-core's ``BlendedMegatronDatasetBuilder`` over ``GPTDataset`` with
 the ``--data-path`` weights (token shares: every sample has ``seq_length + 1`` tokens). Each
-dataset's validation split is also built alone, so that validation loss and bits per character
-are reported per language. Each iteration reads the global batch of samples
-``[consumed, consumed + global_batch_size)``, ``consumed`` being the samples read before it; each
-data-parallel rank takes its contiguous slice of it (megatron's pretraining sampler), so the data
-position is one number, saved with every checkpoint, and a resumed run reads exactly the batches
-an uninterrupted one would, even with another global batch size.
+dataset's validation split, and each held-out dataset of ``--valid-data-path`` (whole), is built
+alone, so that validation loss and bits per character are reported per language. Each iteration
+reads the global batch of samples ``[consumed, consumed + global_batch_size)``, ``consumed``
+being the samples read before it; each data-parallel rank takes its contiguous slice of it
+(megatron's pretraining sampler), so the data position is one number, saved with every
+checkpoint, and a resumed run reads exactly the batches an uninterrupted one would, even with
+another global batch size.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_ext.data.indexed import IndexedDatasetError, check_indexed_files
@@ -67,17 +72,26 @@ class DatasetTokenizer:
         }
 
 
-def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str]:
-    """Check that each dataset exists, and compare the tokenizer it was made with to the run's.
+def check_datasets(
+    prefixes: list[str], tokenizer: DatasetTokenizer, split: str, flag: str = "--data-path"
+) -> list[str]:
+    """Check each dataset's files and split, and compare its tokenizer with the run's.
 
     ``megatron-ext preprocess`` records its tokenizer's sha256 and size in
     ``{prefix}.stats.json``; datasets without that record (Megatron-LM's own tool) are left to the
     per-batch check in :func:`micro_batches`.
 
+    Args:
+        prefixes: The datasets.
+        tokenizer: The run's tokenizer.
+        split: The train/validation/test shares they are read with (megatron-core's form).
+        flag: The option that named them, for the messages.
+
     Raises:
         ConfigError: A dataset's ``.bin`` or ``.idx`` file is missing or not as long as its index
-            says, or a dataset was made with a larger vocabulary than the run's (its ids would
-            fall outside the embedding) or with one whose ids name other pieces.
+            says, ``split`` gives a part of it a share but no sequences, or a dataset was made
+            with a larger vocabulary than the run's (its ids would fall outside the embedding) or
+            with one whose ids name other pieces.
 
     A dataset made with another tokenizer is accepted if each of its ids names the same piece in
     the run's tokenizer: the base of an expanded one (named in the run's ``expansion.json``, or
@@ -91,13 +105,14 @@ def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str
         missing = [name for name in (prefix + ".bin", prefix + ".idx") if not Path(name).is_file()]
         if missing:
             raise ConfigError(
-                f"--data-path: {' and '.join(missing)} not found (a prefix names the pair that "
+                f"{flag}: {' and '.join(missing)} not found (a prefix names the pair that "
                 "megatron-ext preprocess writes)"
             )
         try:
-            check_indexed_files(prefix)
+            sequences, _ = check_indexed_files(prefix)
         except IndexedDatasetError as err:
-            raise ConfigError(f"--data-path: {err}") from err
+            raise ConfigError(f"{flag}: {err}") from err
+        _check_split_parts(prefix, sequences, split, flag)
         record = Path(prefix + ".stats.json")
         if not record.is_file():
             continue
@@ -131,6 +146,27 @@ def check_datasets(prefixes: list[str], tokenizer: DatasetTokenizer) -> list[str
     return warnings
 
 
+def _check_split_parts(prefix: str, sequences: int, split: str, flag: str) -> None:
+    """Refuse a split part with a share but no sequences: megatron-core would hang on it.
+
+    megatron-core gives each part with a share the sequences from ``round(start * n)`` to
+    ``round(end * n)``; an empty one makes ``GPTDataset`` count epochs of 0 tokens forever.
+    """
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for part, bookends in zip(("train", "validation", "test"), matrix, strict=True):
+        if bookends is None:
+            continue
+        start, end = (int(round(bookend * sequences)) for bookend in bookends)
+        if start == end:
+            raise ConfigError(
+                f"{flag}: {prefix} has {sequences:,} sequences and its {part} part of "
+                f"--split {split} gets none of them (megatron-core would wait forever for its "
+                "samples): give that part a larger share, or 0"
+                if sequences
+                else f"{flag}: {prefix} holds no sequences (an empty input to preprocess?)"
+            )
+
+
 def _first_other_piece(used: dict, tokenizer: DatasetTokenizer) -> str | None:
     """Where the ids of the tokenizer in a preprocessing record mean another piece in the run's.
 
@@ -156,9 +192,13 @@ def _first_other_piece(used: dict, tokenizer: DatasetTokenizer) -> str | None:
     return f"id {i:,} is {theirs.id_to_piece(i)!r} there, {ours.id_to_piece(i)!r} here"
 
 
+# A held-out dataset is validation data from end to end.
+HELD_OUT_SPLIT = "0,1,0"
+
+
 @dataclass
 class Datasets:
-    """The training blend and one validation set per dataset name."""
+    """The training blend and the validation sets by name (``TrainConfig.validation_sets``)."""
 
     train: torch.utils.data.Dataset
     valid: dict[str, torch.utils.data.Dataset]
@@ -182,12 +222,14 @@ def index_cache_dir(config: TrainConfig, prefixes: list[str]) -> str:
     return os.path.join(base, digest.hexdigest()[:16])
 
 
-def _dataset_config(config: TrainConfig, tokenizer: DatasetTokenizer, blend) -> GPTDatasetConfig:
+def _dataset_config(
+    config: TrainConfig, tokenizer: DatasetTokenizer, blend, split: str
+) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=config.seed,
         sequence_length=config.seq_length,
         blend=blend,
-        split=config.split,
+        split=split,
         path_to_cache=index_cache_dir(config, blend[0]),
         tokenizer=tokenizer,
         reset_position_ids=config.reset_position_ids,
@@ -209,8 +251,7 @@ def build_datasets(
         tokenizer: End-of-document id and identity for the index cache.
         train_samples: Samples the training blend must provide (default: the whole run's).
 
-    Raises:
-        ConfigError: A dataset has no validation documents under ``config.split``.
+    The datasets must have passed :func:`check_datasets` (megatron-core hangs on an empty part).
     """
     prefixes, weights = config.data_blend
     if train_samples is None:
@@ -220,21 +261,17 @@ def build_datasets(
         GPTDataset,
         [train_samples, 0, 0],
         lambda: True,
-        _dataset_config(config, tokenizer, (prefixes, weights)),
+        _dataset_config(config, tokenizer, (prefixes, weights), config.split),
     ).build()
     valid = {}
-    for name, prefix in zip(config.dataset_names(), prefixes, strict=True):
+    for name, (prefix, held_out) in config.validation_sets().items():
+        split = HELD_OUT_SPLIT if held_out else config.split
         _, dataset, _ = BlendedMegatronDatasetBuilder(
             GPTDataset,
             [0, valid_samples, 0],
             lambda: True,
-            _dataset_config(config, tokenizer, ([prefix], None)),
+            _dataset_config(config, tokenizer, ([prefix], None), split),
         ).build()
-        if dataset is None:
-            raise ConfigError(
-                f"{prefix}: no validation documents with --split {config.split} "
-                "(give the validation split a share)"
-            )
         valid[name] = dataset
     return Datasets(train=train, valid=valid)
 

@@ -43,6 +43,7 @@ from megatron_ext.training.config import (
     resume_changes,
 )
 from megatron_ext.training.data import (
+    HELD_OUT_SPLIT,
     Batch,
     DatasetTokenizer,
     build_datasets,
@@ -243,7 +244,11 @@ class Trainer:
         remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
         dataset_tokenizer = DatasetTokenizer(tokenizer, config.tokenizer_model)
         self.tokenizer_sha256 = dataset_tokenizer.sha256
-        for warning in check_datasets(config.data_blend[0], dataset_tokenizer):
+        held_out = [str(prefix) for prefix in config.valid_data_path or []]
+        for warning in [
+            *check_datasets(config.data_blend[0], dataset_tokenizer, config.split),
+            *check_datasets(held_out, dataset_tokenizer, HELD_OUT_SPLIT, "--valid-data-path"),
+        ]:
             self._log_rank0(warning)
         tp, on_gpu = config.tensor_model_parallel_size, torch.cuda.is_available()
         for warning in (
@@ -317,7 +322,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, run: StageRun) -> dict[str, dict[str, float]]:
-        """Loss and bits per character of each dataset's validation split (last stage only)."""
+        """Loss and bits per character of each validation set (on the last stage only)."""
         run.model.eval()
         results = {}
         for name, dataset in self.datasets.valid.items():

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -509,11 +510,74 @@ def test_a_new_run_does_not_clobber_another_runs_checkpoints(
     assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 2, 2]
 
 
-def test_a_split_without_validation_is_a_config_error(tmp_path, small_tokenizer, training_data):
-    """Every run validates each language; the CLI prints a ConfigError as one line."""
-    config = write_config(tmp_path, small_tokenizer, training_data, split="100,0,0")
-    with pytest.raises(AssertionError, match=r"ConfigError: .*no validation documents"):
+def test_a_split_part_without_sequences_is_refused_not_left_hanging(
+    tmp_path, small_tokenizer, training_data
+):
+    """megatron-core counts epochs of an empty split part's 0 tokens forever; the run says so."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.config import ConfigError
+    from megatron_ext.training.data import HELD_OUT_SPLIT, DatasetTokenizer, check_datasets
+
+    # A validation share that rounds to no sequence of the English dataset (the CLI hung).
+    config = write_config(tmp_path, small_tokenizer, training_data, split="99999,1,0")
+    with pytest.raises(AssertionError, match=r"ConfigError: .*corpus_en.* validation part of"):
         run_ranks(_train, 1, config, [])
+    tokenizer = DatasetTokenizer(SentencePieceEncoder(small_tokenizer), str(small_tokenizer))
+    english = [training_data["en"]]
+    sequences = len(IndexedDataset(english[0]))  # megatron-core's count, which it splits
+    # Shares megatron-core rounds to one sequence of the part, and to none.
+    for part, (enough, too_little) in {
+        "train": (f"{0.6 / sequences},1,0", f"{0.4 / sequences},1,0"),
+        "validation": (f"1,{0.6 / sequences}", f"1,{0.4 / sequences}"),
+        "test": (f"1,0,{0.6 / sequences}", f"1,0,{0.4 / sequences}"),
+    }.items():
+        assert check_datasets(english, tokenizer, enough) == []
+        with pytest.raises(ConfigError, match=f"{sequences:,} sequences and its {part} part"):
+            check_datasets(english, tokenizer, too_little)
+    empty = IndexedDatasetWriter(tmp_path / "empty.bin", np.uint16)
+    empty.finalize(tmp_path / "empty.idx")
+    with pytest.raises(ConfigError, match=r"--valid-data-path: .*empty holds no sequences"):
+        check_datasets([str(tmp_path / "empty")], tokenizer, HELD_OUT_SPLIT, "--valid-data-path")
+
+
+def _validation_documents(rank, world_size, config_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.data import DatasetTokenizer, build_datasets
+
+    config = load_config(config_path)
+    tokenizer = DatasetTokenizer(
+        SentencePieceEncoder(config.tokenizer_model), config.tokenizer_model
+    )
+    datasets = build_datasets(config, tokenizer)
+    return {
+        name: (sorted(set(dataset.indices.tolist())), len(IndexedDataset(dataset.dataset_path)))
+        for name, dataset in datasets.valid.items()
+    }
+
+
+def test_held_out_datasets_are_validated_whole_and_reported(
+    tmp_path, small_tokenizer, training_data, held_out_data
+):
+    """A run on Arabic alone watches English retention on held-out files (--valid-data-path)."""
+    held_out = [held_out_data["en"], held_out_data["ar"]]
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, data_path=[training_data["ar"]],
+        split="100,0,0", valid_data_path=held_out, eval_at_start=True, train_iters=2,
+    )  # fmt: skip
+    documents = run_ranks(_validation_documents, 1, config)[0]
+    assert list(documents) == ["en", "ar"]
+    for indices, size in documents.values():  # every document, by megatron-core's reader
+        assert indices == list(range(size))
+    run_ranks(_train, 1, config, ["--save", str(tmp_path / "run")])
+    valid = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if "split" in e]
+    assert [(e["step"], e["lang"]) for e in valid] == [(0, "en"), (0, "ar"), (2, "en"), (2, "ar")]
+    assert all(e["tokens"] == 4 * 64 and math.isfinite(e["bpc"]) for e in valid)
 
 
 def test_resume_at_another_tensor_parallel_size(tmp_path, small_tokenizer, training_data):
@@ -706,12 +770,12 @@ def test_data_from_another_tokenizer_fails_loudly(
     # A smaller, unrelated tokenizer's data: ids in range that name other pieces.
     tokenizer = DatasetTokenizer(SentencePieceEncoder(llama2_tokenizer), str(llama2_tokenizer))
     with pytest.raises(ConfigError, match=r"whose ids name other pieces .*\(id [\d,]+ is "):
-        check_datasets(list(training_data.values()), tokenizer)
-    assert check_datasets(list(large.values()), tokenizer) == []  # no records left
+        check_datasets(list(training_data.values()), tokenizer, "98,2,0")
+    assert check_datasets(list(large.values()), tokenizer, "98,2,0") == []  # no records left
 
     # A prefix without its files, named (megatron-core's assertion would end in a traceback).
     with pytest.raises(ConfigError, match=r"--data-path: .*missing\.bin and .*missing\.idx"):
-        check_datasets([str(tmp_path / "missing")], tokenizer)
+        check_datasets([str(tmp_path / "missing")], tokenizer, "98,2,0")
 
 
 def test_data_from_the_base_of_an_expanded_tokenizer_is_accepted(
@@ -729,7 +793,7 @@ def test_data_from_the_base_of_an_expanded_tokenizer_is_accepted(
     expanded.write_bytes(grown.model.serialize())
     tokenizer = DatasetTokenizer(SentencePieceEncoder(expanded), str(expanded))
     prefixes = list(training_data.values())
-    assert check_datasets(prefixes, tokenizer) == []  # compared piece by piece
+    assert check_datasets(prefixes, tokenizer, "98,2,0") == []  # compared piece by piece
 
     # The record names a file that is not there (preprocessed on another machine).
     moved = tmp_path / "moved"
@@ -741,9 +805,9 @@ def test_data_from_the_base_of_an_expanded_tokenizer_is_accepted(
         record["tokenizer"]["model"] = str(tmp_path / "elsewhere" / "tokenizer.model")
         (moved / Path(prefix + ".stats.json").name).write_text(json.dumps(record))
     at_hand = [str(moved / Path(p).name) for p in prefixes]
-    warnings = check_datasets(at_hand, tokenizer)
+    warnings = check_datasets(at_hand, tokenizer, "98,2,0")
     assert len(warnings) == 2 and all("not there to compare" in w for w in warnings)
     # ... but the expanded tokenizer's expansion.json names its base.
     base = {"path": "elsewhere", "sha256": sha256_file(small_tokenizer)}
     (expanded.parent / "expansion.json").write_text(json.dumps({"inputs": {"base_model": base}}))
-    assert check_datasets(at_hand, tokenizer) == []
+    assert check_datasets(at_hand, tokenizer, "98,2,0") == []

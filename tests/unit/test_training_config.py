@@ -156,8 +156,55 @@ def test_a_split_megatron_would_misread_or_fail_on_is_named(split):
     # megatron-core: 1,2,0 for the first; NaN, NaN, AssertionError for the next three.
     with pytest.raises(ConfigError, match=f"--split {split}: give up to three shares"):
         load_config(None, [*REQUIRED, "--split", split]).validate(1)
-    for good in ("98,2,0", "98,2", "100", "99.5, 0.5, 0", "969/30/1"):
+    for good in ("98,2,0", "98,2", "99.5, 0.5, 0", "969/30/1"):
         load_config(None, [*REQUIRED, "--split", good]).validate(1)
+
+
+@pytest.mark.parametrize("split", ["100", "100,0,0", "99,0,1"])
+def test_a_run_without_validation_data_is_refused(split):
+    """Per-language validation is how a run is watched; held-out sets stand in for the split's."""
+    with pytest.raises(ConfigError, match=f"--split {split} leaves no validation data"):
+        load_config(None, [*REQUIRED, "--split", split]).validate(1)
+    config = load_config(None, [*REQUIRED, "--split", split, "--valid-data-path", "h/en"])
+    config.validate(1)
+    assert config.validation_sets() == {"en": ("h/en", True)}
+
+
+def test_validation_sets_are_the_splits_then_the_held_out_datasets():
+    argv = ["--tokenizer-model", "t.model", "--data-path", "0.3", "d/blend_en", "0.7", "d/blend_ar"]
+    held_out = ["--valid-data-path", "h/flores_ar_text_document", "h/flores_en_text_document"]
+    config = load_config(None, [*argv, *held_out, "--valid-data-names", "ar_flores", "en_flores"])
+    config.validate(1)
+    assert config.validation_sets() == {
+        "en": ("d/blend_en", False),
+        "ar": ("d/blend_ar", False),
+        "ar_flores": ("h/flores_ar_text_document", True),
+        "en_flores": ("h/flores_en_text_document", True),
+    }
+    # Without names the held-out sets would also be reported as "ar" and "en".
+    with pytest.raises(ConfigError, match="h/flores_ar_text_document would be reported as 'ar'"):
+        load_config(None, [*argv, *held_out]).validate(1)
+    with pytest.raises(ConfigError, match="--valid-data-names has 1 names for 2 datasets"):
+        load_config(None, [*argv, *held_out, "--valid-data-names", "flores"]).validate(1)
+    config = load_config(None, [*argv, *held_out, "--split", "100,0,0"])
+    config.validate(1)
+    assert list(config.validation_sets()) == ["ar", "en"]
+
+
+@pytest.mark.parametrize(
+    ("held_out", "message"),
+    [
+        # Megatron-LM's blend syntax: each held-out set is reported on its own instead.
+        (["1", "h/en"], "give prefixes without weights"),
+        (["h/en", "./h/en"], "lists ./h/en twice"),
+        # The run would train on it.
+        (["./x"], "./x is in --data-path too"),
+        (["a/en_text_document", "b/en_text_document"], "both be reported as 'en'"),
+    ],
+)
+def test_valid_data_path_mistakes_are_named(held_out, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*REQUIRED, "--valid-data-path", *held_out]).validate(1)
 
 
 def test_data_path_forms_megatron_reads():
