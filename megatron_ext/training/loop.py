@@ -147,14 +147,16 @@ class StopRequest:
     """Decides, the same on every rank, when a run should save and stop early.
 
     Two reasons: a SIGTERM (Slurm pre-emption, ``scancel``) when ``exit_signal_handler`` is on,
-    and ``exit_duration_in_mins`` elapsed (leave time to save before a job's time limit). One
-    all-reduce per iteration makes every rank agree.
+    and ``exit_duration_in_mins`` elapsed since ``started`` (a ``time.monotonic()``; leave time
+    to save before a job's time limit). One all-reduce per iteration makes every rank agree.
     """
 
-    def __init__(self, exit_signal_handler: bool, exit_duration_in_mins: float | None) -> None:
+    def __init__(
+        self, exit_signal_handler: bool, exit_duration_in_mins: float | None, started: float
+    ) -> None:
         self.reason: str | None = None
         self._signalled = False
-        self._started = time.monotonic()
+        self._started = started
         self._limit = None if exit_duration_in_mins is None else 60 * exit_duration_in_mins
         self._previous = None
         if exit_signal_handler:
@@ -184,6 +186,9 @@ class Trainer:
     """Runs a :class:`TrainConfig` on the processes of this job."""
 
     def __init__(self, config: TrainConfig) -> None:
+        # The time budget counts the set-up (checkpoint loading, dataset indices) too: the job's
+        # time limit does.
+        self.started = time.monotonic()
         self.config = config
         # Before megatron-core splits the processes, which would fail with a bare RuntimeError.
         self.world_size = distributed.job_world_size()
@@ -362,7 +367,7 @@ class Trainer:
             config.tensorboard_dir if self.is_logger else None,
             resume_step=state.iteration if self.continues_save else None,
         )
-        stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins)
+        stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins, self.started)
         result = TrainResult(iteration=state.iteration)
         started, first_iteration = time.perf_counter(), state.iteration
         module = build_model(config, self.plan)

@@ -725,6 +725,24 @@ def test_time_budget_saves_and_exits_for_requeue(tmp_path, small_tokenizer, trai
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
+def _train_after_a_slow_set_up(rank, world_size, config_path, overrides, set_up_seconds):
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.loop import Trainer
+
+    trainer = Trainer(load_config(config_path, overrides))
+    time.sleep(set_up_seconds)  # as loading a large checkpoint or building indices can take
+    result = trainer.run()
+    return result.iteration, result.interrupted
+
+
+def test_time_budget_counts_the_set_up(tmp_path, small_tokenizer, training_data):
+    """The job's time limit counts the set-up: so does the budget derived from it."""
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1000)
+    budget = ["--exit-duration-in-mins", "0.04"]  # 2.4 s: a run of many iterations after set-up
+    stopped = run_ranks(_train_after_a_slow_set_up, 1, config, budget, 3.0)[0]
+    assert stopped == (1, "--exit-duration-in-mins")
+
+
 def test_freeze_base_rows_request_without_a_new_rows_stage_warns(
     tmp_path, small_tokenizer, training_data
 ):
