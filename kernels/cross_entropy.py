@@ -656,8 +656,11 @@ def fused_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if softcap is not None and softcap <= 0:
+    # Written so that NaN fails too.
+    if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be at least 0, got {z_loss}")
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if weight.dim() != 2 or weight.shape[1] != hidden_2d.shape[1]:

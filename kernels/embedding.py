@@ -254,10 +254,13 @@ def vocab_parallel_embedding(
         ``[*ids.shape, H]`` embeddings (``[s / TP, b, H]`` with sequence parallelism).
 
     Raises:
-        ValueError: ``ids`` are not int64 or int32; on CPU tensors also an id outside the
-            vocabulary (the shard times the TP size; CUDA tensors are not checked here).
+        ValueError: ``ids`` are not int64 or int32, or ``trainable_rows`` ends before it starts;
+            on CPU tensors also an id outside the vocabulary (the shard times the TP size; CUDA
+            tensors are not checked here).
     """
     check_token_ids("ids", ids)
+    if trainable_rows is not None and trainable_rows[0] > trainable_rows[1]:
+        raise ValueError(f"trainable_rows {tuple(trainable_rows)}: start is above end")
     shard_end = vocab_start + weight.shape[0]
     start, end = trainable_rows if trainable_rows is not None else (vocab_start, shard_end)
     row_range = (max(start, vocab_start) - vocab_start, max(min(end, shard_end) - vocab_start, 0))

@@ -406,6 +406,12 @@ def test_rejects_bad_arguments():
         fused_linear_cross_entropy(hidden, weight, labels, loss_mask=torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="labels must be an int64 or int32 tensor.*float32"):
         fused_linear_cross_entropy(hidden, weight, labels.float())
+    # A negative z-loss would reward large logits; NaN would make every loss NaN.
+    for bad in (-1e-4, float("nan")):
+        with pytest.raises(ValueError, match="z_loss must be at least 0"):
+            fused_linear_cross_entropy(hidden, weight, labels, z_loss=bad)
+        with pytest.raises(ValueError, match="softcap must be positive"):
+            fused_linear_cross_entropy(hidden, weight, labels, softcap=bad)
 
 
 @pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)

@@ -204,6 +204,15 @@ def test_rejects_ids_outside_the_vocabulary(backend, bad):
     assert not vocab_parallel_embedding(ids, weight, vocab_start=2000, backend=backend).any()
 
 
+def test_rejects_a_trainable_range_that_ends_before_it_starts():
+    """(40000, 32000) for (32000, 40000) would otherwise train no row at all, silently."""
+    weight = torch.randn(8, 4, device=DEVICE)
+    ids = torch.tensor([[1, 0]], device=DEVICE)
+    vocab_parallel_embedding(ids, weight, trainable_rows=(4, 4))  # empty: no row trains
+    with pytest.raises(ValueError, match=r"trainable_rows \(6, 4\): start is above end"):
+        vocab_parallel_embedding(ids, weight, trainable_rows=(6, 4))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8])
 def test_rejects_ids_that_are_not_int64_or_int32(backend, dtype):
