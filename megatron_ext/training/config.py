@@ -258,6 +258,10 @@ class TrainConfig:
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
             iters = stage.train_iters
+            if iters is not None and iters < 1:
+                raise ConfigError(
+                    f"stage {stage.name!r}: train_iters must be at least 1, got {iters}"
+                )
             if iters is None:
                 if not last:
                     raise ConfigError(f"stage {stage.name!r}: train_iters is needed (not last)")
@@ -451,6 +455,11 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}")
+        names = [stage.name for stage in self.stages]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            # Metrics, logs and the resume warnings name stages: one name, one stage.
+            raise ConfigError(f"two stages are named {twice[0]!r}: give each its own name")
         for stage in self.resolved_stages():
             if stage.trainable not in TRAINABLE:
                 raise ConfigError(f"stage {stage.name!r}: trainable must be one of {TRAINABLE}")

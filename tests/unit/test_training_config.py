@@ -102,6 +102,25 @@ def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        # Was "gets 0 iterations: the stages need more than train_iters=100".
+        (
+            "  - {name: emb, train_iters: 0, trainable: embeddings}\n  - {name: full}\n",
+            "stage 'emb': train_iters must be at least 1, got 0",
+        ),
+        # Metrics and the report would merge the two.
+        ("  - {name: a, train_iters: 10}\n  - {name: a}\n", "two stages are named 'a'"),
+    ],
+)
+def test_stage_mistakes_are_named(tmp_path, stages, message):
+    path = tmp_path / "s.yaml"
+    path.write_text("train_iters: 100\nstages:\n" + stages)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, REQUIRED).validate(1)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         # 0 would divide by zero (world size, log interval) or train on empty sequences.
