@@ -55,6 +55,8 @@ def dry_run(config, world_size: int | None) -> int:
     from megatron_ext.training.plan import plan_run
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    if world_size is not None and world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {world_size}")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", tp * pp))
     config.validate(world_size)
     tokenizer = SentencePieceEncoder(config.tokenizer_model)

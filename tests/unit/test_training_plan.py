@@ -54,6 +54,8 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert "warning" not in out
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
+    assert main([*argv, "--world-size", "0"]) == 2  # was read as unset
+    assert "--world-size must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_dry_run_warns_of_a_sequence_beyond_the_models_positions(capsys, llama2_tokenizer):
