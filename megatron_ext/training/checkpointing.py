@@ -350,7 +350,7 @@ class CheckpointWriter:
             _fsync_dir(self.save_dir)
             shutil.rmtree(replaced, ignore_errors=True)
             if self.keep_last:
-                _prune(self.save_dir, self.keep_last)
+                _prune(self.save_dir, self.keep_last, final)
             if self._queue is not None:
                 print(f"checkpoint {final} complete", flush=True)
         dist.barrier()
@@ -378,8 +378,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _prune(save: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(save)[:-keep_last]:
+def _prune(save: Path, keep_last: int, latest: Path) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints up to ``latest``.
+
+    Later ones are not this run's (a run started with ``--force``, or rolled back): counted,
+    they would get this run's own newest checkpoints deleted, the one the pointer names too.
+    They stay until this run writes their iterations again.
+    """
+    ours = [c for c in complete_checkpoints(save) if c.name <= latest.name]
+    for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -510,6 +510,31 @@ def test_a_new_run_does_not_clobber_another_runs_checkpoints(
     assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 2, 2]
 
 
+def test_a_forced_run_keeps_its_own_checkpoints_among_another_runs_later_ones(
+    tmp_path, small_tokenizer, training_data
+):
+    """--keep-last-checkpoints counted the other run's later checkpoints as this run's newest:
+    each of this run's checkpoints was deleted as soon as it was saved, the pointer's too."""
+    from megatron_ext.training.checkpointing import complete_checkpoints, latest_checkpoint
+
+    # A constant learning rate: the schedule does not depend on the run's length.
+    config = write_config(tmp_path, small_tokenizer, training_data, save_interval=1,
+                          lr_decay_style="constant", lr_warmup_iters=0)  # fmt: skip
+    run = tmp_path / "run"
+    run_ranks(_train, 1, config, ["--save", str(run), "--train-iters", "4"])  # another run
+    keep_one = ["--save", str(run), "--keep-last-checkpoints", "1"]
+    first = run_ranks(_train, 1, config, [*keep_one, "--force", "--train-iters", "2"])[0]
+    assert latest_checkpoint(run) == run / "iter_0000002"
+    # This run's own pruned to the last; the other's later ones stay until written again.
+    names = [c.name for c in complete_checkpoints(run)]
+    assert names == ["iter_0000002", "iter_0000003", "iter_0000004"]
+    resume = [*keep_one, "--load", str(run), "--train-iters", "3"]
+    rest = run_ranks(_train, 1, config, resume)[0]
+    whole = run_ranks(_train, 1, config, ["--train-iters", "3"])[0]
+    assert first + rest == whole
+    assert [c.name for c in complete_checkpoints(run)] == ["iter_0000003", "iter_0000004"]
+
+
 def test_a_split_part_without_sequences_is_refused_not_left_hanging(
     tmp_path, small_tokenizer, training_data
 ):
