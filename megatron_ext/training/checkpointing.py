@@ -12,7 +12,9 @@ A checkpoint is written into ``iter_XXXXXXX.tmp`` by all ranks (data-parallel re
 the replicated tensors; in the background with ``async_save``), renamed by rank 0 once complete,
 and only then does the ``latest`` pointer (replaced atomically) name it; a job killed at any
 moment leaves either the previous checkpoint as latest or the new one complete, and its
-half-written temporary directory is removed by the next save. Model and optimizer state are
+half-written temporary directory is removed by the next save. A checkpoint being deleted (pruned,
+or replaced by a new one of its iteration) is first renamed to ``iter_XXXXXXX.deleting``, so no
+half-deleted one is left under a checkpoint's name either. Model and optimizer state are
 resharded on load, so a run saved at TP=2 resumes at TP=1; the per-rank RNG states are restored
 only when the parallel layout is unchanged.
 """
@@ -55,6 +57,8 @@ LATEST = "latest_checkpointed_iteration.txt"
 INTERRUPTED = "interrupted.json"
 TRAIN_STATE = "train_state.json"
 METADATA = "megatron_ext.json"
+# Suffixes of directories that are not checkpoints: one being written, one being deleted.
+WRITING, DELETING = ".tmp", ".deleting"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -95,7 +99,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(
         p.parent
         for p in Path(root).glob(f"iter_*/{TRAIN_STATE}")
-        if p.parent.suffix not in (".tmp", ".replaced")
+        if p.parent.suffix not in (WRITING, DELETING)
     )
 
 
@@ -260,12 +264,12 @@ class CheckpointWriter:
         """
         self.wait()
         final = checkpoint_dir(self.save_dir, iteration)
-        staging = final.with_name(final.name + ".tmp")
+        staging = final.with_name(final.name + WRITING)
         if dist.get_rank() == 0:
             # Half-written checkpoints of killed jobs (one job writes to a checkpoint directory).
             for stale in [
-                *self.save_dir.glob("iter_*.tmp"),
-                *self.save_dir.glob("iter_*.replaced"),
+                *self.save_dir.glob(f"iter_*{WRITING}"),
+                *self.save_dir.glob(f"iter_*{DELETING}"),
             ]:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -336,19 +340,17 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             _write_json(staging / METADATA, metadata)
             _write_json(staging / TRAIN_STATE, {**train_state, "layout": _layout()})
-            # Re-saving an iteration after a resume: the new one replaces it. Renamed aside, not
-            # deleted first: deleting a large checkpoint takes long enough for a pre-empted job
-            # to be killed halfway, which would leave the pointer naming a broken checkpoint.
-            replaced = final.with_name(final.name + ".replaced")
-            if final.exists():
-                os.replace(final, replaced)
+            # Re-saving an iteration after a resume: the new one replaces it, and the old one is
+            # deleted once the pointer names the new one.
+            replaced = _set_aside(final) if final.exists() else None
             os.replace(staging, final)
             pointer = self.save_dir / LATEST
             tmp_pointer = pointer.with_name(pointer.name + ".tmp")
             tmp_pointer.write_text(f"{iteration}\n")
             os.replace(tmp_pointer, pointer)
             _fsync_dir(self.save_dir)
-            shutil.rmtree(replaced, ignore_errors=True)
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
             if self.keep_last:
                 _prune(self.save_dir, self.keep_last, final)
             if self._queue is not None:
@@ -387,7 +389,19 @@ def _prune(save: Path, keep_last: int, latest: Path) -> None:
     """
     ours = [c for c in complete_checkpoints(save) if c.name <= latest.name]
     for old in ours[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_set_aside(old), ignore_errors=True)
+
+
+def _set_aside(checkpoint: Path) -> Path:
+    """Rename ``checkpoint`` out of the checkpoints' names, to be deleted.
+
+    Deleting a large checkpoint takes minutes: a pre-empted job killed meanwhile would leave a
+    half-deleted one under its name, looking whole (``train_state.json`` may be among the files
+    left). The next save removes what such a deletion left.
+    """
+    aside = checkpoint.with_name(checkpoint.name + DELETING)
+    os.replace(checkpoint, aside)
+    return aside
 
 
 def mark_interrupted(save: str | os.PathLike, reason: str | None, iteration: int) -> None:

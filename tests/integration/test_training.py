@@ -72,8 +72,8 @@ def _train(rank, world_size, config_path, overrides):
     return train(load_config(config_path, overrides)).losses
 
 
-def _cli(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+def _cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "megatron_ext.cli", "train", *args],
         cwd=REPO,
@@ -261,6 +261,60 @@ def test_kill_9_then_resume_reproduces_the_losses_bitwise(
     assert pointer.read_text() == "30\n"
     assert losses(killed) == losses(whole)
     assert sorted(p.name for p in killed.glob("iter_*")) == ["iter_0000028", "iter_0000030"]
+
+
+# Loaded by the training process (sitecustomize): its first deletion of a checkpoint removes all
+# but the training state, then the process is killed, as a pre-empted job can be mid-deletion.
+KILL_WHILE_DELETING = """
+import os, shutil, signal
+from pathlib import Path
+
+_rmtree = shutil.rmtree
+
+
+def rmtree(path, *args, **kwargs):
+    marker = Path(os.environ["KILLED_MARKER"])
+    if Path(path).name.startswith("iter_") and not marker.exists():
+        marker.touch()
+        for file in Path(path).rglob("*"):
+            if file.is_file() and file.name != "train_state.json":
+                file.unlink()
+        os.killpg(0, signal.SIGKILL)  # with the checkpoint writers, as Slurm ends a job
+    return _rmtree(path, *args, **kwargs)
+
+
+shutil.rmtree = rmtree
+"""
+
+
+def test_a_job_killed_while_deleting_a_checkpoint_leaves_none_half_deleted(
+    tmp_path, small_tokenizer, training_data
+):
+    """Deleting a 900 GiB checkpoint takes minutes; a kill then left what looked like one."""
+    from megatron_ext.training.checkpointing import complete_checkpoints, latest_checkpoint
+
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=3,
+                          save_interval=1, keep_last_checkpoints=1)  # fmt: skip
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILL_WHILE_DELETING)
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
+        "KILLED_MARKER": str(tmp_path / "killed"),
+    }
+    run = tmp_path / "run"
+    args = ("--config", str(config), "--save", str(run), "--load", str(run))
+    proc = _cli(*args, env=env, start_new_session=True)  # its own process group, to be killed
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]  # pruning iteration 1 after saving 2
+    assert latest_checkpoint(run) == run / "iter_0000002"
+    assert complete_checkpoints(run) == [run / "iter_0000002"]
+    assert [p.name for p in run.glob("iter_*.deleting")] == ["iter_0000001.deleting"]
+    proc = _cli(*args, env=env)  # resumed, no second kill
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resuming from {run / 'iter_0000002'}" in out
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000003"]
 
 
 def _files_at_most(limit: int):
