@@ -267,7 +267,7 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
         inside = sorted(
             p.parent
             for p in Path(checkpoint_dir).glob(f"iter_*/{METADATA}")
-            if not p.parent.name.endswith(".tmp")
+            if not p.parent.suffix  # not one being written (.tmp) or deleted (.deleting)
         )
         hint = f"; its checkpoints are in iter_* directories, e.g. {inside[-1]}" if inside else ""
         raise CheckpointError(f"{path}: not found (not a checkpoint written by megatron-ext){hint}")

@@ -44,6 +44,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 
 from megatron_ext.checkpoint.convert import (
     DIST_CHECKPOINT_ERRORS,
+    METADATA,
     apply_model_state,
     error_cause,
     load_dist_checkpoint,
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 LATEST = "latest_checkpointed_iteration.txt"
 INTERRUPTED = "interrupted.json"
 TRAIN_STATE = "train_state.json"
-METADATA = "megatron_ext.json"
 # Suffixes of directories that are not checkpoints: one being written, one being deleted.
 WRITING, DELETING = ".tmp", ".deleting"
 

@@ -333,3 +333,14 @@ def test_pipeline_parallel_logits(tmp_path, hf_dir):
     first, last = run_ranks(pipeline_logits, 2, ckpt, tokens, pipeline_model_parallel_size=2)
     assert first is None
     torch.testing.assert_close(last[..., :300], expected, rtol=0, atol=1e-4)
+
+
+def test_a_run_directory_is_refused_naming_a_whole_checkpoint_in_it(tmp_path):
+    """A run's directory given for one checkpoint: the hint names one that is whole."""
+    from megatron_ext.checkpoint.convert import read_metadata
+
+    for name in ("iter_0000002", "iter_0000003.deleting", "iter_0000004.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "megatron_ext.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"e\.g\. .*/iter_0000002$"):
+        read_metadata(tmp_path)
