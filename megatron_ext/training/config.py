@@ -353,19 +353,18 @@ class TrainConfig:
                     f"--data-path: {prefix} has weight {weight:g}; weights must be positive "
                     "(leave a dataset out rather than weighting it 0)"
                 )
-        seen = set()
-        for prefix in prefixes:
-            if os.path.normpath(prefix) in seen:
-                raise ConfigError(
-                    f"--data-path lists {prefix} twice: give each dataset once, with one weight"
-                )
-            seen.add(os.path.normpath(prefix))
-        names = self.dataset_names()
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
+        again = _repeated([os.path.normpath(p) for p in prefixes])
+        if again is not None:
             raise ConfigError(
-                f"--data-path: two datasets would both be reported as {twice[0]!r}: give them "
-                "distinct names with --data-names"
+                f"--data-path lists {prefixes[again]} twice: give each dataset once, with one "
+                "weight"
+            )
+        names = self.dataset_names()
+        again = _repeated(names)
+        if again is not None:
+            raise ConfigError(
+                f"--data-path: two datasets would both be reported as {names[again]!r}: give "
+                "them distinct names with --data-names"
             )
 
     def _check_valid_data_path(self) -> None:
@@ -380,25 +379,23 @@ class TrainConfig:
                 f"--valid-data-names has {len(self.valid_data_names)} names for "
                 f"{len(held_out)} datasets"
             )
+        again = _repeated([os.path.normpath(p) for p in held_out])
+        if again is not None:
+            raise ConfigError(f"--valid-data-path lists {held_out[again]} twice")
         trained = {os.path.normpath(p) for p in self.data_blend[0]}
-        seen = set()
         for prefix in held_out:
-            key = os.path.normpath(prefix)
-            if key in seen:
-                raise ConfigError(f"--valid-data-path lists {prefix} twice")
-            seen.add(key)
-            if key in trained:
+            if os.path.normpath(prefix) in trained:
                 raise ConfigError(
                     f"--valid-data-path: {prefix} is in --data-path too, so the run trains on it: "
                     "a held-out dataset must be one the run does not train on (the validation "
                     "part of --split is held out of each --data-path dataset)"
                 )
         names = self.valid_data_names or _short_names(held_out)
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
+        again = _repeated(names)
+        if again is not None:
             raise ConfigError(
-                f"--valid-data-path: two datasets would both be reported as {twice[0]!r}: give "
-                "them distinct names with --valid-data-names"
+                f"--valid-data-path: two datasets would both be reported as {names[again]!r}: "
+                "give them distinct names with --valid-data-names"
             )
         self.validation_sets()  # a held-out set named like a --split validation set
 
@@ -456,10 +453,10 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}")
         names = [stage.name for stage in self.stages]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
+        again = _repeated(names)
+        if again is not None:
             # Metrics, logs and the resume warnings name stages: one name, one stage.
-            raise ConfigError(f"two stages are named {twice[0]!r}: give each its own name")
+            raise ConfigError(f"two stages are named {names[again]!r}: give each its own name")
         for stage in self.resolved_stages():
             if stage.trainable not in TRAINABLE:
                 raise ConfigError(f"stage {stage.name!r}: trainable must be one of {TRAINABLE}")
@@ -503,6 +500,16 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{_flag(name)} must be below 1, got {getattr(self, name)}")
+
+
+def _repeated(items: list[str]) -> int | None:
+    """The index of the first item equal to an earlier one (None: all distinct)."""
+    seen = set()
+    for i, item in enumerate(items):
+        if item in seen:
+            return i
+        seen.add(item)
+    return None
 
 
 def _split_parts(split: str) -> list[str]:
