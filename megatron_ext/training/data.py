@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -274,6 +275,27 @@ def build_datasets(
         ).build()
         valid[name] = dataset
     return Datasets(train=train, valid=valid)
+
+
+def repeated_validation_warnings(valid: dict[str, GPTDataset], config: TrainConfig) -> list[str]:
+    """A warning for each validation set that one validation reads twice over or more.
+
+    megatron-core repeats a set smaller than ``eval_iters`` global batches (as many epochs as
+    needed): the estimate gains nothing from the repeats, but they cost forward passes.
+    """
+    batch_tokens = config.global_batch_size * config.seq_length
+    read = config.eval_iters * batch_tokens
+    warnings = []
+    for name, dataset in valid.items():
+        tokens = int(np.sum(dataset.dataset.sequence_lengths[dataset.indices]))
+        if read >= 2 * tokens:
+            once = math.ceil(tokens / batch_tokens)
+            warnings.append(
+                f"warning: validation set {name!r} ({dataset.dataset_path}) holds {tokens:,} "
+                f"tokens and --eval-iters {config.eval_iters} reads {read:,}, "
+                f"{read / tokens:.1f} times over: --eval-iters {once} reads all of it once"
+            )
+    return warnings
 
 
 def micro_batches(

@@ -49,6 +49,7 @@ from megatron_ext.training.data import (
     build_datasets,
     check_datasets,
     micro_batches,
+    repeated_validation_warnings,
 )
 from megatron_ext.training.metrics import MetricsLog
 from megatron_ext.training.model import (
@@ -265,6 +266,8 @@ class Trainer:
         self.datasets = build_datasets(
             config, dataset_tokenizer, train_samples=self.start.consumed_samples + remaining
         )
+        for warning in repeated_validation_warnings(self.datasets.valid, config):
+            self._log_rank0(warning)
         self.stages = config.resolved_stages()
         self.micro_batches = config.global_batch_size // (config.micro_batch_size * self.dp_size)
         self.flops_per_token = training_flops_per_token(

@@ -640,6 +640,22 @@ def _validation_documents(rank, world_size, config_path):
     }
 
 
+def _validation_warnings(rank, world_size, config_path, overrides):
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.data import (
+        DatasetTokenizer,
+        build_datasets,
+        repeated_validation_warnings,
+    )
+
+    config = load_config(config_path, overrides)
+    tokenizer = DatasetTokenizer(
+        SentencePieceEncoder(config.tokenizer_model), config.tokenizer_model
+    )
+    return repeated_validation_warnings(build_datasets(config, tokenizer).valid, config)
+
+
 def test_held_out_datasets_are_validated_whole_and_reported(
     tmp_path, small_tokenizer, training_data, held_out_data
 ):
@@ -653,6 +669,18 @@ def test_held_out_datasets_are_validated_whole_and_reported(
     assert list(documents) == ["en", "ar"]
     for indices, size in documents.values():  # every document, by megatron-core's reader
         assert indices == list(range(size))
+    # A validation that reads a set twice over or more is named, with its size in tokens.
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    sizes = {}
+    for lang in documents:
+        index = IndexedDataset(held_out_data[lang])  # alive while its memory map is read
+        sizes[lang] = int(index.sequence_lengths.sum())
+    assert run_ranks(_validation_warnings, 1, config, [])[0] == []  # 256 tokens each
+    many = 2 * sizes["en"] // (4 * 64) + 1  # the English file twice over, not the Arabic
+    warnings = run_ranks(_validation_warnings, 1, config, ["--eval-iters", str(many)])[0]
+    assert len(warnings) == 1 and 2 * sizes["ar"] > many * 4 * 64
+    assert f"'en' ({held_out_data['en']}) holds {sizes['en']:,} tokens" in warnings[0]
     run_ranks(_train, 1, config, ["--save", str(tmp_path / "run")])
     valid = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if "split" in e]
     assert [(e["step"], e["lang"]) for e in valid] == [(0, "en"), (0, "ar"), (2, "en"), (2, "ar")]
