@@ -305,7 +305,7 @@ class TrainConfig:
                 (name, (prefix, False))
                 for name, prefix in zip(self.dataset_names(), self.data_blend[0], strict=True)
             )
-        held_out = [str(p) for p in self.valid_data_path or []]
+        held_out = self.held_out_prefixes
         names = list(self.valid_data_names) if self.valid_data_names else _short_names(held_out)
         for name, prefix in zip(names, held_out, strict=True):
             if name in sets:
@@ -317,14 +317,22 @@ class TrainConfig:
             sets[name] = (prefix, True)
         return sets
 
+    @property
+    def held_out_prefixes(self) -> list[str]:
+        """The ``--valid-data-path`` prefixes (none: an empty list)."""
+        return [str(p) for p in self.valid_data_path or []]
+
     def split_shares(self) -> list[float]:
         """The train, validation and test shares of ``--split``, as megatron-core reads them."""
-        parts = _split_parts(self.split)
-        return [float(p) for p in parts] + [0.0] * (3 - len(parts))
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            parse_and_normalize_split,
+        )
+
+        return parse_and_normalize_split(self.split)
 
     def _check_split(self) -> None:
         # megatron-core reads the numbers in the string and ignores the rest: "-1,2,0" is 1,2,0.
-        parts = _split_parts(self.split)
+        parts = [part.strip() for part in re.split(r"[,/]", self.split)]
         shares = [float(p) for p in parts if re.fullmatch(r"\d+\.?\d*|\.\d+", p)]
         if not 1 <= len(parts) <= 3 or len(shares) != len(parts) or sum(shares) <= 0:
             raise ConfigError(
@@ -368,7 +376,7 @@ class TrainConfig:
             )
 
     def _check_valid_data_path(self) -> None:
-        held_out = [str(x) for x in self.valid_data_path or []]
+        held_out = self.held_out_prefixes
         if any(_is_number(x) for x in held_out):
             raise ConfigError(
                 f"--valid-data-path {' '.join(held_out)}: give prefixes without weights (each "
@@ -510,10 +518,6 @@ def _repeated(items: list[str]) -> int | None:
             return i
         seen.add(item)
     return None
-
-
-def _split_parts(split: str) -> list[str]:
-    return [part.strip() for part in re.split(r"[,/]", split)]
 
 
 def _short_names(prefixes: list[str]) -> list[str]:

@@ -250,7 +250,7 @@ class Trainer:
         remaining = max(config.train_iters - self.start.iteration, 0) * config.global_batch_size
         dataset_tokenizer = DatasetTokenizer(tokenizer, config.tokenizer_model)
         self.tokenizer_sha256 = dataset_tokenizer.sha256
-        held_out = [str(prefix) for prefix in config.valid_data_path or []]
+        held_out = config.held_out_prefixes
         for warning in [
             *check_datasets(config.data_blend[0], dataset_tokenizer, config.split),
             *check_datasets(held_out, dataset_tokenizer, HELD_OUT_SPLIT, "--valid-data-path"),
