@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -292,14 +293,15 @@ def held_out_data(out: Path, corpora: Path, tokenizer: Path) -> list[str]:
     prefixes = []
     for name, code in HELD_OUT.items():
         texts = directory / f"{name}.jsonl"
-        texts.write_text(
-            "".join(
-                json.dumps({"text": a["text"]}, ensure_ascii=False) + "\n"
-                for a in articles
-                if a["lang"] == code
-            ),
-            encoding="utf-8",
+        prefixes.append(str(directory / f"{name}_text_document"))
+        lines = "".join(
+            json.dumps({"text": a["text"]}, ensure_ascii=False) + "\n"
+            for a in articles
+            if a["lang"] == code
         )
+        if Path(prefixes[-1] + ".idx").exists() and texts.read_text("utf-8") == lines:
+            continue  # made by an earlier demo run from the same text
+        texts.write_text(lines, encoding="utf-8")
         run(
             [
                 "megatron-ext", "preprocess",
@@ -312,7 +314,6 @@ def held_out_data(out: Path, corpora: Path, tokenizer: Path) -> list[str]:
                 "--force",
             ]
         )  # fmt: skip
-        prefixes.append(str(directory / f"{name}_text_document"))
     return prefixes
 
 
@@ -363,7 +364,7 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
     return {"metrics": read_metrics(save / "metrics.jsonl"), "checkpoint": str(checkpoint)}
 
 
-def _validated_on(save: Path, names: dict) -> bool:
+def _validated_on(save: Path, names: Iterable[str]) -> bool:
     """Whether the run in ``save`` validated on each of ``names`` (older demos did not)."""
     from megatron_ext.training.metrics import read_metrics
 
