@@ -177,8 +177,16 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         (2, ["--overlap-grad-reduce", "--ddp-bucket-size", "20000", "--micro-batch-size", "1"]),
         (1, ["--kernels", "megatron"]),
         (1, ["--recompute-activations"]),
+        # All three at once: each DP replica's two micro-batches through a TP=2 x PP=2 pipeline.
+        (
+            8,
+            [
+                *["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+                *["--sequence-parallel", "--micro-batch-size", "1"],
+            ],
+        ),
     ],
-    ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-overlap", "megatron-kernels", "recompute"],
+    ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-overlap", "megatron-kernels", "recompute", "3d"],
 )
 def test_parallel_layouts_match_tp1(tmp_path, layout_reference, world_size, overrides):
     config, start, reference, reference_weights = layout_reference
