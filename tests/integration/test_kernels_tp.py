@@ -219,6 +219,6 @@ def test_cross_entropy_matches_megatron(world):
     run_ranks(_cross_entropy_rank, world)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_embedding_matches_megatron(world):
     run_ranks(_embedding_rank, world)
