@@ -58,6 +58,11 @@ class FusedDotProductAttention(DotProductAttention):
         if attention_mask is not None:
             mask, causal = ~attention_mask, False  # SDPA's True means "attend"
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if torch.is_grad_enabled() and _holds_more(value):
+            # megatron-core's value is a view of the fused QKV projection's output (queries and
+            # keys leave it through RoPE). Kept for backward as a view, it would keep that whole
+            # buffer alive: (1 + 2 x groups / heads) hidden sizes per token instead of v's own.
+            v = v.contiguous()
         context = F.scaled_dot_product_attention(
             q,
             k,
@@ -69,3 +74,8 @@ class FusedDotProductAttention(DotProductAttention):
         )
         # [b, heads, sq, d] -> [sq, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+
+def _holds_more(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a view into a larger buffer."""
+    return tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
