@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run(config, world_size: int | None) -> int:
     """Print the resolved plan; touches neither a GPU nor the data."""
     from megatron_ext.tokenizer.encoders import SentencePieceEncoder
-    from megatron_ext.training.model import context_warning, resolve_arch
+    from megatron_ext.training.model import plan_warnings, resolve_arch
     from megatron_ext.training.plan import plan_run
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
@@ -70,8 +70,7 @@ def dry_run(config, world_size: int | None) -> int:
     )
     for line in run.lines(config):
         print(line)
-    warning = context_warning(arch, config.seq_length)
-    if warning:
+    for warning in plan_warnings(arch, config):
         print(warning)
     for i, stage in enumerate(config.resolved_stages(), 1):
         rows = " (new rows only)" if stage.new_rows_only else ""

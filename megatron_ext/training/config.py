@@ -33,6 +33,10 @@ class ConfigError(ValueError):
 
 TRAINABLE = ("all", "embeddings")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core's recompute_modules that a dense Llama layer has.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 # Smallest value of each numeric setting: sizes and counts start at 1; rates, intervals (0: off)
 # and limits at 0. Settings that may be None are checked when set.
 AT_LEAST = {
@@ -48,6 +52,7 @@ AT_LEAST = {
     "eval_iters": 1,
     "log_interval": 1,
     "ddp_bucket_size": 1,
+    "recompute_num_layers": 1,
     "lr": 0,
     "min_lr": 0,
     "lr_warmup_iters": 0,
@@ -114,7 +119,22 @@ class TrainConfig:
             ``megatron`` (megatron-core's embedding, output layer and cross-entropy).
         transformer_impl: ``transformer_engine``, ``local`` or ``auto`` (TE on a GPU if installed).
         bf16: bf16 parameters and activations with fp32 main weights and gradients.
-        recompute_activations: Recompute each transformer layer's activations in backward.
+        recompute_activations: Megatron-LM's shorthand for ``recompute_granularity:
+            selective`` (with megatron-core's default module, ``core_attn``).
+        recompute_granularity: Activation recomputation (None: none). ``full`` keeps only the
+            input of each group of layers (see ``recompute_method``) and runs the group again in
+            backward; ``selective`` recomputes the parts of every layer in
+            ``recompute_modules``.
+        recompute_method: With ``full``: ``uniform`` checkpoints every group of
+            ``recompute_num_layers`` layers of a pipeline stage; ``block`` only the first
+            ``recompute_num_layers`` layers of each stage, the others keep their activations.
+            Default ``uniform``.
+        recompute_num_layers: With ``full``: layers per group (``uniform``) or layers
+            recomputed per pipeline stage (``block``). Default 1.
+        recompute_modules: With ``selective``: any of ``core_attn`` (attention's softmax; with
+            fused attention, as here, it keeps next to nothing), ``mlp`` (the SwiGLU MLP's
+            intermediate activations, the largest part of a layer's) and ``layernorm`` (the
+            norms' outputs). Default: ``core_attn``, as in megatron-core.
         bias_swiglu_fusion: megatron-core's fused SwiGLU, ``silu(gate) * up`` in one compiled
             kernel (``torch.compile``) instead of three (None: on a GPU, as Megatron-LM does).
         apply_rope_fusion: Transformer Engine's fused rotary embedding (None: when TE is
@@ -195,6 +215,10 @@ class TrainConfig:
     transformer_impl: str = "auto"
     bf16: bool = False
     recompute_activations: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None
     bias_swiglu_fusion: bool | None = None
     apply_rope_fusion: bool | None = None
     gradient_accumulation_fusion: bool | None = None
@@ -460,6 +484,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}")
+        self.recompute()
         names = [stage.name for stage in self.stages]
         again = _repeated(names)
         if again is not None:
@@ -490,6 +515,69 @@ class TrainConfig:
                     f"stage {stage.name!r}: {stage.lr_warmup_iters} warm-up iterations leave none "
                     f"of its {stage.train_iters} to decay (use lr_warmup_iters < train_iters)"
                 )
+
+    def recompute(self) -> dict[str, Any]:
+        """megatron-core's ``TransformerConfig`` recomputation fields for these settings.
+
+        Returns:
+            ``recompute_granularity`` and, with ``full``, ``recompute_method`` and
+            ``recompute_num_layers``, or with ``selective``, ``recompute_modules``; empty when
+            nothing is recomputed.
+
+        Raises:
+            ConfigError: Unknown values, or settings of one granularity given with the other.
+        """
+        granularity = self.recompute_granularity
+        if self.recompute_activations:
+            if granularity not in (None, "selective"):
+                raise ConfigError(
+                    "--recompute-activations is Megatron-LM's --recompute-granularity selective: "
+                    f"give one or the other, not --recompute-granularity {granularity} too"
+                )
+            granularity = "selective"
+        if granularity is None:
+            given = [
+                _flag(name)
+                for name in ("recompute_method", "recompute_num_layers", "recompute_modules")
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} need --recompute-granularity (full or selective)"
+                )
+            return {}
+        if granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(
+                f"--recompute-granularity must be one of {', '.join(RECOMPUTE_GRANULARITIES)}"
+            )
+        if granularity == "selective":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{_flag(name)} is for --recompute-granularity full; selective "
+                        "recomputes the --recompute-modules of every layer"
+                    )
+            modules = list(self.recompute_modules or ["core_attn"])
+            unknown = sorted(set(modules) - set(RECOMPUTE_MODULES))
+            if unknown or not modules:
+                raise ConfigError(
+                    f"--recompute-modules {' '.join(modules)}: choose from "
+                    f"{', '.join(RECOMPUTE_MODULES)}"
+                )
+            return {"recompute_granularity": "selective", "recompute_modules": modules}
+        if self.recompute_modules is not None:
+            raise ConfigError(
+                "--recompute-modules is for --recompute-granularity selective; full recomputes "
+                "whole layers"
+            )
+        method = self.recompute_method or "uniform"
+        if method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"--recompute-method must be one of {', '.join(RECOMPUTE_METHODS)}")
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": method,
+            "recompute_num_layers": self.recompute_num_layers or 1,
+        }
 
     def _check_ranges(self) -> None:
         """Each numeric setting within its range (before anything divides by one)."""

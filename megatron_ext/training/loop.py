@@ -54,7 +54,7 @@ from megatron_ext.training.data import (
 from megatron_ext.training.metrics import MetricsLog
 from megatron_ext.training.model import (
     build_model,
-    context_warning,
+    plan_warnings,
     resolve_arch,
     training_device,
 )
@@ -259,7 +259,7 @@ class Trainer:
         tp, on_gpu = config.tensor_model_parallel_size, torch.cuda.is_available()
         for warning in (
             distributed.launch_warning(tp, on_gpu),
-            context_warning(self.plan.arch, config.seq_length),
+            *plan_warnings(self.plan.arch, config),
         ):
             if warning:
                 self._log_rank0(warning)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as mcore_random
 
 from megatron_ext.arch import PRESETS, LlamaArch
 from megatron_ext.checkpoint.convert import read_metadata
@@ -27,20 +28,33 @@ class ModelPlan:
     dtype: torch.dtype
 
 
-def context_warning(arch: LlamaArch, seq_length: int) -> str | None:
-    """A warning when ``seq_length`` runs past the positions the model was trained on.
+def plan_warnings(arch: LlamaArch, config: TrainConfig) -> list[str]:
+    """Settings that run, but not as a user would expect; one ``warning:`` line each.
 
-    megatron-core computes RoPE for any length, so a longer sequence trains without an error on
-    positions the model has never seen.
+    - ``seq_length`` past the positions the model was trained on: megatron-core computes RoPE
+      for any length, so a longer sequence trains without an error on positions the model has
+      never seen.
+    - Selective recomputation of ``core_attn`` (``--recompute-activations`` in Megatron-LM):
+      fused attention keeps no ``s^2`` scores, so it saves nothing, and the checkpoint keeps the
+      values as a view of the whole fused QKV output.
     """
-    if seq_length <= arch.max_position_embeddings:
-        return None
-    return (
-        f"warning: --seq-length {seq_length} is beyond the {arch.max_position_embeddings} "
-        f"positions the model was trained on (max_position_embeddings): RoPE (base "
-        f"{arch.rope_theta:g}) extrapolates past them, which degrades the model unless a longer "
-        "context is what this run sets out to train"
-    )
+    warnings = []
+    if config.seq_length > arch.max_position_embeddings:
+        warnings.append(
+            f"warning: --seq-length {config.seq_length} is beyond the "
+            f"{arch.max_position_embeddings} positions the model was trained on "
+            f"(max_position_embeddings): RoPE (base {arch.rope_theta:g}) extrapolates past them, "
+            "which degrades the model unless a longer context is what this run sets out to train"
+        )
+    if "core_attn" in config.recompute().get("recompute_modules", []):
+        warnings.append(
+            "warning: recomputing core_attn (--recompute-activations, or --recompute-modules "
+            "core_attn) saves no memory with fused attention, which keeps no s^2 scores, and "
+            "keeps more (the whole fused QKV output, for the values): recompute mlp "
+            "(--recompute-granularity selective --recompute-modules mlp) or whole layers "
+            "(--recompute-granularity full); --dry-run estimates each"
+        )
+    return warnings
 
 
 def resolve_arch(
@@ -97,6 +111,12 @@ def resolve_arch(
             f"--tensor-model-parallel-size {tp}"
         )
     arch.check_parallel(tp, config.pipeline_model_parallel_size)
+    stage_layers = arch.num_layers // config.pipeline_model_parallel_size
+    if (config.recompute_num_layers or 0) > stage_layers:
+        raise ConfigError(
+            f"--recompute-num-layers {config.recompute_num_layers}: a pipeline stage has "
+            f"{stage_layers} layers"
+        )
     return ModelPlan(arch, padded, base, dtype)
 
 
@@ -170,10 +190,14 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
         "sequence_parallel": config.sequence_parallel,
         "calculate_per_token_loss": True,
     }
-    if config.recompute_activations:
-        overrides.update(
-            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    recompute = config.recompute()
+    if "layernorm" in recompute.get("recompute_modules", []) and not mcore_random.HAVE_TE:
+        # CheckpointWithoutOutput() sets fp8 = (False is not None) and calls TE's FP8 state.
+        raise ConfigError(
+            "--recompute-modules layernorm needs Transformer Engine installed: megatron-core "
+            "0.16's output-discarding checkpoint calls into it even without fp8"
         )
+    overrides.update(recompute)
     use_te = transformer_engine_enabled(
         {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
     )

@@ -6,6 +6,7 @@ training loop (model FLOPs utilisation).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,74 @@ def layer_params(arch: LlamaArch) -> int:
     """Parameters of one decoder layer (attention, SwiGLU MLP, two RMSNorms)."""
     h, kv = arch.hidden_size, arch.num_query_groups * arch.head_dim
     return 2 * h * h + 2 * h * kv + 3 * h * arch.ffn_hidden_size + 2 * h
+
+
+def layer_activation_bytes(arch: LlamaArch, config) -> tuple[float, float]:
+    """Bytes one decoder layer keeps for backward, and its input's bytes, on one rank.
+
+    For one micro-batch, as megatron-core's layers keep them with fused attention (flash or
+    cuDNN: no ``s^2`` scores), the fused SwiGLU and a fused RMSNorm (TE's, or torch's on a GPU:
+    input and a per-row scale), counted in units of ``s*b*h`` elements:
+
+    - the two norms' inputs (the residual stream) and their outputs, which the QKV and first MLP
+      GEMMs keep as their inputs: 4, split over TP ranks by sequence parallelism, else whole;
+    - attention: queries, keys and values after RoPE and the attention output (the output
+      projection's input): ``2 + 2 * groups / heads``, split over TP;
+    - MLP: the first GEMM's output (gate and up, the SwiGLU's input) and the SwiGLU's output
+      (the second GEMM's input): ``3 * ffn / h``, split over TP.
+
+    Besides, per layer: attention's fp32 log-sum-exp per query row, and RoPE's cosine and sine
+    tables for queries and keys (``[s, head_dim]`` each; TE's fused RoPE keeps none).
+
+    Selective recomputation drops what its modules recompute: ``mlp`` the MLP's part,
+    ``layernorm`` the norms' outputs. ``core_attn`` drops only the log-sum-exp (fused attention
+    keeps no ``s^2`` scores) and adds ``1 + groups / heads``: its checkpoint keeps the values as
+    megatron-core passes them, a view of the whole fused QKV output.
+    ``tests/integration/test_activation_memory.py`` checks these counts against the tensors the
+    model saves.
+
+    Returns:
+        (bytes kept without full recomputation, bytes of the layer's input: what full
+        recomputation keeps).
+    """
+    tp, sp = config.tensor_model_parallel_size, config.sequence_parallel
+    h = arch.hidden_size
+    s, b, element = config.seq_length, config.micro_batch_size, 2 if config.bf16 else 4
+    unit = s * b * h * element
+    whole = 1 / tp if sp else 1.0  # the residual stream and the norms' outputs
+    norm_inputs = 2 * whole
+    norm_outputs = 2 * whole
+    attention = (2 + 2 * arch.num_query_groups / arch.num_attention_heads) / tp
+    mlp = 3 * arch.ffn_hidden_size / h / tp
+    log_sum_exp = b * arch.num_attention_heads // tp * s * 4
+    modules = config.recompute().get("recompute_modules", [])
+    if "core_attn" in modules:
+        attention += (1 + arch.num_query_groups / arch.num_attention_heads) / tp
+        log_sum_exp = 0
+    if "mlp" in modules:
+        mlp = 0.0
+    if "layernorm" in modules:
+        norm_outputs = 0.0
+    small = log_sum_exp + 4 * s * arch.head_dim * element  # and RoPE's tables
+    return (norm_inputs + norm_outputs + attention + mlp) * unit + small, whole * unit
+
+
+def stage_activation_bytes(arch: LlamaArch, config, stage_layers: int) -> tuple[float, float]:
+    """Activation bytes of a pipeline stage of ``stage_layers`` layers on one rank.
+
+    Returns:
+        (bytes kept per micro-batch from forward to backward, bytes that recomputation brings
+        back during backward: one recomputed group of layers, for one micro-batch at a time).
+    """
+    kept, layer_input = layer_activation_bytes(arch, config)
+    recompute = config.recompute()
+    if recompute.get("recompute_granularity") != "full":
+        return kept * stage_layers, 0.0
+    group = min(recompute["recompute_num_layers"], stage_layers)
+    if recompute["recompute_method"] == "uniform":  # every group keeps only its input
+        return math.ceil(stage_layers / group) * layer_input, group * kept
+    # block: the first `group` layers are recomputed one at a time, the others keep everything.
+    return group * layer_input + (stage_layers - group) * kept, kept
 
 
 def training_flops_per_token(arch: LlamaArch, padded_vocab_size: int, seq_length: int) -> float:
@@ -96,10 +165,10 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
 
     Memory: weights in the parameter dtype, fp32 gradients, fp32 main weights and Adam moments
     (12 bytes per parameter, divided over data-parallel ranks with the distributed optimizer).
-    Activations follow Korthikanti et al. (2022) with flash attention (no ``s^2`` scores): per
-    layer and micro-batch ``s*b*h*(10 + 24/TP)`` bytes, ``s*b*h*34/TP`` with sequence
-    parallelism, only the layer input with full recomputation; times the micro-batches 1F1B keeps
-    in flight (PP of them on the first stage). The fused loss adds no ``[tokens, vocab]`` logits.
+    Activations: what each layer keeps for backward (:func:`layer_activation_bytes`) over the
+    busiest stage's layers, times the micro-batches 1F1B keeps in flight (PP of them on the first
+    stage); with full recomputation, each recomputed group keeps only its input, and one group's
+    activations come back during backward. The fused loss adds no ``[tokens, vocab]`` logits.
     A checkpoint holds each parameter's weight and optimizer state once, its writes spread over
     all processes.
     """
@@ -118,16 +187,11 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     gib = 1024**3
     optimizer_bytes = 12 if config.bf16 else 8
     optimizer_shards = dp if config.use_distributed_optimizer else 1
-    s, b = config.seq_length, config.micro_batch_size
-    if config.recompute_activations:
-        per_layer_act = s * b * h * bytes_param
-    elif config.sequence_parallel:
-        per_layer_act = s * b * h * 34 / tp
-    else:
-        per_layer_act = s * b * h * (10 + 24 / tp)
+    s = config.seq_length
     micro_batches = config.global_batch_size // (config.micro_batch_size * dp)
     in_flight = min(pp, micro_batches)
-    activations = per_layer_act * stage_layers * in_flight
+    stored, recomputed = stage_activation_bytes(arch, config, stage_layers)
+    activations = stored * in_flight + recomputed
     tokens = config.global_batch_size * config.seq_length
     return RunPlan(
         world_size=world_size,

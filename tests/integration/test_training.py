@@ -176,7 +176,10 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         # Two micro-batches per rank, the output layer's gradient in a bucket of its own.
         (2, ["--overlap-grad-reduce", "--ddp-bucket-size", "20000", "--micro-batch-size", "1"]),
         (1, ["--kernels", "megatron"]),
-        (1, ["--recompute-activations"]),
+        # The first of the two layers recomputed whole, the other not; then attention and the
+        # MLP of both.
+        (1, ["--recompute-granularity", "full", "--recompute-method", "block"]),
+        (1, ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp"]),
         # All three at once: each DP replica's two micro-batches through a TP=2 x PP=2 pipeline.
         (
             8,
@@ -186,7 +189,17 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
             ],
         ),
     ],
-    ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-overlap", "megatron-kernels", "recompute", "3d"],
+    ids=[
+        "tp2",
+        "tp2-sp",
+        "pp2",
+        "dp2",
+        "dp2-overlap",
+        "megatron-kernels",
+        "recompute-full",
+        "recompute-selective",
+        "3d",
+    ],
 )
 def test_parallel_layouts_match_tp1(tmp_path, layout_reference, world_size, overrides):
     config, start, reference, reference_weights = layout_reference

@@ -297,3 +297,77 @@ def test_kernel_fusions_follow_what_can_run(tmp_path):
     ):
         with pytest.raises(ConfigError, match=f"{flag} needs .*{needs}"):
             kernel_fusions(load_config(None, [flag]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {}),
+        # Megatron-LM's shorthand, with megatron-core's default module.
+        (
+            ["--recompute-activations"],
+            {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+        ),
+        (
+            ["--recompute-granularity", "selective", "--recompute-modules", "mlp", "core_attn"],
+            {"recompute_granularity": "selective", "recompute_modules": ["mlp", "core_attn"]},
+        ),
+        (
+            ["--recompute-granularity", "full"],
+            {
+                "recompute_granularity": "full",
+                "recompute_method": "uniform",
+                "recompute_num_layers": 1,
+            },
+        ),
+        (
+            ["--recompute-granularity", "full", "--recompute-method", "block"]
+            + ["--recompute-num-layers", "3"],
+            {
+                "recompute_granularity": "full",
+                "recompute_method": "block",
+                "recompute_num_layers": 3,
+            },
+        ),
+    ],
+)
+def test_recompute_settings_are_megatron_lms(argv, expected):
+    config = load_config(None, [*REQUIRED, *argv])
+    config.validate(1)
+    assert config.recompute() == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--recompute-granularity", "some"], "--recompute-granularity must be one of full"),
+        (
+            ["--recompute-activations", "--recompute-granularity", "full"],
+            "--recompute-activations is Megatron-LM's --recompute-granularity selective",
+        ),
+        (["--recompute-num-layers", "2"], "--recompute-num-layers need --recompute-granularity"),
+        (
+            ["--recompute-granularity", "selective", "--recompute-method", "block"],
+            "--recompute-method is for --recompute-granularity full",
+        ),
+        (
+            ["--recompute-granularity", "full", "--recompute-modules", "mlp"],
+            "--recompute-modules is for --recompute-granularity selective",
+        ),
+        (
+            ["--recompute-granularity", "selective", "--recompute-modules", "moe"],
+            "--recompute-modules moe: choose from core_attn, mlp, layernorm",
+        ),
+        (
+            ["--recompute-granularity", "full", "--recompute-method", "all"],
+            "--recompute-method must be one of uniform, block",
+        ),
+        (
+            ["--recompute-granularity", "full", "--recompute-num-layers", "0"],
+            "--recompute-num-layers must be at least 1, got 0",
+        ),
+    ],
+)
+def test_recompute_mistakes_are_named(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*REQUIRED, *argv]).validate(1)

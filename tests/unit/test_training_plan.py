@@ -70,6 +70,44 @@ def test_dry_run_warns_of_a_sequence_beyond_the_models_positions(capsys, llama2_
     assert "warning: --seq-length 8192 is beyond the 4096 positions" in capsys.readouterr().out
 
 
+def test_dry_run_sizes_each_recomputation(capsys, llama2_tokenizer):
+    """Llama-2 70B at TP=8, PP=4 with SP: each choice moves the activations as it should."""
+    argv = [
+        "--dry-run", "--arch", "llama2-70b", "--world-size", "64",
+        "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
+        "--sequence-parallel", "--tokenizer-model", str(llama2_tokenizer),
+        "--data-path", "no/such/data", "--global-batch-size", "512", "--seq-length", "4096",
+        "--bf16",
+    ]  # fmt: skip
+
+    def activations(*flags):
+        assert main([*argv, *flags]) == 0
+        out = capsys.readouterr().out
+        return float(re.search(r"activations ([\d.]+) GiB", out).group(1)), out
+
+    none, out = activations()
+    assert "warning" not in out
+    core_attn, out = activations("--recompute-activations")
+    assert "warning: recomputing core_attn" in out
+    mlp, _ = activations("--recompute-granularity", "selective", "--recompute-modules", "mlp")
+    block, _ = activations(
+        "--recompute-granularity", "full", "--recompute-method", "block",
+        "--recompute-num-layers", "10",
+    )  # fmt: skip
+    full, _ = activations("--recompute-granularity", "full")
+    assert full < mlp < none < core_attn
+    # Half the stage's layers recomputed: about half the activations.
+    assert full < block < none and block == pytest.approx(none / 2, rel=0.1)
+    # 20 layers per stage: all of them recomputed one by one keep the layers' inputs alone.
+    every, _ = activations(
+        "--recompute-granularity", "full", "--recompute-method", "block",
+        "--recompute-num-layers", "20",
+    )  # fmt: skip
+    assert every == pytest.approx(full, abs=0.05)
+    assert main([*argv, "--recompute-granularity", "full", "--recompute-num-layers", "21"]) == 2
+    assert "--recompute-num-layers 21: a pipeline stage has 20 layers" in capsys.readouterr().err
+
+
 def _converted_metadata(directory, arch, base_vocab_size: int, **recorded) -> None:
     """The ``megatron_ext.json`` a ``convert hf-to-megatron`` at TP=8 writes (only the file)."""
     (directory / "megatron_ext.json").write_text(
