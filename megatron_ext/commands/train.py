@@ -74,10 +74,13 @@ def dry_run(config, world_size: int | None) -> int:
         print(warning)
     for i, stage in enumerate(config.resolved_stages(), 1):
         rows = " (new rows only)" if stage.new_rows_only else ""
+        anneal = ""
+        if stage.lr_decay_style == "WSD":
+            anneal = f", {stage.lr_wsd_decay_style} anneal {stage.lr_wsd_decay_iters}"
         print(
             f"stage {i} {stage.name!r}: {stage.train_iters} iterations, trains "
             f"{stage.trainable}{rows}, lr {stage.lr:g} -> {stage.min_lr:g} "
-            f"({stage.lr_decay_style}, warm-up {stage.lr_warmup_iters})"
+            f"({stage.lr_decay_style}, warm-up {stage.lr_warmup_iters}{anneal})"
         )
     tokens = run.tokens_per_step * config.train_iters
     print(f"total: {config.train_iters} iterations, {tokens:,} tokens")

@@ -32,7 +32,9 @@ class ConfigError(ValueError):
 
 
 TRAINABLE = ("all", "embeddings")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+# How WSD anneals over its last lr_wsd_decay_iters (megatron-core's choices).
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 # megatron-core's recompute_modules that a dense Llama layer has.
@@ -56,6 +58,7 @@ AT_LEAST = {
     "lr": 0,
     "min_lr": 0,
     "lr_warmup_iters": 0,
+    "lr_wsd_decay_iters": 1,
     "weight_decay": 0,
     "adam_beta1": 0,
     "adam_beta2": 0,
@@ -87,7 +90,10 @@ class StageConfig:
         lr: Peak learning rate (None: the run's ``lr``); likewise the fields below.
         min_lr: Learning rate at the end of the decay.
         lr_warmup_iters: Linear warm-up from 0 over this many iterations of the stage.
-        lr_decay_style: ``cosine``, ``linear`` or ``constant`` over the rest of the stage.
+        lr_decay_style: ``cosine``, ``linear`` or ``constant`` over the rest of the stage, or
+            ``WSD``: constant, then annealed to ``min_lr`` over its last ``lr_wsd_decay_iters``.
+        lr_wsd_decay_iters: With ``WSD``: the iterations of the anneal.
+        lr_wsd_decay_style: With ``WSD``: the anneal's shape.
         weight_decay: AdamW weight decay.
     """
 
@@ -99,6 +105,8 @@ class StageConfig:
     min_lr: float | None = None
     lr_warmup_iters: int | None = None
     lr_decay_style: str | None = None
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_style: str | None = None
     weight_decay: float | None = None
 
 
@@ -176,7 +184,13 @@ class TrainConfig:
         lr: Peak learning rate.
         min_lr: Final learning rate.
         lr_warmup_iters: Warm-up iterations.
-        lr_decay_style: ``cosine``, ``linear`` or ``constant``.
+        lr_decay_style: ``cosine``, ``linear``, ``constant`` or ``WSD`` (warm-up, stable,
+            decay: the peak rate until the last ``lr_wsd_decay_iters`` of the stage, then an
+            anneal to ``min_lr``; a run extended with ``--train-iters`` keeps its peak rate
+            until the new anneal instead of following a cosine stretched anew).
+        lr_wsd_decay_iters: With ``WSD``: iterations of the anneal at the end of each stage.
+        lr_wsd_decay_style: With ``WSD``: ``exponential`` (Megatron-LM's default),
+            ``linear``, ``cosine`` or ``minus_sqrt``.
         weight_decay: AdamW weight decay (not applied to norms).
         adam_beta1: AdamW beta1.
         adam_beta2: AdamW beta2.
@@ -246,6 +260,8 @@ class TrainConfig:
     min_lr: float = 3e-5
     lr_warmup_iters: int = 0
     lr_decay_style: str = "cosine"
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_style: str = "exponential"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -301,7 +317,7 @@ class TrainConfig:
             used += iters
             inherit = {
                 name: getattr(self, name) if getattr(stage, name) is None else getattr(stage, name)
-                for name in ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay")
+                for name in SCHEDULE_SETTINGS[1:] + ("weight_decay",)
             }
             out.append(dataclasses.replace(stage, train_iters=iters, **inherit))
         return out
@@ -480,6 +496,7 @@ class TrainConfig:
             "transformer_impl": ("auto", "local", "transformer_engine"),
             "on_nonfinite": ("skip", "stop"),
             "lr_decay_style": LR_DECAY_STYLES,
+            "lr_wsd_decay_style": LR_WSD_DECAY_STYLES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -490,11 +507,17 @@ class TrainConfig:
         if again is not None:
             # Metrics, logs and the resume warnings name stages: one name, one stage.
             raise ConfigError(f"two stages are named {names[again]!r}: give each its own name")
-        for stage in self.resolved_stages():
+        stages = self.resolved_stages()
+        if self.lr_wsd_decay_iters is not None and all(
+            stage.lr_decay_style != "WSD" for stage in stages
+        ):
+            raise ConfigError("--lr-wsd-decay-iters needs --lr-decay-style WSD")
+        for stage in stages:
             if stage.trainable not in TRAINABLE:
                 raise ConfigError(f"stage {stage.name!r}: trainable must be one of {TRAINABLE}")
             if stage.lr_decay_style not in LR_DECAY_STYLES:
                 raise ConfigError(f"stage {stage.name!r}: unknown lr_decay_style")
+            self._check_wsd(stage)
             if stage.new_rows_only and stage.trainable != "embeddings":
                 raise ConfigError(f"stage {stage.name!r}: new_rows_only needs trainable=embeddings")
             if stage.new_rows_only and stage.weight_decay:
@@ -515,6 +538,27 @@ class TrainConfig:
                     f"stage {stage.name!r}: {stage.lr_warmup_iters} warm-up iterations leave none "
                     f"of its {stage.train_iters} to decay (use lr_warmup_iters < train_iters)"
                 )
+
+    def _check_wsd(self, stage: StageConfig) -> None:
+        """A WSD stage's anneal fits after its warm-up."""
+        where = f"stage {stage.name!r}" if self.stages else "--lr-decay-style WSD"
+        if stage.lr_wsd_decay_style not in LR_WSD_DECAY_STYLES:
+            raise ConfigError(
+                f"{where}: lr_wsd_decay_style must be one of {', '.join(LR_WSD_DECAY_STYLES)}"
+            )
+        if stage.lr_decay_style != "WSD":
+            return
+        anneal = stage.lr_wsd_decay_iters
+        if anneal is None or anneal < 1:
+            raise ConfigError(
+                f"{where}: WSD needs lr_wsd_decay_iters of at least 1 (--lr-wsd-decay-iters: the "
+                "iterations of the final anneal)"
+            )
+        if stage.lr_warmup_iters + anneal > stage.train_iters:
+            raise ConfigError(
+                f"{where}: {stage.lr_warmup_iters} warm-up and {anneal} anneal iterations "
+                f"exceed its {stage.train_iters}"
+            )
 
     def recompute(self) -> dict[str, Any]:
         """megatron-core's ``TransformerConfig`` recomputation fields for these settings.
@@ -777,7 +821,15 @@ def config_dict(config: TrainConfig) -> dict[str, Any]:
 # The data position is a count of samples into an order that these settings decide.
 DATA_ORDER_SETTINGS = ("data_path", "split", "seq_length", "seed")
 # The learning rate at the saved step is recomputed from these.
-SCHEDULE_SETTINGS = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style")
+SCHEDULE_SETTINGS = (
+    "train_iters",
+    "lr",
+    "min_lr",
+    "lr_warmup_iters",
+    "lr_decay_style",
+    "lr_wsd_decay_iters",
+    "lr_wsd_decay_style",
+)
 
 
 def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:

@@ -132,6 +132,8 @@ def build_stage(
         lr_warmup_steps=stage.lr_warmup_iters,
         lr_decay_steps=stage.train_iters,
         lr_decay_style=stage.lr_decay_style,
+        wsd_decay_steps=stage.lr_wsd_decay_iters,
+        lr_wsd_decay_style=stage.lr_wsd_decay_style,
         start_wd=stage.weight_decay,
         end_wd=stage.weight_decay,
         wd_incr_steps=stage.train_iters,

@@ -534,6 +534,47 @@ def test_embedding_stage_changes_only_new_rows(
     assert len(changed["output_layer.weight"]) == 500  # every new output row gets a gradient
 
 
+def _schedule(k: int, n: int, peak: float, low: float, warmup: int, style: str, anneal=0):
+    """The learning rate of iteration k (1-based) of an n-iteration stage, from the formulas."""
+    if k <= warmup:
+        return peak * k / warmup
+    if style == "cosine":
+        return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (n - warmup)))
+    stable = n - anneal  # WSD: the peak until the anneal, then down to `low` at iteration n
+    ratio = max(k - stable, 0) / anneal
+    if style == "WSD-linear":
+        return low + (peak - low) * (1 - ratio)
+    return low + (peak - low) * (2 * 0.5**ratio - 1)  # WSD-exponential
+
+
+def test_each_stage_follows_its_learning_rate_schedule(tmp_path, small_tokenizer, training_data):
+    """Warm-up then cosine, then two WSD stages (linear and exponential anneals), per metrics."""
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, train_iters=16, lr_decay_style="WSD",
+        lr_wsd_decay_iters=3, lr=4.0e-3, min_lr=4.0e-4, lr_warmup_iters=1,
+        stages=[
+            {"name": "cosine", "train_iters": 5, "lr_decay_style": "cosine", "lr": 1.0e-2,
+             "min_lr": 1.0e-3, "lr_warmup_iters": 2},
+            {"name": "wsd-linear", "train_iters": 6, "lr_wsd_decay_style": "linear"},
+            {"name": "wsd-exponential"},
+        ],
+    )  # fmt: skip
+    run_ranks(_train, 1, config, ["--save", str(tmp_path / "run")])
+    steps = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if "split" not in e]
+    expected = (
+        [_schedule(k, 5, 1.0e-2, 1.0e-3, 2, "cosine") for k in range(1, 6)]
+        + [_schedule(k, 6, 4.0e-3, 4.0e-4, 1, "WSD-linear", 3) for k in range(1, 7)]
+        + [_schedule(k, 5, 4.0e-3, 4.0e-4, 1, "WSD-exponential", 3) for k in range(1, 6)]
+    )
+    assert [e["stage"] for e in steps] == ["cosine"] * 5 + ["wsd-linear"] * 6 + [
+        "wsd-exponential"
+    ] * 5
+    assert [e["lr"] for e in steps] == pytest.approx(expected, rel=1e-6)
+    # Each stage ends on its min_lr; the WSD stages hold their peak until the anneal.
+    assert [expected[i] for i in (4, 10, 15)] == pytest.approx([1.0e-3, 4.0e-4, 4.0e-4])
+    assert expected[5:8] == [4.0e-3] * 3
+
+
 def test_nonfinite_loss_stops_or_skips(tmp_path, small_tokenizer, training_data):
     # An absurd learning rate overflows the weights after one update: NaN from iteration 2.
     config = write_config(tmp_path, small_tokenizer, training_data, lr=1.0e30, min_lr=1.0e30,

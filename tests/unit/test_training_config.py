@@ -141,6 +141,14 @@ def test_stage_mistakes_are_named(tmp_path, stages, message):
         (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be above 0"),
         # megatron-core's scheduler would fail later on a bare assertion.
         (["--lr", "1e-4", "--min-lr", "1e-3"], "min_lr 0.001 is above its lr 0.0001"),
+        # WSD: the anneal's length is needed and must fit the stage.
+        (["--lr-decay-style", "WSD"], "WSD needs lr_wsd_decay_iters of at least 1"),
+        (["--lr-wsd-decay-iters", "5"], "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
+        (
+            ["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "95", "--lr-warmup-iters", "10"],
+            "10 warm-up and 95 anneal iterations exceed its 100",
+        ),
+        (["--lr-wsd-decay-style", "cubic"], "--lr-wsd-decay-style must be one of exponential"),
         # Stages are mappings: they cannot come from the command line.
         (["--stages", "foo"], "command line: stages\\[0\\]: a stage is a mapping"),
     ],
