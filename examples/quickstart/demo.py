@@ -15,7 +15,9 @@ Each capability adds its stage here. Stages so far:
    ``megatron-ext train`` on two gloo processes (TP=2 with sequence parallelism, checkpoints
    written in the background) from the expanded checkpoint: a warm-up of
    the new embedding rows alone, then the whole model, with per-language validation (also on
-   held-out parallel text, the UDHR), a checkpoint and its export to Hugging Face.
+   held-out parallel text, the UDHR), a checkpoint and its export to Hugging Face;
+6. at cluster scale: ``megatron-ext train --dry-run`` of the Slurm examples' Llama-2 7B and 70B
+   configs with the expanded tokenizer (layout, memory per GPU, checkpoint size, stages).
 
 Outputs go to ``--output-dir`` (default ``demo_output/``); ``report.md`` there is the summary.
 Re-running reuses outputs that are up to date.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -435,6 +438,48 @@ def training_section(result: dict, out: Path) -> str:
     )
 
 
+# The Slurm examples' configs and the GPUs their sbatch scripts ask for.
+CLUSTER_RUNS = {"llama2-7b": 8, "llama2-70b": 64}
+
+
+def cluster_plans(out: Path) -> dict[str, str]:
+    """``train --dry-run`` of the Slurm examples' configs with this demo's expanded tokenizer."""
+    stage("6. at cluster scale: what the Slurm examples' runs need per GPU (--dry-run)")
+    plans = {}
+    for name, gpus in CLUSTER_RUNS.items():
+        # No converted checkpoint of these here: --arch gives the shape it would have.
+        cmd = [
+            "megatron-ext", "train", "--dry-run",
+            "--config", str(HERE.parent / "configs" / f"{name}-ar.yaml"),
+            "--world-size", str(gpus), "--arch", name, "--pretrained-checkpoint", "",
+            "--tokenizer-model", str(out / "tokenizer" / "tokenizer.model"),
+        ]  # fmt: skip
+        print("$ " + shlex.join(cmd), flush=True)
+        plans[name] = subprocess.run(
+            [sys.executable, "-m", "megatron_ext.cli", *cmd[1:]],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        print(plans[name], end="")
+    return plans
+
+
+def cluster_section(plans: dict[str, str]) -> str:
+    """Markdown section of the report for stage 6."""
+    blocks = "".join(
+        f"\n`examples/configs/{name}-ar.yaml` on {CLUSTER_RUNS[name]} GPUs:\n\n```\n{plan}```\n"
+        for name, plan in plans.items()
+    )
+    return (
+        "\n## At cluster scale\n\n"
+        "The same run on Llama-2 7B and 70B with this demo's 40,000-piece tokenizer, as "
+        "`examples/slurm/` launches them: `megatron-ext train --dry-run` prints the parallel "
+        "layout, the memory per GPU (activations counted as megatron-core's layers keep them), "
+        "the checkpoint size and the stages, without a GPU or the data.\n" + blocks
+    )
+
+
 def write_report(out: Path, seconds: float, sections: list[str]) -> Path:
     """The demo's markdown report."""
     report = out / "report.md"
@@ -462,11 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir, tokenizer, args.output_dir / "tokenizer" / "tokenizer.model"
     )
     trained = continued_pretraining(args.output_dir, corpora)
+    plans = cluster_plans(args.output_dir)
     sections = [
         preprocess_section(blend, args.output_dir),
         tokenizer_section(expansion),
         model_section(grown),
         training_section(trained, args.output_dir),
+        cluster_section(plans),
     ]
     report = write_report(args.output_dir, time.perf_counter() - started, sections)
     stage("done")
