@@ -140,9 +140,14 @@ class RunPlan:
     flops_per_step: float
     checkpoint_gib: float
 
+    @property
+    def total_gib(self) -> float:
+        """Estimated memory per GPU: weights, gradients, optimizer state and activations."""
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
+
     def lines(self, config) -> list[str]:
         """Human-readable summary of the plan."""
-        total = self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
+        total = self.total_gib
         return [
             f"processes: {self.world_size} = TP {config.tensor_model_parallel_size} x PP "
             f"{config.pipeline_model_parallel_size} x DP {self.data_parallel_size}",
