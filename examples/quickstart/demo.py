@@ -44,10 +44,22 @@ def stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def run(cmd: list[str]) -> None:
-    """Run a ``megatron-ext`` command as a user types it (with this interpreter); fail loudly."""
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", "megatron_ext.cli", *cmd[1:]], check=True)
+def run(cmd: list[str], capture: bool = False) -> str | None:
+    """Run a ``megatron-ext`` command as a user types it (with this interpreter); fail loudly.
+
+    Returns:
+        With ``capture``, what the command printed (also shown); else None.
+    """
+    print("$ " + shlex.join(cmd), flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_ext.cli", *cmd[1:]],
+        check=True,
+        capture_output=capture,
+        text=True,
+    )
+    if capture:
+        print(done.stdout, end="")
+    return done.stdout
 
 
 def sample_data() -> tuple[Path, Path]:
@@ -454,14 +466,7 @@ def cluster_plans(out: Path) -> dict[str, str]:
             "--world-size", str(gpus), "--arch", name, "--pretrained-checkpoint", "",
             "--tokenizer-model", str(out / "tokenizer" / "tokenizer.model"),
         ]  # fmt: skip
-        print("$ " + shlex.join(cmd), flush=True)
-        plans[name] = subprocess.run(
-            [sys.executable, "-m", "megatron_ext.cli", *cmd[1:]],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        print(plans[name], end="")
+        plans[name] = run(cmd, capture=True)
     return plans
 
 

@@ -317,7 +317,7 @@ class TrainConfig:
             used += iters
             inherit = {
                 name: getattr(self, name) if getattr(stage, name) is None else getattr(stage, name)
-                for name in SCHEDULE_SETTINGS[1:] + ("weight_decay",)
+                for name in STAGE_INHERITED
             }
             out.append(dataclasses.replace(stage, train_iters=iters, **inherit))
         return out
@@ -540,7 +540,7 @@ class TrainConfig:
                 )
 
     def _check_wsd(self, stage: StageConfig) -> None:
-        """A WSD stage's anneal fits after its warm-up."""
+        """The stage's anneal style is known; a WSD stage's anneal is set and fits its length."""
         where = f"stage {stage.name!r}" if self.stages else "--lr-decay-style WSD"
         if stage.lr_wsd_decay_style not in LR_WSD_DECAY_STYLES:
             raise ConfigError(
@@ -602,8 +602,7 @@ class TrainConfig:
                         "recomputes the --recompute-modules of every layer"
                     )
             modules = list(self.recompute_modules or ["core_attn"])
-            unknown = sorted(set(modules) - set(RECOMPUTE_MODULES))
-            if unknown or not modules:
+            if not set(modules) <= set(RECOMPUTE_MODULES):
                 raise ConfigError(
                     f"--recompute-modules {' '.join(modules)}: choose from "
                     f"{', '.join(RECOMPUTE_MODULES)}"
@@ -830,6 +829,8 @@ SCHEDULE_SETTINGS = (
     "lr_wsd_decay_iters",
     "lr_wsd_decay_style",
 )
+# What a stage leaves out it takes from the run: its schedule (but its length) and weight decay.
+STAGE_INHERITED = (*(name for name in SCHEDULE_SETTINGS if name != "train_iters"), "weight_decay")
 
 
 def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
