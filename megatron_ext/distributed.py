@@ -5,10 +5,12 @@ calls a few CUDA-only functions, so :func:`install_cpu_shims` replaces exactly t
 on machines with a GPU): ``torch.cuda.current_device`` returns ``"cpu"`` (megatron-core passes it
 as a ``device=`` argument), ``torch.cuda.synchronize`` does nothing (dist_checkpointing's writer
 calls it), ``device="cuda"`` allocations inside a few megatron-core modules (causal masks,
-pipeline schedules, optimizers) go to the CPU, megatron-core's CUDA RNG tracker is replaced by
-:class:`CpuRNGStatesTracker`, which forks the CPU generator so that dropout stays reproducible
-and its state checkpointable, and activation recomputation's save/restore of the CUDA generator
-does nothing (it saves the CPU generator as well).
+pipeline schedules, optimizers) go to the CPU, a parameter asked for its type name gives the CUDA
+one (megatron-core's mixed-precision and distributed optimizers accept parameters by that name),
+megatron-core's CUDA RNG tracker is replaced by :class:`CpuRNGStatesTracker`, which forks the CPU
+generator so that dropout stays reproducible and its state checkpointable, and activation
+recomputation's save/restore of the CUDA generator does nothing (it saves the CPU generator as
+well).
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ _CUDA_ALLOCATING_MODULES = (
 )
 
 
+def _type_named_as_on_cuda(self: torch.nn.Parameter, dtype=None, non_blocking=False, **kwargs):
+    # megatron-core's mixed-precision and distributed optimizers accept parameters by type name
+    # ("torch.cuda.BFloat16Tensor"); asked for its name, a CPU parameter gives the CUDA one.
+    if dtype is None and not kwargs:
+        return torch.Tensor.type(self).replace("torch.", "torch.cuda.", 1)
+    return torch.Tensor.type(self, dtype, non_blocking, **kwargs)
+
+
 def install_cpu_shims() -> None:
     """Make megatron-core's CUDA-only calls work on a machine without a GPU (idempotent).
 
@@ -109,6 +119,7 @@ def install_cpu_shims() -> None:
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     for module_name in _CUDA_ALLOCATING_MODULES:
         importlib.import_module(module_name).torch = _CpuDeviceTorch()
+    torch.nn.Parameter.type = _type_named_as_on_cuda
     if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         _cpu_initialize_rng_tracker(force_reset=True)
 

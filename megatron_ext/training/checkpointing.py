@@ -41,6 +41,7 @@ from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint.convert import (
     DIST_CHECKPOINT_ERRORS,
@@ -202,12 +203,70 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def optimizer_format(distributed: bool) -> str:
+    """How a run's optimizer state is laid out in its checkpoints.
+
+    ``replicated``: the regular optimizer's state, a tensor per parameter and state, resharded on
+    load like the model. ``dp_reshardable``: megatron-core's distributed optimizer writes each
+    rank's shard of its flat buffers as it is, without communication (Megatron-LM's default);
+    it loads at another data-parallel size only. (megatron-core 0.16's gathered
+    ``fully_reshardable`` format cannot be loaded into torch's Adam: a ``step`` KeyError.)
+    """
+    return "dp_reshardable" if distributed else "replicated"
+
+
+def _fill_fresh_optimizer_state(optimizer) -> None:
+    """Give an optimizer that has not stepped yet the state a step would create (all zero).
+
+    megatron-core's distributed optimizer, over torch's Adam (no apex or TE), takes its step count
+    from the Adam state, which is empty until the first update: saving or loading through a
+    fresh one (a run resuming, a new stage) fails on an assertion. Zero moments at step 0 are
+    what Adam starts from anyway.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner.init_state_fn(inner.optimizer, inner.config)
+        for param_state in inner.optimizer.state.values():
+            param_state.setdefault("step", torch.tensor(0.0))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set each parameter's torch Adam step from its group's, as the checkpoint recorded it.
+
+    Without apex or TE, megatron-core's distributed optimizer saves torch Adam's per-parameter
+    step counters as one ``step`` per parameter group. Its load leaves the counters at the fresh
+    optimizer's value, or makes every parameter share one tensor that Adam then increments once
+    per parameter: either way the bias correction after a resume would not be the saved run's.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        for group in inner.optimizer.param_groups:
+            # apex/TE's Adam counts in the group alone: its parameters' states have no step.
+            for param in group["params"] if "step" in group else []:
+                if "step" in inner.optimizer.state.get(param, {}):
+                    inner.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
 def _sharded_state(
-    model_state: dict[str, Any], optimizer, is_loading: bool, with_rng: bool
+    model_state: dict[str, Any],
+    optimizer,
+    optimizer_format: str | None,
+    is_loading: bool,
+    with_rng: bool,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        _fill_fresh_optimizer_state(optimizer)
+        # megatron-core's default for the distributed optimizer, "fully_sharded_model_space",
+        # can no longer be written (its ShardedTensors use flattened_range, which 0.16 refuses).
+        metadata = (
+            None
+            if optimizer_format == "replicated"
+            else {"distrib_optim_sharding_type": optimizer_format}
+        )
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata=metadata
+        )
     if with_rng:
         state["rng_state"] = _rng_object(_rng_state())
     return state
@@ -234,11 +293,19 @@ class CheckpointWriter:
         save: The checkpoint root.
         keep_last: Delete all but the newest ``keep_last`` checkpoints (0: keep all).
         async_save: Write in the background.
+        optimizer_format: The optimizer state's layout (see :func:`optimizer_format`).
     """
 
-    def __init__(self, save: str | os.PathLike, keep_last: int = 0, async_save: bool = False):
+    def __init__(
+        self,
+        save: str | os.PathLike,
+        keep_last: int = 0,
+        async_save: bool = False,
+        optimizer_format: str = "replicated",
+    ):
         self.save_dir = Path(save)
         self.keep_last = keep_last
+        self.optimizer_format = optimizer_format
         self._queue = AsyncCallsQueue() if async_save else None
         self._in_flight: Path | None = None  # the staging directory of a background save
 
@@ -274,9 +341,12 @@ class CheckpointWriter:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         dist.barrier()
-        sharded = _sharded_state(model.sharded_state_dict(), optimizer, False, True)
+        sharded = _sharded_state(
+            model.sharded_state_dict(), optimizer, self.optimizer_format, False, True
+        )
+        train_state = {**train_state, "optimizer_format": self.optimizer_format}
         publish = functools.partial(
-            self._publish, staging, final, iteration, dict(train_state), dict(metadata)
+            self._publish, staging, final, iteration, train_state, dict(metadata)
         )
         try:
             request = dist_checkpointing.save(
@@ -418,15 +488,63 @@ def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / TRAIN_STATE).read_text(encoding="utf-8"))
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]:
+def _saved_optimizer_format(path: Path, train_state: dict[str, Any], distributed: bool) -> str:
+    """The format to read the checkpoint's optimizer state in, if this run's optimizer can.
+
+    Refused here is what megatron-core would fail on deep inside, or misread.
+    """
+    saved = train_state.get("optimizer_format", "replicated")
+    way_out = (
+        "resume with the settings it was saved with, or pass --no-load-optim to restore the "
+        "weights and start the optimizer state afresh"
+    )
+    if (saved != "replicated") != distributed:
+        current = "distributed" if distributed else "replicated"
+        raise CheckpointLoadError(
+            f"{path}: its optimizer state is {saved}, this run's optimizer is {current} "
+            f"(--use-distributed-optimizer): {way_out}"
+        )
+    here = _layout()
+    saved_at = train_state.get("layout", {})
+    model_parallel = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    if saved == "dp_reshardable" and any(saved_at.get(k) != here[k] for k in model_parallel):
+        raise CheckpointLoadError(
+            f"{path}: its distributed-optimizer state was saved dp_reshardable at TP="
+            f"{saved_at.get(model_parallel[0])} PP={saved_at.get(model_parallel[1])}, which loads "
+            f"at another data-parallel size only (this run: TP={here[model_parallel[0]]} "
+            f"PP={here[model_parallel[1]]}): {way_out}"
+        )
+    return saved
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model, optimizer, distributed_optimizer: bool = False
+) -> dict[str, Any]:
     """Restore model, optimizer (None: weights only) and, if the layout matches, RNG states.
+
+    Args:
+        path: The checkpoint directory.
+        model: This rank's (unwrapped) model chunk.
+        optimizer: The megatron-core optimizer to restore, or None.
+        distributed_optimizer: Whether ``optimizer`` is megatron-core's distributed one.
 
     Returns:
         The checkpoint's train state.
+
+    Raises:
+        CheckpointLoadError: The checkpoint cannot be read, or its optimizer state not into
+            ``optimizer`` (the other kind, or ``dp_reshardable`` at another TP/PP size).
     """
     train_state = read_train_state(path)
     same_layout = train_state.get("layout") == _layout()
-    sharded = _sharded_state(model_sharded_state(model), optimizer, True, same_layout)
+    optimizer_format = (
+        None
+        if optimizer is None
+        else _saved_optimizer_format(Path(path), train_state, distributed_optimizer)
+    )
+    sharded = _sharded_state(
+        model_sharded_state(model), optimizer, optimizer_format, True, same_layout
+    )
     try:
         state = load_dist_checkpoint(sharded, path)
     except CheckpointError as err:
@@ -441,7 +559,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict[str, Any]
         raise CheckpointLoadError(f"{err}{hint}") from err
     apply_model_state(model, state["model"], path)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        # fp32 runs: the distributed optimizer's main weights are views of the parameters.
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer)
     if same_layout:
         _set_rng_state(state["rng_state"])
     else:

@@ -155,8 +155,8 @@ class TrainConfig:
         tensor_model_parallel_size: TP size.
         pipeline_model_parallel_size: PP size.
         sequence_parallel: Megatron sequence parallelism (needs TP > 1).
-        use_distributed_optimizer: Shard optimizer state over data-parallel ranks (on GPUs;
-            megatron-core 0.16 accepts only CUDA tensors there, so CPU runs replicate it).
+        use_distributed_optimizer: Shard the optimizer state (fp32 main weights, Adam moments)
+            over the data-parallel ranks (megatron-core's ``DistributedOptimizer``).
         overlap_grad_reduce: Start each gradient bucket's data-parallel reduction as soon as
             the last micro-batch's backward pass has produced it, overlapping it with the rest
             of the backward pass (megatron-core's DDP); off: one reduction after backward.
@@ -202,6 +202,9 @@ class TrainConfig:
         eval_at_start: Also validate before the first step (the starting point's loss and bpc).
         save: Checkpoint directory (also where ``metrics.jsonl`` goes).
         load: Checkpoint directory to resume from (usually the same as ``save``).
+        no_load_optim: Resume the weights, position and schedule but start the optimizer state
+            afresh (Megatron-LM's flag; e.g. to change TP/PP under the distributed optimizer,
+            whose saved state loads at another data-parallel size only).
         save_interval: Iterations between checkpoints (0: only at the end and on SIGTERM).
         keep_last_checkpoints: Older checkpoints are deleted (0: keep all).
         force: Let ``save`` name a directory that holds another run's checkpoints (a run not
@@ -273,6 +276,7 @@ class TrainConfig:
     eval_at_start: bool = False
     save: str | None = None
     load: str | None = None
+    no_load_optim: bool = False
     save_interval: int = 0
     keep_last_checkpoints: int = 2
     force: bool = False

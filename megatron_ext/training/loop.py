@@ -200,11 +200,6 @@ class Trainer:
         distributed.init(
             config.tensor_model_parallel_size, config.pipeline_model_parallel_size, seed=config.seed
         )
-        if config.bf16 and not torch.cuda.is_available():
-            raise ConfigError(
-                "--bf16 needs a GPU: megatron-core's mixed-precision optimizer accepts only CUDA "
-                "tensors (CPU runs train in fp32)"
-            )
         self.device = training_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -232,7 +227,10 @@ class Trainer:
                 )
         self.checkpoints = (
             checkpointing.CheckpointWriter(
-                config.save, config.keep_last_checkpoints, config.async_save
+                config.save,
+                config.keep_last_checkpoints,
+                config.async_save,
+                checkpointing.optimizer_format(config.use_distributed_optimizer),
             )
             if config.save
             else None
@@ -394,14 +392,19 @@ class Trainer:
                 run = build_stage(config, self.plan, stage, module)
                 # Mid-stage, the optimizer and schedule continue; a new stage starts them afresh.
                 continuing = resuming and state.stage_iteration > 0
+                load_optimizer = continuing and not config.no_load_optim
                 if resuming:
                     checkpointing.load_checkpoint(
-                        self.resume, module, run.optimizer if continuing else None
+                        self.resume,
+                        module,
+                        run.optimizer if load_optimizer else None,
+                        config.use_distributed_optimizer,
                     )
+                if not load_optimizer:
+                    run.optimizer.reload_model_params()  # its fp32 main weights from the model's
                 if continuing:
                     run.scheduler.step(state.scheduler_steps - run.scheduler.num_steps)
                 else:
-                    run.optimizer.reload_model_params()
                     state.scheduler_steps = run.scheduler.num_steps
                 resuming = False
                 self._log_rank0(

@@ -174,8 +174,9 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     busiest stage's layers, times the micro-batches 1F1B keeps in flight (PP of them on the first
     stage); with full recomputation, each recomputed group keeps only its input, and one group's
     activations come back during backward. The fused loss adds no ``[tokens, vocab]`` logits.
-    A checkpoint holds each parameter's weight and optimizer state once, its writes spread over
-    all processes.
+    A checkpoint holds each parameter's weight and optimizer state once (the distributed
+    optimizer's fp32 main weights even where they are the weights), its writes spread over all
+    processes.
     """
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
@@ -192,6 +193,9 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     gib = 1024**3
     optimizer_bytes = 12 if config.bf16 else 8
     optimizer_shards = dp if config.use_distributed_optimizer else 1
+    # Every parameter once: weights, fp32 main weights and Adam's two moments. The distributed
+    # optimizer saves main weights in fp32 runs too, where they are the parameters themselves.
+    checkpoint_optimizer_bytes = 12 if config.bf16 or config.use_distributed_optimizer else 8
     s = config.seq_length
     micro_batches = config.global_batch_size // (config.micro_batch_size * dp)
     in_flight = min(pp, micro_batches)
@@ -210,6 +214,5 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
         optimizer_gib=per_gpu * optimizer_bytes / optimizer_shards / gib,
         activations_gib=activations / gib,
         flops_per_step=training_flops_per_token(arch, padded_vocab_size, s) * tokens,
-        # Every parameter once: weights, and fp32 main weights (bf16) and Adam's two moments.
-        checkpoint_gib=total * (bytes_param + optimizer_bytes) / gib,
+        checkpoint_gib=total * (bytes_param + checkpoint_optimizer_bytes) / gib,
     )

@@ -26,15 +26,6 @@ EMBEDDING_WEIGHT = "embedding.word_embeddings.weight"
 OUTPUT_WEIGHT = "output_layer.weight"
 
 
-def use_distributed_optimizer(config: TrainConfig) -> bool:
-    """The distributed optimizer if asked for and on a GPU.
-
-    megatron-core's ``DistributedOptimizer`` accepts only ``torch.cuda.*Tensor`` parameters, so a
-    CPU run keeps a full optimizer state on every data-parallel rank instead (same updates).
-    """
-    return config.use_distributed_optimizer and torch.cuda.is_available()
-
-
 def _trainable(name: str, stage: StageConfig) -> bool:
     return stage.trainable == "all" or name in (EMBEDDING_WEIGHT, OUTPUT_WEIGHT)
 
@@ -103,7 +94,7 @@ def build_stage(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=config.overlap_grad_reduce,
         bucket_size=config.ddp_bucket_size,
-        use_distributed_optimizer=use_distributed_optimizer(config),
+        use_distributed_optimizer=config.use_distributed_optimizer,
     )
     model = DistributedDataParallel(module.config, ddp_config, module)
     # As Megatron-LM does: with overlap, only the last micro-batch of a step starts reductions.
@@ -120,7 +111,7 @@ def build_stage(
             clip_grad=0.0,  # clipped in optimizer_step, after the non-finite check
             bf16=config.bf16,
             params_dtype=plan.dtype,
-            use_distributed_optimizer=use_distributed_optimizer(config),
+            use_distributed_optimizer=config.use_distributed_optimizer,
         ),
         [model],
     )

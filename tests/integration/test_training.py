@@ -59,10 +59,9 @@ def write_config(directory: Path, tokenizer: Path, data: dict[str, str], **setti
     return path
 
 
-# bf16 runs need a GPU (megatron-core's mixed-precision optimizer takes CUDA tensors only); on
-# one they also exercise the distributed optimizer and its checkpoints.
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU")
-PRECISIONS = [pytest.param([], id="fp32"), pytest.param(["--bf16"], id="bf16", marks=GPU_ONLY)]
+# Both run through the distributed optimizer (the default) and its checkpoints; bf16 through
+# megatron-core's mixed-precision path (fp32 main weights), on a CPU as on a GPU.
+PRECISIONS = [pytest.param([], id="fp32"), pytest.param(["--bf16"], id="bf16")]
 
 
 def _train(rank, world_size, config_path, overrides):
@@ -90,7 +89,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.
     [
         *PRECISIONS,
         # The distributed optimizer's reduce-scatter started during backward, stage by stage.
-        pytest.param(["--bf16", "--overlap-grad-reduce"], id="bf16-overlap", marks=GPU_ONLY),
+        pytest.param(["--bf16", "--overlap-grad-reduce"], id="bf16-overlap"),
     ],
 )
 def test_tiny_config_trains_and_reports_per_language(
@@ -172,7 +171,8 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         (2, ["--tensor-model-parallel-size", "2"]),
         (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
         (2, ["--pipeline-model-parallel-size", "2"]),
-        (2, []),  # data parallel
+        (2, []),  # data parallel, the optimizer state sharded over the two
+        (2, ["--use-distributed-optimizer", "false"]),  # each replica with all of it
         # Two micro-batches per rank, the output layer's gradient in a bucket of its own.
         (2, ["--overlap-grad-reduce", "--ddp-bucket-size", "20000", "--micro-batch-size", "1"]),
         (1, ["--kernels", "megatron"]),
@@ -194,6 +194,7 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         "tp2-sp",
         "pp2",
         "dp2",
+        "dp2-replicated-optimizer",
         "dp2-overlap",
         "megatron-kernels",
         "recompute-full",
@@ -437,8 +438,9 @@ def test_data_parallel_ranks_share_the_checkpoint_writes(tmp_path, small_tokeniz
     # Weights are replicated over data-parallel ranks: megatron-core alone has rank 0 write
     # them all (rank 1 wrote 0.02 % of the bytes in a trial); here each writes a share.
     assert min(written) > 0.4 * sum(written), written
-    # --dry-run's estimate of a checkpoint's size (fp32: weights and Adam's two moments). The
-    # files add a few KB per tensor (3.6 % of this 0.3 M-parameter model; nothing at scale).
+    # --dry-run's estimate of a checkpoint's size (fp32: weights, and the distributed optimizer's
+    # main weights and Adam's two moments). The files add a few KB per tensor (3 % of this
+    # 0.35 M-parameter model; nothing at scale).
     from megatron_ext.training.config import load_config
     from megatron_ext.training.model import resolve_arch
     from megatron_ext.training.plan import plan_run
@@ -749,18 +751,45 @@ def test_held_out_datasets_are_validated_whole_and_reported(
     assert all(e["tokens"] == 4 * 64 and math.isfinite(e["bpc"]) for e in valid)
 
 
-def test_resume_at_another_tensor_parallel_size(tmp_path, small_tokenizer, training_data):
+def test_resume_at_another_layout_as_the_optimizer_format_allows(
+    tmp_path, small_tokenizer, training_data
+):
+    """Three iterations at TP=2 or DP=2, the rest at TP=1, against a TP=1 run throughout."""
     # A constant learning rate: the schedule does not depend on the run's length.
     config = write_config(tmp_path, small_tokenizer, training_data, lr_decay_style="constant",
                           lr_warmup_iters=0)  # fmt: skip
-    tp2 = ["--tensor-model-parallel-size", "2"]
-    whole = run_ranks(_train, 2, config, [*tp2, "--save", str(tmp_path / "a")])[-1]
-    run_dir = str(tmp_path / "b")
-    first = run_ranks(_train, 2, config, [*tp2, "--save", run_dir, "--train-iters", "3"])[-1]
-    # The resumed run continues from iteration 3 with the optimizer state saved at TP=2.
-    rest = run_ranks(_train, 1, config, ["--save", run_dir, "--load", run_dir])[0]
-    assert first == whole[:3]
-    assert rest == pytest.approx(whole[3:], rel=2e-4)
+    whole = run_ranks(_train, 1, config, ["--save", str(tmp_path / "whole")])[0]
+
+    def first_three(name: str, *flags: str) -> list[str]:
+        run_dir = str(tmp_path / name)
+        first = run_ranks(_train, 2, config, [*flags, "--save", run_dir, "--train-iters", "3"])
+        assert first[-1] == pytest.approx(whole[:3], rel=2e-4)
+        return ["--save", run_dir, "--load", run_dir]
+
+    def rest(resume: list[str]) -> list[float]:
+        return run_ranks(_train, 1, config, resume)[0]
+
+    # The distributed optimizer's shards as they are: another data-parallel size only.
+    assert rest(first_three("dp2")) == pytest.approx(whole[3:], rel=2e-4)
+    resume = first_three("tp2", "--tensor-model-parallel-size", "2")
+    refusal = (
+        r"its distributed-optimizer state was saved dp_reshardable at TP=2 PP=1, which loads at "
+        r"another data-parallel size only \(this run: TP=1 PP=1\): .* --no-load-optim"
+    )
+    with pytest.raises(AssertionError, match=refusal):
+        rest(resume)
+    # The weights, position and schedule continue; Adam starts afresh, so the losses differ.
+    fresh_adam = rest([*resume, "--no-load-optim"])
+    assert len(fresh_adam) == len(whole) - 3
+    assert fresh_adam[0] == pytest.approx(whole[3], rel=2e-4)  # the loaded weights' loss
+    assert fresh_adam[1:] != pytest.approx(whole[4:], rel=2e-4)
+    # The regular optimizer's state, a tensor per parameter: any layout, but not into the
+    # distributed optimizer.
+    replicated = ["--use-distributed-optimizer", "false"]
+    resume = first_three("tp2-replicated", "--tensor-model-parallel-size", "2", *replicated)
+    with pytest.raises(AssertionError, match="its optimizer state is replicated, this run's optim"):
+        rest(resume)
+    assert rest([*resume, *replicated]) == pytest.approx(whole[3:], rel=2e-4)
 
 
 def _blend_counts(rank, world_size, config_path, samples):
