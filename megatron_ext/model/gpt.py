@@ -157,11 +157,11 @@ class LlamaGPTModel(GPTModel):
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False, group=self.output_layer.tp_group
             )
-        weight = (
-            self.shared_embedding_or_output_weight()
-            if self.share_embeddings_and_output_weights
-            else self.output_layer.weight
-        )
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            _run_forward_pre_hooks(self.output_layer, hidden_states)
+            weight = self.output_layer.weight
         return fused_linear_cross_entropy(
             hidden_states.transpose(0, 1),
             weight,
@@ -178,6 +178,20 @@ class LlamaGPTModel(GPTModel):
             if not isinstance(embedding, FusedVocabParallelEmbedding):
                 raise ValueError("trainable rows need the fused embedding (kernels: fused)")
             embedding.trainable_rows = rows
+
+
+def _run_forward_pre_hooks(module: torch.nn.Module, *args: torch.Tensor) -> None:
+    """Run ``module``'s forward pre-hooks as calling it would, for a use of its weight alone.
+
+    The fused loss reads the output layer's weight without calling the layer. Hooks that must
+    run before that weight is used still do: megatron-core DDP's, which under
+    ``overlap_param_gather`` waits for the weight's all-gather (and starts the next bucket's).
+    """
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, args, {})
+        else:
+            hook(module, args)
 
 
 def _fused_embedding(original, config) -> FusedVocabParallelEmbedding:

@@ -160,6 +160,10 @@ class TrainConfig:
         overlap_grad_reduce: Start each gradient bucket's data-parallel reduction as soon as
             the last micro-batch's backward pass has produced it, overlapping it with the rest
             of the backward pass (megatron-core's DDP); off: one reduction after backward.
+        overlap_param_gather: With the distributed optimizer, gather the updated weights bucket
+            by bucket during the next forward pass instead of all at once after the optimizer
+            step (megatron-core's forward pre-hooks; needs ``overlap_grad_reduce``, as in
+            Megatron-LM).
         ddp_bucket_size: Parameters per gradient bucket under ``overlap_grad_reduce`` (None:
             megatron-core's default, max(40M, 1M x data-parallel size)).
         micro_batch_size: Sequences per micro-batch per data-parallel rank.
@@ -245,6 +249,7 @@ class TrainConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
     ddp_bucket_size: int | None = None
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -489,6 +494,13 @@ class TrainConfig:
             raise ConfigError(
                 f"--sequence-parallel splits the sequence over {tp} tensor-parallel ranks: "
                 f"--seq-length {self.seq_length} is not a multiple of {tp}"
+            )
+        if self.overlap_param_gather and not (
+            self.use_distributed_optimizer and self.overlap_grad_reduce
+        ):
+            raise ConfigError(
+                "--overlap-param-gather needs --use-distributed-optimizer and "
+                "--overlap-grad-reduce (as in Megatron-LM)"
             )
         if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
             raise ConfigError(

@@ -329,6 +329,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, run: StageRun) -> dict[str, dict[str, float]]:
         """Loss and bits per character of each validation set (on the last stage only)."""
+        run.gather_params()
         run.model.eval()
         results = {}
         for name, dataset in self.datasets.valid.items():
@@ -382,6 +383,7 @@ class Trainer:
                 state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:
+                    run.gather_params()
                     weights = run.module.state_dict()
                     # Free the finished stage's gradient buffers and optimizer state before the
                     # next stage's model exists; its weights live on in ``weights``.
@@ -554,6 +556,7 @@ class Trainer:
         )
 
     def _save(self, run: StageRun, state: LoopState) -> Path:
+        run.gather_params()
         train_state = {**asdict(state), "config": config_dict(self.config)}
         path = self.checkpoints.save(
             state.iteration, run.module, run.optimizer, train_state, self.metadata()

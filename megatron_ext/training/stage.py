@@ -69,6 +69,18 @@ class StageRun:
     optimizer: Any
     scheduler: OptimizerParamScheduler
 
+    def gather_params(self) -> None:
+        """Bring every weight on this rank up to date before it is read outside training.
+
+        With ``overlap_param_gather`` an optimizer step updates only this rank's shard; the
+        others arrive bucket by bucket in the next training forward pass (megatron-core's
+        forward pre-hooks, re-armed by ``zero_grad_buffer``). Validation, a checkpoint or a
+        new stage would otherwise read the previous step's weights (as Megatron-LM, which
+        syncs before each).
+        """
+        if self.model.use_forward_hook:
+            self.model.start_param_sync(force_sync=True)
+
 
 def build_stage(
     config: TrainConfig, plan: ModelPlan, stage: StageConfig, module: LlamaGPTModel
@@ -93,6 +105,7 @@ def build_stage(
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=config.overlap_grad_reduce,
+        overlap_param_gather=config.overlap_param_gather,
         bucket_size=config.ddp_bucket_size,
         use_distributed_optimizer=config.use_distributed_optimizer,
     )

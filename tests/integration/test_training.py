@@ -175,6 +175,9 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         (2, ["--use-distributed-optimizer", "false"]),  # each replica with all of it
         # Two micro-batches per rank, the output layer's gradient in a bucket of its own.
         (2, ["--overlap-grad-reduce", "--ddp-bucket-size", "20000", "--micro-batch-size", "1"]),
+        # The updated weights gathered bucket by bucket in the next forward pass; validation and
+        # the checkpoint read them before any.
+        (2, ["--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "20000"]),
         (1, ["--kernels", "megatron"]),
         # The first of the two layers recomputed whole, the other not; then attention and the
         # MLP of both.
@@ -196,6 +199,7 @@ def layout_reference(tmp_path_factory, small_tokenizer, training_data):
         "dp2",
         "dp2-replicated-optimizer",
         "dp2-overlap",
+        "dp2-overlap-param-gather",
         "megatron-kernels",
         "recompute-full",
         "recompute-selective",
@@ -502,10 +506,12 @@ VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
         (1, ["--kernels", "megatron"]),
         # Reductions start during backward: the frozen rows must be zeroed after they end.
         (2, ["--overlap-grad-reduce", "--micro-batch-size", "1"]),
+        # The next stage's model is built from weights gathered first.
+        (2, ["--overlap-grad-reduce", "--overlap-param-gather"]),
         # The padded 2,048 rows split in two: the new rows (from 1,500) start inside shard 1.
         (2, ["--tensor-model-parallel-size", "2"]),
     ],
-    ids=["fused", "megatron", "dp2-overlap", "tp2"],
+    ids=["fused", "megatron", "dp2-overlap", "dp2-overlap-param-gather", "tp2"],
 )
 def test_embedding_stage_changes_only_new_rows(
     tmp_path, small_tokenizer, training_data, world_size, overrides

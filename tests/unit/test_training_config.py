@@ -253,6 +253,12 @@ def test_validate_checks_batch_and_layout():
         load_config(None, [*REQUIRED, *sequence_parallel, "--seq-length", "127"]).validate(2)
     with pytest.raises(ConfigError, match="--ddp-bucket-size needs --overlap-grad-reduce"):
         load_config(None, [*REQUIRED, "--ddp-bucket-size", "1000000"]).validate(1)
+    for flags in (
+        ["--overlap-param-gather"],
+        ["--overlap-param-gather", "--overlap-grad-reduce", "--use-distributed-optimizer", "false"],
+    ):
+        with pytest.raises(ConfigError, match="--overlap-param-gather needs --use-distributed-opt"):
+            load_config(None, [*REQUIRED, *flags]).validate(1)
     with pytest.raises(ConfigError, match="--ddp-bucket-size must be at least 1, got 0"):
         overlap = ["--overlap-grad-reduce", "--ddp-bucket-size", "0"]
         load_config(None, [*REQUIRED, *overlap]).validate(1)
