@@ -404,6 +404,11 @@ class Trainer:
                     )
                 if not load_optimizer:
                     run.optimizer.reload_model_params()  # its fp32 main weights from the model's
+                if continuing and config.no_load_optim:
+                    self._log_rank0(
+                        f"warning: --no-load-optim: {self.resume.name}'s optimizer state is not "
+                        "loaded, Adam's moments start afresh (leave the flag out of later resumes)"
+                    )
                 if continuing:
                     run.scheduler.step(state.scheduler_steps - run.scheduler.num_steps)
                 else:
