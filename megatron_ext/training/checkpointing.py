@@ -215,6 +215,11 @@ def optimizer_format(distributed: bool) -> str:
     return "dp_reshardable" if distributed else "replicated"
 
 
+def _inner_optimizers(optimizer) -> list:
+    """The optimizers a megatron-core ``ChainedOptimizer`` chains (or ``optimizer`` alone)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _fill_fresh_optimizer_state(optimizer) -> None:
     """Give an optimizer that has not stepped yet the state a step would create (all zero).
 
@@ -223,7 +228,7 @@ def _fill_fresh_optimizer_state(optimizer) -> None:
     fresh one (a run resuming, a new stage) fails on an assertion. Zero moments at step 0 are
     what Adam starts from anyway.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         inner.init_state_fn(inner.optimizer, inner.config)
         for param_state in inner.optimizer.state.values():
             param_state.setdefault("step", torch.tensor(0.0))
@@ -237,7 +242,7 @@ def _restore_adam_steps(optimizer) -> None:
     optimizer's value, or makes every parameter share one tensor that Adam then increments once
     per parameter: either way the bias correction after a resume would not be the saved run's.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         if not isinstance(inner, DistributedOptimizer):
             continue
         for group in inner.optimizer.param_groups:
