@@ -767,6 +767,21 @@ def test_held_out_datasets_are_validated_whole_and_reported(
     assert all(e["tokens"] == 4 * 64 and math.isfinite(e["bpc"]) for e in valid)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_resume_with_the_optimizer_sharded_over_data_parallel_ranks_is_bitwise(
+    tmp_path, small_tokenizer, training_data, precision
+):
+    """The kill -9 test runs at DP=1, where each rank's optimizer shard is the whole state."""
+    config = write_config(tmp_path, small_tokenizer, training_data, save_interval=3)
+    run = tmp_path / "run"
+    dp2 = [*precision, "--save", str(run), "--load", str(run)]
+    whole = run_ranks(_train, 2, config, dp2, tensor_model_parallel_size=1)
+    assert whole[0] == whole[1]  # every rank reports the data-parallel mean
+    (run / "latest_checkpointed_iteration.txt").write_text("3\n")
+    resumed = run_ranks(_train, 2, config, dp2, tensor_model_parallel_size=1)
+    assert resumed[0] == whole[0][3:]
+
+
 def test_resume_at_another_layout_as_the_optimizer_format_allows(
     tmp_path, small_tokenizer, training_data
 ):
