@@ -14,19 +14,22 @@ and only then does the ``latest`` pointer (replaced atomically) name it; a job k
 moment leaves either the previous checkpoint as latest or the new one complete, and its
 half-written temporary directory is removed by the next save. A checkpoint being deleted (pruned,
 or replaced by a new one of its iteration) is first renamed to ``iter_XXXXXXX.deleting``, so no
-half-deleted one is left under a checkpoint's name either. Model and optimizer state are
-resharded on load, so a run saved at TP=2 resumes at TP=1; the per-rank RNG states are restored
-only when the parallel layout is unchanged.
+half-deleted one is left under a checkpoint's name either. The model state is resharded
+on load, so a run saved at TP=2 resumes at TP=1, and so is the optimizer state as its format
+allows (:func:`optimizer_format`); the per-rank RNG states are restored only when the parallel
+layout is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,16 +206,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def optimizer_format(distributed: bool) -> str:
+def optimizer_format(distributed: bool, fully_reshardable: bool = False) -> str:
     """How a run's optimizer state is laid out in its checkpoints.
 
     ``replicated``: the regular optimizer's state, a tensor per parameter and state, resharded on
     load like the model. ``dp_reshardable``: megatron-core's distributed optimizer writes each
     rank's shard of its flat buffers as it is, without communication (Megatron-LM's default);
-    it loads at another data-parallel size only. (megatron-core 0.16's gathered
-    ``fully_reshardable`` format cannot be loaded into torch's Adam: a ``step`` KeyError.)
+    it loads at another data-parallel size only. ``fully_reshardable`` (Megatron-LM's
+    ``--dist-ckpt-optim-fully-reshardable``): each save gathers the distributed optimizer's
+    shards over the data-parallel ranks into host memory and writes them a tensor per parameter,
+    like the regular optimizer's; it loads at any TP, PP and data-parallel size.
     """
-    return "dp_reshardable" if distributed else "replicated"
+    if not distributed:
+        return "replicated"
+    return "fully_reshardable" if fully_reshardable else "dp_reshardable"
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -252,12 +259,42 @@ def _restore_adam_steps(optimizer) -> None:
                     inner.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
+@contextlib.contextmanager
+def _keeping_torch_adam_steps(optimizer, optimizer_format: str) -> Iterator[None]:
+    """Let megatron-core load a ``fully_reshardable`` optimizer state into torch's Adam.
+
+    megatron-core 0.16 copies every entry of each parameter's Adam state from the checkpoint,
+    which keeps the step per parameter group, not per parameter as torch's Adam (no apex or TE)
+    does: a ``step`` KeyError. Here each parameter's own step is handed back unchanged;
+    :func:`_restore_adam_steps` then sets it from the group's.
+    """
+    patched = [
+        inner
+        for inner in _inner_optimizers(optimizer)
+        if optimizer_format == "fully_reshardable" and isinstance(inner, DistributedOptimizer)
+    ]
+    for inner in patched:
+        set_states = inner._set_main_param_and_optimizer_states
+
+        def set_states_keeping_step(model_param, tensors, inner=inner, set_states=set_states):
+            own = inner._get_main_param_and_optimizer_states(model_param)
+            set_states(model_param, {"step": own["step"], **tensors} if "step" in own else tensors)
+
+        inner._set_main_param_and_optimizer_states = set_states_keeping_step
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # the class's method again
+
+
 def _sharded_state(
     model_state: dict[str, Any],
     optimizer,
     optimizer_format: str | None,
     is_loading: bool,
     with_rng: bool,
+    gather_on_one_rank: bool = False,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
@@ -267,7 +304,13 @@ def _sharded_state(
         metadata = (
             None
             if optimizer_format == "replicated"
-            else {"distrib_optim_sharding_type": optimizer_format}
+            else {
+                "distrib_optim_sharding_type": optimizer_format,
+                # fully_reshardable: gather on the first data-parallel rank alone, over gloo,
+                # rather than on every rank over NCCL (which needs CUDA).
+                "distrib_optim_fully_reshardable_mem_efficient": gather_on_one_rank
+                or not torch.cuda.is_available(),
+            }
         )
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata
@@ -299,6 +342,9 @@ class CheckpointWriter:
         keep_last: Delete all but the newest ``keep_last`` checkpoints (0: keep all).
         async_save: Write in the background.
         optimizer_format: The optimizer state's layout (see :func:`optimizer_format`).
+        gather_on_one_rank: ``fully_reshardable``: gather the optimizer state on the first
+            data-parallel rank alone (Megatron-LM's
+            ``--distrib-optim-fully-reshardable-mem-efficient``; always so without CUDA).
     """
 
     def __init__(
@@ -307,10 +353,12 @@ class CheckpointWriter:
         keep_last: int = 0,
         async_save: bool = False,
         optimizer_format: str = "replicated",
+        gather_on_one_rank: bool = False,
     ):
         self.save_dir = Path(save)
         self.keep_last = keep_last
         self.optimizer_format = optimizer_format
+        self.gather_on_one_rank = gather_on_one_rank
         self._queue = AsyncCallsQueue() if async_save else None
         self._in_flight: Path | None = None  # the staging directory of a background save
 
@@ -347,7 +395,12 @@ class CheckpointWriter:
             staging.mkdir(parents=True)
         dist.barrier()
         sharded = _sharded_state(
-            model.sharded_state_dict(), optimizer, self.optimizer_format, False, True
+            model.sharded_state_dict(),
+            optimizer,
+            self.optimizer_format,
+            False,
+            True,
+            self.gather_on_one_rank,
         )
         train_state = {**train_state, "optimizer_format": self.optimizer_format}
         publish = functools.partial(
@@ -517,7 +570,8 @@ def _saved_optimizer_format(path: Path, train_state: dict[str, Any], distributed
             f"{path}: its distributed-optimizer state was saved dp_reshardable at TP="
             f"{saved_at.get(model_parallel[0])} PP={saved_at.get(model_parallel[1])}, which loads "
             f"at another data-parallel size only (this run: TP={here[model_parallel[0]]} "
-            f"PP={here[model_parallel[1]]}): {way_out}"
+            f"PP={here[model_parallel[1]]}): {way_out} (runs saving with "
+            "--dist-ckpt-optim-fully-reshardable can change TP and PP)"
         )
     return saved
 
@@ -565,7 +619,7 @@ def load_checkpoint(
     apply_model_state(model, state["model"], path)
     if optimizer is not None:
         # fp32 runs: the distributed optimizer's main weights are views of the parameters.
-        with torch.no_grad():
+        with torch.no_grad(), _keeping_torch_adam_steps(optimizer, optimizer_format):
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer)
     if same_layout:

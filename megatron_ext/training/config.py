@@ -208,7 +208,15 @@ class TrainConfig:
         load: Checkpoint directory to resume from (usually the same as ``save``).
         no_load_optim: Resume the weights, position and schedule but start the optimizer state
             afresh (Megatron-LM's flag; e.g. to change TP/PP under the distributed optimizer,
-            whose saved state loads at another data-parallel size only).
+            whose saved state loads at another data-parallel size only, unless saved with
+            ``dist_ckpt_optim_fully_reshardable``).
+        dist_ckpt_optim_fully_reshardable: Save the distributed optimizer's state a tensor per
+            parameter, gathered over the data-parallel ranks at each save, so that a resume may
+            change TP and PP too (Megatron-LM's flag); costs that gather's time and host memory.
+        distrib_optim_fully_reshardable_mem_efficient: With the above, gather on the first
+            data-parallel rank alone over gloo instead of on every rank over NCCL: host memory
+            on one rank instead of all, but slower and written by that rank alone (Megatron-LM's
+            flag; always so without CUDA).
         save_interval: Iterations between checkpoints (0: only at the end and on SIGTERM).
         keep_last_checkpoints: Older checkpoints are deleted (0: keep all).
         force: Let ``save`` name a directory that holds another run's checkpoints (a run not
@@ -282,6 +290,8 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     no_load_optim: bool = False
+    dist_ckpt_optim_fully_reshardable: bool = False
+    distrib_optim_fully_reshardable_mem_efficient: bool = False
     save_interval: int = 0
     keep_last_checkpoints: int = 2
     force: bool = False
@@ -501,6 +511,19 @@ class TrainConfig:
             raise ConfigError(
                 "--overlap-param-gather needs --use-distributed-optimizer and "
                 "--overlap-grad-reduce (as in Megatron-LM)"
+            )
+        if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
+            raise ConfigError(
+                "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the "
+                "regular optimizer's checkpoints load at any layout already)"
+            )
+        if (
+            self.distrib_optim_fully_reshardable_mem_efficient
+            and not self.dist_ckpt_optim_fully_reshardable
+        ):
+            raise ConfigError(
+                "--distrib-optim-fully-reshardable-mem-efficient needs "
+                "--dist-ckpt-optim-fully-reshardable"
             )
         if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
             raise ConfigError(

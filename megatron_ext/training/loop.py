@@ -230,7 +230,10 @@ class Trainer:
                 config.save,
                 config.keep_last_checkpoints,
                 config.async_save,
-                checkpointing.optimizer_format(config.use_distributed_optimizer),
+                checkpointing.optimizer_format(
+                    config.use_distributed_optimizer, config.dist_ckpt_optim_fully_reshardable
+                ),
+                config.distrib_optim_fully_reshardable_mem_efficient,
             )
             if config.save
             else None

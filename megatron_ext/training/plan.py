@@ -139,6 +139,8 @@ class RunPlan:
     activations_gib: float
     flops_per_step: float
     checkpoint_gib: float
+    # Host memory a --dist-ckpt-optim-fully-reshardable save gathers the optimizer state into.
+    optimizer_gather_gib: float = 0.0
 
     @property
     def total_gib(self) -> float:
@@ -148,7 +150,7 @@ class RunPlan:
     def lines(self, config) -> list[str]:
         """Human-readable summary of the plan."""
         total = self.total_gib
-        return [
+        lines = [
             f"processes: {self.world_size} = TP {config.tensor_model_parallel_size} x PP "
             f"{config.pipeline_model_parallel_size} x DP {self.data_parallel_size}",
             f"batch: global {config.global_batch_size} x seq {config.seq_length} = "
@@ -163,6 +165,19 @@ class RunPlan:
             f"checkpoint: {self.checkpoint_gib:.1f} GiB per save (weights and optimizer state), "
             f"about {self.checkpoint_gib / self.world_size:.1f} GiB written by each process",
         ]
+        if self.optimizer_gather_gib:
+            where = (
+                "the first data-parallel rank of each model-parallel shard"
+                if config.distrib_optim_fully_reshardable_mem_efficient
+                else "every process (--distrib-optim-fully-reshardable-mem-efficient: on one "
+                "data-parallel rank only)"
+            )
+            lines.append(
+                f"fully reshardable optimizer checkpoint: each save gathers "
+                f"{self.optimizer_gather_gib:.1f} GiB of optimizer state into host memory on "
+                f"{where}"
+            )
+        return lines
 
 
 def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -> RunPlan:
@@ -176,7 +191,8 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
     activations come back during backward. The fused loss adds no ``[tokens, vocab]`` logits.
     A checkpoint holds each parameter's weight and optimizer state once (the distributed
     optimizer's fp32 main weights even where they are the weights), its writes spread over all
-    processes.
+    processes; in the fully reshardable format each save first gathers a model-parallel shard's
+    fp32 main weights and moments (12 bytes per parameter) on a process.
     """
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
@@ -215,4 +231,5 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
         activations_gib=activations / gib,
         flops_per_step=training_flops_per_token(arch, padded_vocab_size, s) * tokens,
         checkpoint_gib=total * (bytes_param + checkpoint_optimizer_bytes) / gib,
+        optimizer_gather_gib=per_gpu * 12 / gib if config.dist_ckpt_optim_fully_reshardable else 0,
     )

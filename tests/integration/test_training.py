@@ -767,14 +767,19 @@ def test_held_out_datasets_are_validated_whole_and_reported(
     assert all(e["tokens"] == 4 * 64 and math.isfinite(e["bpc"]) for e in valid)
 
 
+@pytest.mark.parametrize(
+    "optimizer_format",
+    [pytest.param([], id="dp-reshardable"),
+     pytest.param(["--dist-ckpt-optim-fully-reshardable"], id="fully-reshardable")],
+)  # fmt: skip
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_resume_with_the_optimizer_sharded_over_data_parallel_ranks_is_bitwise(
-    tmp_path, small_tokenizer, training_data, precision
+    tmp_path, small_tokenizer, training_data, precision, optimizer_format
 ):
     """The kill -9 test runs at DP=1, where each rank's optimizer shard is the whole state."""
     config = write_config(tmp_path, small_tokenizer, training_data, save_interval=3)
     run = tmp_path / "run"
-    dp2 = [*precision, "--save", str(run), "--load", str(run)]
+    dp2 = [*precision, *optimizer_format, "--save", str(run), "--load", str(run)]
     whole = run_ranks(_train, 2, config, dp2, tensor_model_parallel_size=1)
     assert whole[0] == whole[1]  # every rank reports the data-parallel mean
     (run / "latest_checkpointed_iteration.txt").write_text("3\n")
@@ -785,7 +790,7 @@ def test_resume_with_the_optimizer_sharded_over_data_parallel_ranks_is_bitwise(
 def test_resume_at_another_layout_as_the_optimizer_format_allows(
     tmp_path, small_tokenizer, training_data
 ):
-    """Three iterations at TP=2 or DP=2, the rest at TP=1, against a TP=1 run throughout."""
+    """Three iterations at TP=2 or DP=2, the rest at TP=1 (or the other), against a TP=1 run."""
     # A constant learning rate: the schedule does not depend on the run's length.
     config = write_config(tmp_path, small_tokenizer, training_data, lr_decay_style="constant",
                           lr_warmup_iters=0)  # fmt: skip
@@ -816,6 +821,30 @@ def test_resume_at_another_layout_as_the_optimizer_format_allows(
     assert len(fresh_adam) == len(whole) - 3
     assert fresh_adam[0] == pytest.approx(whole[3], rel=2e-4)  # the loaded weights' loss
     assert fresh_adam[1:] != pytest.approx(whole[4:], rel=2e-4)
+    # Saved fully_reshardable (gathered over the data-parallel ranks): any TP and DP size.
+    fully = "--dist-ckpt-optim-fully-reshardable"
+    resume = first_three("tp2-fully-reshardable", "--tensor-model-parallel-size", "2", fully)
+    assert rest(resume) == pytest.approx(whole[3:], rel=2e-4)
+    resume = first_three("dp2-fully-reshardable", fully)
+    tp2 = run_ranks(_train, 2, config, [*resume, "--tensor-model-parallel-size", "2"])
+    assert tp2[-1] == pytest.approx(whole[3:], rel=2e-4)
+    # And any PP size. (PP=2 initialises the second stage's layers otherwise: its own run is
+    # the reference.)
+    run_dir = tmp_path / "pp2-fully-reshardable"
+    flags = [
+        "--pipeline-model-parallel-size",
+        "2",
+        fully,
+        "--save",
+        str(run_dir),
+        "--save-interval",
+        "3",
+    ]
+    pp2 = run_ranks(_train, 2, config, flags, pipeline_model_parallel_size=2)
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("3\n")
+    assert rest(["--save", str(run_dir), "--load", str(run_dir)]) == pytest.approx(
+        pp2[-1][3:], rel=2e-4
+    )
     # The regular optimizer's state, a tensor per parameter: any layout, but not into the
     # distributed optimizer.
     replicated = ["--use-distributed-optimizer", "false"]

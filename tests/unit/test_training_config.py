@@ -259,6 +259,13 @@ def test_validate_checks_batch_and_layout():
     ):
         with pytest.raises(ConfigError, match="--overlap-param-gather needs --use-distributed-opt"):
             load_config(None, [*REQUIRED, *flags]).validate(1)
+    fully = "--dist-ckpt-optim-fully-reshardable"
+    with pytest.raises(ConfigError, match=f"{fully} needs --use-distributed-optimizer"):
+        load_config(None, [*REQUIRED, fully, "--use-distributed-optimizer", "false"]).validate(1)
+    one_rank = "--distrib-optim-fully-reshardable-mem-efficient"
+    with pytest.raises(ConfigError, match=f"{one_rank} needs {fully}"):
+        load_config(None, [*REQUIRED, one_rank]).validate(1)
+    load_config(None, [*REQUIRED, fully, one_rank]).validate(1)
     with pytest.raises(ConfigError, match="--ddp-bucket-size must be at least 1, got 0"):
         overlap = ["--overlap-grad-reduce", "--ddp-bucket-size", "0"]
         load_config(None, [*REQUIRED, *overlap]).validate(1)

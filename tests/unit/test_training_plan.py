@@ -52,6 +52,14 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     checkpoint = float(re.search(r"checkpoint: ([\d.]+) GiB per save", out).group(1))
     assert checkpoint == pytest.approx(params * 14 / 1024**3, rel=1e-3)
     assert "warning" not in out
+    assert "fully reshardable" not in out
+    # Each save gathers a model-parallel shard's fp32 main weights and moments on every process.
+    assert main([*argv, "--dist-ckpt-optim-fully-reshardable"]) == 0
+    out = capsys.readouterr().out
+    busiest = float(re.search(r"([\d.]+) B on the busiest GPU", out).group(1)) * 1e9
+    gathered = float(re.search(r"each save gathers ([\d.]+) GiB", out).group(1))
+    assert gathered == pytest.approx(busiest * 12 / 1024**3, rel=1e-2)
+    assert "into host memory on every process" in out
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
     assert main([*argv, "--world-size", "0"]) == 2  # was read as unset
