@@ -288,6 +288,19 @@ def _keeping_torch_adam_steps(optimizer, optimizer_format: str) -> Iterator[None
             del inner._set_main_param_and_optimizer_states  # the class's method again
 
 
+def _drop_ungathered_param_state(optimizer_state: dict[str, Any]) -> None:
+    """Leave out the ``param_state: None`` of ranks that a one-rank gather left without it.
+
+    With the ``fully_reshardable`` gather on the first data-parallel rank alone, the others
+    report ``None``; the first rank's common state has no such key once its tensors are taken
+    out, so megatron-core would warn at every save that the ranks' common states differ.
+    """
+    chained = [part for part in optimizer_state.values() if isinstance(part, dict)]
+    for part in [optimizer_state, *chained]:
+        if "param_state" in part and part["param_state"] is None:
+            del part["param_state"]
+
+
 def _sharded_state(
     model_state: dict[str, Any],
     optimizer,
@@ -315,6 +328,7 @@ def _sharded_state(
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata
         )
+        _drop_ungathered_param_state(state["optimizer"])
     if with_rng:
         state["rng_state"] = _rng_object(_rng_state())
     return state
