@@ -60,6 +60,12 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     gathered = float(re.search(r"each save gathers ([\d.]+) GiB", out).group(1))
     assert gathered == pytest.approx(busiest * 12 / 1024**3, rel=1e-2)
     assert "into host memory on every process" in out
+    assert main([*argv, "--dist-ckpt-optim-fully-reshardable",
+                 "--distrib-optim-fully-reshardable-mem-efficient"]) == 0  # fmt: skip
+    assert (
+        "on the first data-parallel rank of each model-parallel shard, which alone writes it"
+        in (capsys.readouterr().out)
+    )
     assert main([*argv, "--world-size", "60"]) == 2
     assert "60 processes cannot be split" in capsys.readouterr().err
     assert main([*argv, "--world-size", "0"]) == 2  # was read as unset
