@@ -15,6 +15,25 @@ def read_texts(path: Path, key: str = "text") -> list[str]:
         return [json.loads(line)[key] for line in f]
 
 
+def tensor_parallel_shards(name: str, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    """A full megatron-core weight's shards on TP ranks 0..tp-1, as megatron-core lays them out.
+
+    Written from megatron-core's layer definitions (column-parallel: split rows; row-parallel:
+    split columns; SwiGLU's ``[gate; up]`` split as ``[gate_i; up_i]``; norms replicated), for
+    references built outside megatron-core's own sharding. Vocabulary rows must be padded.
+    """
+    from megatron_ext.checkpoint.layout import EMBEDDING, FC1, OUTPUT_LAYER, QKV
+
+    if name.endswith(FC1):
+        gate, up = tensor.chunk(2)
+        return [torch.cat(pair) for pair in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
+    if name in (EMBEDDING, OUTPUT_LAYER) or name.endswith(QKV):
+        return list(tensor.chunk(tp, dim=0))
+    if name.endswith(("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")):
+        return list(tensor.chunk(tp, dim=1))
+    return [tensor] * tp
+
+
 def aliases_main_grad(weight) -> bool:
     """Whether ``weight.grad`` lies in ``weight.main_grad``'s memory (no weight-sized tensor)."""
     if weight.grad is None:

@@ -1,4 +1,4 @@
-"""Where each Llama weight lives in Hugging Face and in megatron-core, and how TP/PP split it.
+"""Where each Llama weight lives in Hugging Face and in megatron-core, and in what layout.
 
 Everything works one tensor (or one layer) at a time, so converters can stream checkpoints far
 larger than memory. Facts (checked against megatron-core and by the logits-equivalence tests):
@@ -9,13 +9,12 @@ larger than memory. Facts (checked against megatron-core and by the logits-equiv
 * Column-parallel (split dim 0): QKV, fc1, embedding, output layer. Row-parallel (dim 1):
   ``linear_proj`` (o_proj), ``linear_fc2`` (down_proj). Norms are replicated.
 * Hugging Face q/k weights are already in rotate-half order (megatron ``rotary_interleaved=False``).
-* Names below are those of megatron-core's local layer spec; pipeline stages number their layers
-  from 0, so a stage's names are the global ones shifted by the stage's first layer.
+* Names below are those of megatron-core's local layer spec. megatron-core's
+  ``dist_checkpointing`` shards them over TP and PP itself.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -42,9 +41,6 @@ _HF_GLOBAL = {
     FINAL_NORM: "model.norm.weight",
     OUTPUT_LAYER: "lm_head.weight",
 }
-
-_COLUMN = (EMBEDDING, OUTPUT_LAYER, QKV)
-_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 
 
 def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: LlamaArch):
@@ -117,49 +113,3 @@ def megatron_layer_to_hf(
 def hf_name(megatron_global_name: str) -> str | None:
     """Hugging Face name of a non-layer megatron-core weight (None for layer weights)."""
     return _HF_GLOBAL.get(megatron_global_name)
-
-
-def _suffix(name: str) -> str:
-    match = re.match(r"decoder\.layers\.\d+\.(.+)$", name)
-    return match.group(1) if match else name
-
-
-def split_tensor_parallel(name: str, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """This weight's shards for TP ranks 0..tp-1 (vocab rows must already be padded)."""
-    suffix = _suffix(name)
-    if suffix == FC1:
-        gate, up = tensor.chunk(2)
-        return [torch.cat(pair) for pair in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
-    if suffix in _COLUMN or name in _COLUMN:
-        return list(tensor.chunk(tp, dim=0))
-    if suffix in _ROW:
-        return list(tensor.chunk(tp, dim=1))
-    return [tensor] * tp
-
-
-def merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`split_tensor_parallel` (replicated weights: rank 0's copy)."""
-    suffix = _suffix(name)
-    if suffix == FC1:
-        gates, ups = zip(*(shard.chunk(2) for shard in shards), strict=True)
-        return torch.cat([*gates, *ups])
-    if suffix in _COLUMN or name in _COLUMN:
-        return torch.cat(shards, dim=0)
-    if suffix in _ROW:
-        return torch.cat(shards, dim=1)
-    return shards[0]
-
-
-def stage_layers(num_layers: int, pipeline_model_parallel_size: int, stage: int) -> range:
-    """Global indices of the layers on a pipeline stage (megatron-core's even split)."""
-    per_stage = num_layers // pipeline_model_parallel_size
-    return range(stage * per_stage, (stage + 1) * per_stage)
-
-
-def to_stage_name(global_name: str, first_layer: int) -> str:
-    """A layer weight's name inside its pipeline stage (layers numbered from 0 there)."""
-    return re.sub(
-        r"^decoder\.layers\.(\d+)\.",
-        lambda m: f"decoder.layers.{int(m.group(1)) - first_layer}.",
-        global_name,
-    )

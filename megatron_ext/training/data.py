@@ -348,8 +348,3 @@ def _collate(samples: list[dict[str, torch.Tensor]], device: torch.device) -> Ba
         position_ids=stack("position_ids"),
         attention_mask=attention_mask,
     )
-
-
-def token_counts_by_dataset(dataset: torch.utils.data.Dataset, samples: int) -> np.ndarray:
-    """How many of the first ``samples`` samples of a blend come from each of its datasets."""
-    return np.bincount(np.asarray(dataset.dataset_index[:samples]), minlength=len(dataset.datasets))

@@ -167,8 +167,7 @@ class RunPlan:
         ]
         if self.optimizer_gather_gib:
             where = (
-                "the first data-parallel rank of each model-parallel shard, which alone "
-                "writes it"
+                "the first data-parallel rank of each model-parallel shard, which alone writes it"
                 if config.distrib_optim_fully_reshardable_mem_efficient
                 else "every process (--distrib-optim-fully-reshardable-mem-efficient: on one "
                 "data-parallel rank only)"

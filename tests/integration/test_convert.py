@@ -254,11 +254,8 @@ def full_size_shapes(rank, world_size, preset):
     """Our mapping of a full-size HF model (meta tensors) against megatron-core's own shapes."""
     from megatron_ext.arch import PRESETS
     from megatron_ext.checkpoint.convert import _meta_model
-    from megatron_ext.checkpoint.layout import (
-        hf_layer_to_megatron,
-        split_tensor_parallel,
-        stage_layers,
-    )
+    from megatron_ext.checkpoint.layout import hf_layer_to_megatron
+    from tests.helpers import tensor_parallel_shards
 
     arch = PRESETS[preset]
     arch.check_parallel(8, 4)
@@ -275,13 +272,12 @@ def full_size_shapes(rank, world_size, preset):
     assert layer_keys == set(ours)
     assert all(ours[k] == reference[k] for k in ours)
     assert reference["embedding.word_embeddings.weight"] == (padded, arch.hidden_size)
-    # TP=8 shards of layer 0 are what a TP=8 rank holds; PP=4 stages split the layers evenly.
+    # Layer 0 splits evenly over TP=8.
     for name, tensor in hf_layer_to_megatron(hf.__getitem__, 0, arch):
-        shards = split_tensor_parallel(name, tensor, 8)
+        shards = tensor_parallel_shards(name, tensor, 8)
         assert len({s.shape for s in shards}) == 1
         replicated = name.endswith("layernorm.weight")
         assert shards[0].numel() * (1 if replicated else 8) == tensor.numel(), name
-    assert sum(len(stage_layers(arch.num_layers, 4, s)) for s in range(4)) == arch.num_layers
 
 
 @pytest.mark.parametrize("preset", ["llama2-7b", "llama2-13b", "llama2-70b"])

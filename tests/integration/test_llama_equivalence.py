@@ -11,9 +11,9 @@ from megatron_ext.checkpoint.layout import (
     OUTPUT_LAYER,
     hf_layer_to_megatron,
     hf_name,
-    split_tensor_parallel,
 )
 from tests.distributed import run_ranks
+from tests.helpers import tensor_parallel_shards
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,7 +46,7 @@ def megatron_shard(hf_model, arch: LlamaArch, tp: int, rank: int) -> dict:
         full[name] = hf[hf_name(name)]
     for name in (EMBEDDING, OUTPUT_LAYER):
         full[name] = functional.pad(full[name], (0, 0, 0, padded - arch.vocab_size))
-    return {name: split_tensor_parallel(name, t, tp)[rank] for name, t in full.items()}
+    return {name: tensor_parallel_shards(name, t, tp)[rank] for name, t in full.items()}
 
 
 def compare_logits(rank, world_size, kv_heads):

@@ -1,4 +1,4 @@
-"""Layout transforms: exact inverses, and TP shards laid out as megatron-core expects."""
+"""Layout transforms between Hugging Face and megatron-core: exact inverses; the presets."""
 
 import torch
 
@@ -8,10 +8,6 @@ from megatron_ext.checkpoint.layout import (
     hf_layer_to_megatron,
     interleave_qkv,
     megatron_layer_to_hf,
-    merge_tensor_parallel,
-    split_tensor_parallel,
-    stage_layers,
-    to_stage_name,
 )
 
 ARCH = LlamaArch(64, 4, 8, 2, 96, 300)
@@ -58,30 +54,7 @@ def test_qkv_groups_hold_their_own_heads():
     assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v), strict=True))
 
 
-def test_tp_split_merge_and_swiglu_shards():
-    hf = hf_layer(ARCH)
-    megatron = dict(hf_layer_to_megatron(hf.__getitem__, 0, ARCH))
-    fc1 = megatron["decoder.layers.0.mlp.linear_fc1.weight"]
-    shards = split_tensor_parallel("decoder.layers.0.mlp.linear_fc1.weight", fc1, 2)
-    gate, up = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
-    assert torch.equal(shards[1], torch.cat([gate[48:], up[48:]]))
-    for name, tensor in megatron.items():
-        for tp in (1, 2):
-            parts = split_tensor_parallel(name, tensor, tp)
-            assert torch.equal(merge_tensor_parallel(name, parts), tensor)
-    proj = split_tensor_parallel(
-        "decoder.layers.0.self_attention.linear_proj.weight",
-        megatron["decoder.layers.0.self_attention.linear_proj.weight"],
-        2,
-    )
-    assert proj[0].shape == (64, 32)
-
-
-def test_pipeline_stages_and_presets():
-    assert [list(stage_layers(8, 4, s)) for s in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert to_stage_name("decoder.layers.5.mlp.linear_fc1.weight", 4) == (
-        "decoder.layers.1.mlp.linear_fc1.weight"
-    )
+def test_presets():
     assert PRESETS["llama2-70b"].head_dim == 128
     # Megatron pads to a multiple of 128 x TP: 32,000 is one at TP 1 and 2 only.
     llama = PRESETS["llama2-7b"]
