@@ -268,10 +268,11 @@ def _keeping_torch_adam_steps(optimizer, optimizer_format: str) -> Iterator[None
     does: a ``step`` KeyError. Here each parameter's own step is handed back unchanged;
     :func:`_restore_adam_steps` then sets it from the group's.
     """
+    if optimizer_format != "fully_reshardable":
+        yield
+        return
     patched = [
-        inner
-        for inner in _inner_optimizers(optimizer)
-        if optimizer_format == "fully_reshardable" and isinstance(inner, DistributedOptimizer)
+        inner for inner in _inner_optimizers(optimizer) if isinstance(inner, DistributedOptimizer)
     ]
     for inner in patched:
         set_states = inner._set_main_param_and_optimizer_states
@@ -412,9 +413,9 @@ class CheckpointWriter:
             model.sharded_state_dict(),
             optimizer,
             self.optimizer_format,
-            False,
-            True,
-            self.gather_on_one_rank,
+            is_loading=False,
+            with_rng=True,
+            gather_on_one_rank=self.gather_on_one_rank,
         )
         train_state = {**train_state, "optimizer_format": self.optimizer_format}
         publish = functools.partial(
@@ -616,7 +617,11 @@ def load_checkpoint(
         else _saved_optimizer_format(Path(path), train_state, distributed_optimizer)
     )
     sharded = _sharded_state(
-        model_sharded_state(model), optimizer, optimizer_format, True, same_layout
+        model_sharded_state(model),
+        optimizer,
+        optimizer_format,
+        is_loading=True,
+        with_rng=same_layout,
     )
     try:
         state = load_dist_checkpoint(sharded, path)

@@ -73,23 +73,18 @@ def _train(rank, world_size, config_path, overrides):
     return train(load_config(config_path, overrides)).losses
 
 
-def _train_logged(rank, world_size, config_path, overrides):
-    """``_train``'s losses and what the run printed."""
+def _train_reported(rank, world_size, config_path, overrides):
+    """``_train``'s losses, what the run printed, and the warnings megatron-core logged."""
+    import logging
+
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron.core").addHandler(handler)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         losses = _train(rank, world_size, config_path, overrides)
-    return losses, out.getvalue()
-
-
-def _train_megatron_warnings(rank, world_size, config_path, overrides):
-    """``_train``'s losses and the warnings megatron-core logged."""
-    import logging
-
-    records: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logging.getLogger("megatron.core").addHandler(handler)
-    return _train(rank, world_size, config_path, overrides), records
+    return losses, out.getvalue(), warnings
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
@@ -791,11 +786,11 @@ def test_resume_with_the_optimizer_sharded_over_data_parallel_ranks_is_bitwise(
     config = write_config(tmp_path, small_tokenizer, training_data, save_interval=3)
     run = tmp_path / "run"
     dp2 = [*precision, *optimizer_format, "--save", str(run), "--load", str(run)]
-    whole = run_ranks(_train_megatron_warnings, 2, config, dp2, tensor_model_parallel_size=1)
+    whole = run_ranks(_train_reported, 2, config, dp2, tensor_model_parallel_size=1)
     # fully_reshardable gathers on the first rank alone on a CPU; the others' missing share
     # used to make megatron-core warn at every save that the ranks' states differ.
-    assert not [w for (_, warnings) in whole for w in warnings if "differs" in w]
-    whole = [losses for losses, _ in whole]
+    assert not [w for (_, _, warnings) in whole for w in warnings if "differs" in w]
+    whole = [losses for losses, _, _ in whole]
     assert whole[0] == whole[1]  # every rank reports the data-parallel mean
     (run / "latest_checkpointed_iteration.txt").write_text("3\n")
     resumed = run_ranks(_train, 2, config, dp2, tensor_model_parallel_size=1)
@@ -830,9 +825,8 @@ def test_resume_at_another_layout_as_the_optimizer_format_allows(
     with pytest.raises(AssertionError, match=refusal):
         rest(resume)
     # The weights, position and schedule continue; Adam starts afresh, so the losses differ.
-    fresh_adam = run_ranks(_train_logged, 1, config, [*resume, "--no-load-optim"])[0]
-    assert "warning: --no-load-optim: iter_0000003's optimizer state is not loaded" in fresh_adam[1]
-    fresh_adam = fresh_adam[0]
+    fresh_adam, printed, _ = run_ranks(_train_reported, 1, config, [*resume, "--no-load-optim"])[0]
+    assert "warning: --no-load-optim: iter_0000003's optimizer state is not loaded" in printed
     assert len(fresh_adam) == len(whole) - 3
     assert fresh_adam[0] == pytest.approx(whole[3], rel=2e-4)  # the loaded weights' loss
     assert fresh_adam[1:] != pytest.approx(whole[4:], rel=2e-4)
