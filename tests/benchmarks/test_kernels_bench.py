@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,7 @@ from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.embedding import vocab_parallel_embedding
+from tests.benchmarks.conftest import GEMM_KERNELS, kernel_breakdown
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
 
@@ -245,37 +247,14 @@ def test_gpu_linear_cross_entropy(benchmark, impl, h, v):
     )
 
 
-# Which GPU kernels a step's time goes to, by kernel name (cuBLAS names its GEMM kernels
-# *gemm*, *xmma*, cutlass* or nvjet*).
-_KERNEL_KINDS = (
-    ("GEMM", re.compile(r"gemm|xmma|cutlass|nvjet", re.IGNORECASE)),
+# Which GPU kernels a step of the loss spends its time in, by kernel name.
+_CE_KERNEL_KINDS = (
+    GEMM_KERNELS,
     ("CE statistics", re.compile(r"_ce_stats_kernel")),
     ("CE gradient", re.compile(r"_ce_grad_kernel")),
     ("CE rows, one kernel", re.compile(r"_ce_whole_row_kernel")),
     ("copy/cast", re.compile(r"copy", re.IGNORECASE)),
 )
-
-
-def _kernel_breakdown(step) -> str:
-    """GPU time of one ``step`` by kind of kernel: ms (launches), largest first."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    totals: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        kind = next((k for k, pattern in _KERNEL_KINDS if pattern.search(event.name)), "other")
-        entry = totals.setdefault(kind, [0.0, 0])
-        entry[0] += event.time_range.elapsed_us() / 1e3
-        entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
-    return ", ".join(f"{kind} {ms:.2f} ms ({count})" for kind, (ms, count) in ranked)
 
 
 @gpu
@@ -301,39 +280,72 @@ def test_gpu_linear_cross_entropy_breakdown(benchmark, monkeypatch, impl, v):
             impl=impl,
             ms=ms,
             peak_mib=peak,
-            note=_kernel_breakdown(step),
+            note=kernel_breakdown(step, _CE_KERNEL_KINDS),
         )
     )
 
 
-FLOOR_SHAPES = [(4096, 32000), (4096, 57344)]
+FLOOR_SHAPES = [(4096, 32000), (4096, 57344), (4096, 64000)]
+FLOORS = (1024, 2048, 4096)
 
 
 @gpu
-@pytest.mark.parametrize("floor", [1024, 2048, 4096])
 @pytest.mark.parametrize(("h", "v"), FLOOR_SHAPES, ids=[f"H{h}-V{v}" for h, v in FLOOR_SHAPES])
-def test_gpu_chunk_floor(benchmark, monkeypatch, floor, h, v):
-    """The training path (fused-ddp) at other GPU chunk floors: time against the loss's memory.
+def test_gpu_chunk_floor(benchmark, monkeypatch, h, v):
+    """The training path (fused-ddp) at each GPU chunk floor against the bare GEMMs.
 
     The floor (``MIN_GPU_CHUNK_ROWS``) decides both how often dW's fp32 accumulator is read and
-    written (time) and the chunk's logits (memory, and its growth with the vocabulary).
+    written (time) and the chunk's logits (memory, and its growth with the vocabulary). The
+    differences are a few percent, as large as the drift of the GPU's clocks from one benchmark
+    to the next, so each round times every floor and the GEMMs back to back (CUDA events) and
+    the medians compare rounds taken under the same conditions.
     """
     from kernels import cross_entropy
 
     n = 8192
-    monkeypatch.setattr(cross_entropy, "MIN_GPU_CHUNK_ROWS", floor)
-    ms, peak = _measure(benchmark, _ddp_step(*_ce_inputs(n, h, v)), rounds=10)
-    rows = cross_entropy._chunk_rows(n, h, v, on_gpu=True)
-    _GPU_ROWS.append(
-        dict(
-            bench="linear CE fwd+bwd, DDP",
-            shape=f"N={n} H={h} V={v}",
-            impl=f"fused-ddp, floor {floor}",
-            ms=ms,
-            peak_mib=peak,
-            note=f"{rows}-row chunks",
+    inputs = _ce_inputs(n, h, v)
+    variants = {"gemms": _ce_step("gemms", *inputs), **{f: _ddp_step(*inputs) for f in FLOORS}}
+    times: dict = {name: [] for name in variants}
+
+    def run(name):
+        if name != "gemms":
+            monkeypatch.setattr(cross_entropy, "MIN_GPU_CHUNK_ROWS", name)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        variants[name]()
+        end.record()
+        return start, end
+
+    def one_round():
+        events = {name: run(name) for name in variants}
+        torch.cuda.synchronize()
+        for name, (start, end) in events.items():
+            times[name].append(start.elapsed_time(end))
+
+    one_round()  # compile, allocate
+    for times_of_variant in times.values():
+        times_of_variant.clear()
+    benchmark.pedantic(one_round, rounds=15, iterations=1)
+    gemms = statistics.median(times["gemms"])
+    for floor in FLOORS:
+        monkeypatch.setattr(cross_entropy, "MIN_GPU_CHUNK_ROWS", floor)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        variants[floor]()
+        torch.cuda.synchronize()
+        ms = statistics.median(times[floor])
+        rows = cross_entropy._chunk_rows(n, h, v, on_gpu=True)
+        _GPU_ROWS.append(
+            dict(
+                bench="linear CE fwd+bwd, DDP",
+                shape=f"N={n} H={h} V={v}",
+                impl=f"fused-ddp, floor {floor}",
+                ms=ms,
+                peak_mib=(torch.cuda.max_memory_allocated() - before) / 2**20,
+                note=f"{rows}-row chunks, {ms / gemms:.3f}x the GEMMs' {gemms:.2f} ms",
+            )
         )
-    )
 
 
 EMB_TOKENS, EMB_H, EMB_V = 32768, 4096, 64000

@@ -16,8 +16,10 @@ growing the vocabulary adds at most the new rows' parameters, gradients and Adam
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,7 +28,7 @@ import pytest
 import torch
 
 from megatron_ext.distributed import free_port
-from tests.benchmarks.conftest import record_training
+from tests.benchmarks.conftest import GEMM_KERNELS, kernel_breakdown, record_training
 from tests.conftest import preprocess_languages
 
 
@@ -155,6 +157,8 @@ def report_vocab_growth(
     Returns the growth in bytes per kernels choice with both vocabularies measured.
     """
     vocabs = sorted({vocab for _, vocab in peaks})
+    if len(vocabs) < 2:
+        return {}
     allowance = state_bytes_per_param * (vocabs[-1] - vocabs[0]) * hidden * 2
     mib = 2**20
     print(f"\nexpanded vocabulary {vocabs[0]} -> {vocabs[-1]}, {setting}:")
@@ -179,6 +183,17 @@ GPU_STATE_BYTES_PER_PARAM = 18
 _GPU_PEAKS: dict[tuple[str, int], int] = {}
 ONE_B = {"hidden_size": 2048, "num_layers": 16, "num_attention_heads": 16, "num_query_groups": 16,
          "ffn_hidden_size": 5632}  # fmt: skip
+# Where a training step's GPU time goes, by kernel name (first match wins: cuBLAS and PyTorch's
+# attention kernels are both cutlass-based).
+_STEP_KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|softmax", re.IGNORECASE)),
+    GEMM_KERNELS,
+    ("our loss", re.compile(r"_ce_")),
+    ("our embedding", re.compile(r"_embedding_")),
+    ("optimizer", re.compile(r"multi_tensor|adam", re.IGNORECASE)),
+    ("norm", re.compile(r"norm", re.IGNORECASE)),
+    ("copy/cast", re.compile(r"copy", re.IGNORECASE)),
+)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -213,7 +228,10 @@ def test_gpu_1b_training_step(
     plan = dataclasses.replace(
         trainer.plan, arch=trainer.plan.arch.with_vocab_size(vocab), padded_vocab_size=vocab
     )
-    # What this test's model, state and steps hold (earlier tests' objects may linger).
+    # What this test's model, state and steps hold: an earlier case's model, kept by reference
+    # cycles, must neither count nor be freed during the measurement.
+    gc.collect()
+    torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     run = build_stage(config, plan, config.resolved_stages()[0], build_model(config, plan))
     state = LoopState()
@@ -239,6 +257,8 @@ def test_gpu_1b_training_step(
         f"({'TE' if transformer_engine_enabled() else 'local'} spec; fusions: {fused})"
     )
     _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before
+    print(f"  one step by kind of kernel: {kernel_breakdown(step, _STEP_KERNEL_KINDS)}")
     report_vocab_growth(
         _GPU_PEAKS, plan.arch.hidden_size, GPU_STATE_BYTES_PER_PARAM, "1B, bf16, seq 4096"
     )
+    run = state = None  # the step's closure sees these: its model is freed before the next case

@@ -131,7 +131,9 @@ def test_tiny_config_trains_and_reports_per_language(
     assert {e["stage"] for e in train[:10]} == {"embeddings"}
     assert {e["stage"] for e in train[10:]} == {"full"}
     losses = [e["loss"] for e in train]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    # The mean falls from about 7.3 to 6.3: by 1.01 on a CPU, 0.98 on an H200 (whose attention
+    # and GEMM kernels round differently). The margin is about learning, not one device's digits.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.75, losses
     valid = [e for e in entries if e.get("split") == "valid"]
     assert {(e["step"], e["lang"]) for e in valid} == {
         (15, "en"),
