@@ -15,6 +15,10 @@ from megatron.core.transformer import TransformerConfig
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` with megatron-core's norm constructor.
 
+    The weight is created in ``config.params_dtype``, as Transformer Engine's norms and
+    Megatron-LM's bf16 wrapper make it: with the input's dtype, PyTorch runs its fused RMSNorm
+    kernel (a bf16 input with an fp32 weight falls back to its unfused elementwise path).
+
     Under sequence parallelism each tensor-parallel rank normalises its own slice of the
     sequence, so the weight's gradient on a rank is a partial sum. The weight is marked
     ``sequence_parallel``, as Transformer Engine's and apex's norms mark theirs, and
@@ -36,5 +40,5 @@ class RMSNorm(torch.nn.RMSNorm):
                 f"RMSNorm: the config asks for {config.normalization}"
                 f"{' with zero-centred gamma' if config.layernorm_zero_centered_gamma else ''}"
             )
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
