@@ -427,9 +427,10 @@ def _chunk_loss_(
 def _chunk_rows(n: int, hidden_size: int, shard_vocab: int, on_gpu: bool) -> int:
     # Liger-Kernel's rule: a chunk's logits take about as much memory as the hidden states. On a
     # GPU at least 2048 rows: every chunk's dW GEMM reads and writes the whole fp32 accumulator
-    # (8 bytes per element against 2 * rows flops), which stays hidden behind the tensor cores only
-    # from about that depth on (H100: 1.39x the bare GEMMs at 1024 rows, 1.26x at 2048, for
-    # H=4096, V=64000). This also caps the chunk's logits at 2048 x V/TP whatever N is.
+    # (8 bytes per element against 6 * rows flops of the chunk's GEMMs), about 245 / rows of their
+    # time on an H200 (H=4096, V=64000: 1.25x the bare GEMMs at 1024 rows, 1.22x at 2048, 1.15x
+    # at 4096). 4096 rows would double the chunk's logits, the loss's one vocabulary-sized
+    # transient, which 2048 caps at 2048 x V/TP whatever N is (docs/benchmarks.md).
     # A CPU has no tensor cores to hide behind and a few hundred rows amortise the accumulator,
     # but Liger's rule alone gives 4-row chunks at the tiny model's 256 x 32000 (the fp32 dW
     # update per chunk then costs 5x the whole step of the unfused loss). So on a CPU a chunk
