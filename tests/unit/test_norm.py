@@ -19,6 +19,7 @@ def test_weight_follows_params_dtype_and_matches_llama(dtype):
         num_layers=1, hidden_size=64, num_attention_heads=4, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, normalization="RMSNorm",
     )  # fmt: skip
+    torch.manual_seed(0)
     norm = RMSNorm(config, 64, eps=1e-5)
     assert norm.weight.dtype == dtype
     x = torch.randn(3, 2, 64, dtype=dtype)
@@ -30,6 +31,8 @@ def test_weight_follows_params_dtype_and_matches_llama(dtype):
         got = norm(x)
     reference = LlamaRMSNorm(64, eps=1e-5).to(dtype)
     reference.weight.data.copy_(norm.weight.data)
+    # bf16: the two round differently inside; they agree to one unit in the last place.
+    bf16 = dtype == torch.bfloat16
     torch.testing.assert_close(
-        got, reference(x), rtol=0, atol=0 if dtype == torch.float32 else 2e-2
+        got, reference(x), rtol=2**-7 if bf16 else 0, atol=1e-2 if bf16 else 0
     )
