@@ -145,8 +145,9 @@ class TrainConfig:
             norms' outputs). Default: ``core_attn``, as in megatron-core.
         bias_swiglu_fusion: megatron-core's fused SwiGLU, ``silu(gate) * up`` in one compiled
             kernel (``torch.compile``) instead of three (None: on a GPU, as Megatron-LM does).
-        apply_rope_fusion: Transformer Engine's fused rotary embedding (None: when TE is
-            installed, on a GPU).
+        apply_rope_fusion: The rotary embedding in one kernel each way: Transformer Engine's
+            where TE is installed, else this project's (``kernels/rope.py``, with ``--kernels
+            fused``). None: on a GPU when either is there.
         gradient_accumulation_fusion: The weight-gradient GEMMs of megatron-core's linear
             layers add into the fp32 ``main_grad`` directly, with no bf16 gradient in between
             (apex's ``fused_weight_gradient_mlp_cuda``; TE layers do it themselves). None: when

@@ -13,7 +13,13 @@ from megatron.core.tensor_parallel import random as mcore_random
 
 from megatron_ext.arch import PRESETS, LlamaArch
 from megatron_ext.checkpoint.convert import read_metadata
-from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model, transformer_engine_enabled
+from megatron_ext.model.gpt import (
+    LlamaGPTModel,
+    build_gpt_model,
+    transformer_engine_enabled,
+    transformer_engine_rope,
+    use_fused_rope,
+)
 from megatron_ext.training import checkpointing
 from megatron_ext.training.config import ConfigError, TrainConfig
 
@@ -154,15 +160,14 @@ def kernel_fusions(config: TrainConfig) -> dict[str, bool]:
     Raises:
         ConfigError: A fusion is asked for where what it needs is missing.
     """
-    from megatron.core.models.common.embeddings import rope_utils
-
     on_gpu = torch.cuda.is_available()
-    # megatron-core imports TE's fused RoPE and apex's fused weight-gradient GEMM when it can.
+    # megatron-core imports TE's fused RoPE and apex's fused weight-gradient GEMM when it can;
+    # without TE, --kernels fused brings its own RoPE kernel (kernels/rope.py, on any device).
     have = {
         "bias_swiglu_fusion": (True, ""),
         "apply_rope_fusion": (
-            on_gpu and rope_utils.fused_apply_rotary_pos_emb is not None,
-            "Transformer Engine's fused RoPE, on a GPU",
+            (on_gpu and transformer_engine_rope()) or config.kernels == "fused",
+            "--kernels fused, or Transformer Engine's fused RoPE on a GPU",
         ),
         "gradient_accumulation_fusion": (
             on_gpu and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
@@ -202,6 +207,8 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
         {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
     )
     overrides.update(kernel_fusions(config))
+    if overrides["apply_rope_fusion"]:
+        use_fused_rope()
     transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
     if config.reset_attention_mask and use_te:
         raise ConfigError(

@@ -920,6 +920,19 @@ def _packed_vs_alone(rank, world_size, config_path):
         return losses(True), losses(False), alone
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_rope_trains_as_megatron_unfused(tmp_path, small_tokenizer, training_data, precision):
+    """--apply-rope-fusion with our kernels (kernels/rope.py) against megatron-core's unfused
+    RoPE: fp32 runs agree to rounding; bf16 ones as closely as megatron-core's bf16 rounding of
+    cos and sin allows (ours computes in fp32)."""
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=6)
+    unfused = run_ranks(_train, 1, config, precision)[0]
+    fused = run_ranks(_train, 1, config, [*precision, "--apply-rope-fusion"])[0]
+    tolerance = 1e-5 if not precision else 2e-2
+    assert fused == pytest.approx(unfused, rel=tolerance), (fused, unfused)
+    assert fused != unfused or not precision  # bf16: the rounding differs, so ours ran
+
+
 def test_document_aware_packing_isolates_documents(tmp_path, small_tokenizer, training_data):
     """With --reset-attention-mask a packed document is scored exactly as if it were alone."""
     config = write_config(tmp_path, small_tokenizer, training_data)

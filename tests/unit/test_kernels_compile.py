@@ -53,6 +53,12 @@ def _signatures(dtype: str) -> dict[str, dict[str, str]]:
             "n_tokens": "i32", "hidden": "i32", "weight_row_stride": "i64", "vocab_start": "i32",
             "shard_rows": "i32",
         },
+        "_rope_kernel": {
+            "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "freqs_ptr": "*fp32",
+            **dict.fromkeys(("stride_xs", "stride_xb", "stride_xh", "stride_os", "stride_ob",
+                             "stride_oh", "stride_fs", "stride_fb", "batch", "heads", "dim"),
+                            "i32"),
+        },
         # The gradient goes into megatron-core's fp32 main_grad.
         "_embedding_bwd_kernel": {
             "grad_out_ptr": f"*{dtype}", "order_ptr": "*i64", "segment_start_ptr": "*i64",
@@ -64,7 +70,7 @@ def _signatures(dtype: str) -> dict[str, dict[str, str]]:
 
 def _variants():
     """(kernel name, dtype, constexprs, num_warps) for every launch setting worth compiling."""
-    from kernels import cross_entropy, embedding
+    from kernels import cross_entropy, embedding, rope
 
     for dtype in DTYPES:
         for n_cols in SHARD_VOCABS:
@@ -84,6 +90,13 @@ def _variants():
         backward = {**embedding._backward_launch(HIDDEN), "grad_weight_col_stride": 1}
         yield "_embedding_fwd_kernel", dtype, forward, 4
         yield "_embedding_bwd_kernel", dtype, backward, 4
+        # Llama's 128-wide heads: 32 query heads (7B) and 8 key heads (70B's GQA) per rank.
+        for heads in (32, 8):
+            launch = rope._launch(heads, 64)
+            num_warps = launch.pop("num_warps")
+            for backward_pass in (False, True):
+                constexprs = {"HALF": 64, "BACKWARD": backward_pass, **launch}
+                yield "_rope_kernel", dtype, constexprs, num_warps
 
 
 def _compile_report() -> None:
@@ -92,9 +105,9 @@ def _compile_report() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import cross_entropy, embedding
+    from kernels import cross_entropy, embedding, rope
 
-    kernels = {**vars(cross_entropy), **vars(embedding)}
+    kernels = {**vars(cross_entropy), **vars(embedding), **vars(rope)}
     knobs.nvidia.dump_ptxas_log = True
     results = []
     for arch in ARCHS:

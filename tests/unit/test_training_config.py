@@ -302,7 +302,8 @@ def test_trainer_refuses_an_output_directory_it_cannot_create(tmp_path, monkeypa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
 def test_kernel_fusions_follow_what_can_run(tmp_path):
-    """On a CPU: none by default, the compiled SwiGLU on request, the GPU-only ones refused."""
+    """On a CPU: none by default; the compiled SwiGLU, and with our kernels our RoPE, on request;
+    the others refused."""
     from megatron_ext.training.model import kernel_fusions
 
     assert kernel_fusions(load_config(None, [])) == {
@@ -310,14 +311,15 @@ def test_kernel_fusions_follow_what_can_run(tmp_path):
         "gradient_accumulation_fusion": False,
         "bias_activation_fusion": False,
     }
-    fused = kernel_fusions(load_config(None, ["--bias-swiglu-fusion"]))
+    fused = kernel_fusions(load_config(None, ["--bias-swiglu-fusion", "--apply-rope-fusion"]))
     assert fused["bias_activation_fusion"] is True
-    for flag, needs in (
-        ("--apply-rope-fusion", "Transformer Engine"),
-        ("--gradient-accumulation-fusion", "fused_weight_gradient_mlp_cuda"),
+    assert fused["apply_rope_fusion"] is True  # kernels/rope.py (--kernels fused, the default)
+    for overrides, needs in (
+        (["--kernels", "megatron", "--apply-rope-fusion"], "Transformer Engine"),
+        (["--gradient-accumulation-fusion"], "fused_weight_gradient_mlp_cuda"),
     ):
-        with pytest.raises(ConfigError, match=f"{flag} needs .*{needs}"):
-            kernel_fusions(load_config(None, [flag]))
+        with pytest.raises(ConfigError, match=f"{overrides[-1]} needs .*{needs}"):
+            kernel_fusions(load_config(None, overrides))
 
 
 @pytest.mark.parametrize(
