@@ -115,8 +115,11 @@ def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.
 
 
 def _launch(heads: int, half: int) -> dict:
-    """Block sizes and warps: up to 2,048 elements of each half per program (all of a position's
-    heads, for Llama's 128-wide heads up to 32 of them), 8 per thread."""
+    """Block sizes and warps for ``heads`` heads whose rotated half is ``half`` wide.
+
+    Up to 2,048 elements of each half per program (all of a position's heads; for Llama's
+    128-wide heads, up to 32 of them), 8 per thread.
+    """
     block_half = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
     num_warps = min(8, max(1, block_h * block_half // 256))
@@ -189,8 +192,10 @@ def fused_apply_rotary_pos_emb(
     transpose_output_memory: bool = False,
     interleaved: bool = False,
 ) -> torch.Tensor:
-    """:func:`rotary_embedding` with Transformer Engine's signature, the one megatron-core calls
-    when ``apply_rope_fusion`` is on (``rope_utils.fused_apply_rotary_pos_emb``).
+    """:func:`rotary_embedding` with Transformer Engine's signature.
+
+    It is the signature megatron-core calls when ``apply_rope_fusion`` is on
+    (``rope_utils.fused_apply_rotary_pos_emb``).
 
     Raises:
         ValueError: Interleaved rotation, which this kernel does not implement.

@@ -4,7 +4,8 @@ With ``fused_kernels`` the model runs this project's kernels where megatron-core
 own: the vocab-parallel embedding (:mod:`kernels.embedding`) and, when labels are given, the
 fused linear cross-entropy (:mod:`kernels.cross_entropy`), which never materialises the logits,
 and in megatron-core's local spec PyTorch's fused attention (:mod:`megatron_ext.model.attention`)
-and, with ``apply_rope_fusion``, the rotary embedding of :mod:`kernels.rope` (:func:`use_fused_rope`).
+and, with ``apply_rope_fusion``, the rotary embedding of :mod:`kernels.rope`
+(:func:`use_fused_rope`).
 Parameters, sharding and checkpoint keys are megatron-core's either way, so checkpoints move
 freely between the two.
 """

@@ -12,8 +12,9 @@ GPU (skipped without CUDA; run ``pytest tests/benchmarks/test_kernels_bench.py -
 megatron-core's fused vocab-parallel CE on materialised logits and Liger-Kernel's fused linear CE
 (each skipped if not installed); at H=4096 the GPU time of the fused paths by kind of kernel
 (torch.profiler); the training path (dW into ``main_grad``) at chunk floors of
-1024-4096 rows; the embedding against torch's gather and ``embedding_dense_backward``. ``-s``
-prints a markdown summary table at the end.
+1024-4096 rows; the embedding against torch's gather and ``embedding_dense_backward``; the
+rotary embedding against megatron-core's unfused one. ``-s`` prints a markdown summary table at
+the end.
 """
 
 from __future__ import annotations
@@ -431,5 +432,54 @@ def test_gpu_embedding_backward(benchmark, impl):
             impl=impl,
             ms=ms,
             peak_mib=peak,
+        )
+    )
+
+
+# Llama-2 7B's queries at seq 4,096, one sequence: 32 heads of 128.
+ROPE_SHAPE = (4096, 1, 32, 128)
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["fused", "megatron", "copy"])
+def test_gpu_rope(benchmark, impl):
+    """Rotary embedding forward + backward: kernels/rope.py against megatron-core's unfused
+    function (what runs without TE) and a copy there and back (the bandwidth bound)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from kernels.rope import rotary_embedding
+
+    seq, _, _, dim = ROPE_SHAPE
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t = torch.randn(ROPE_SHAPE, device="cuda", generator=gen, dtype=torch.bfloat16)
+    t.requires_grad_(impl != "copy")
+    grad_out = torch.randn_like(t)
+    # megatron-core's RotaryEmbedding: fp32 angles [s, 1, 1, dim].
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda") / dim)
+    angles = torch.outer(torch.arange(seq, device="cuda", dtype=torch.float32), inv_freq)
+    freqs = torch.cat((angles, angles), dim=-1)[:, None, None, :]
+    if impl == "copy":
+
+        def step():
+            t.clone()
+            grad_out.clone()
+
+    else:
+        rope = rotary_embedding if impl == "fused" else _apply_rotary_pos_emb_bshd
+
+        def step():
+            torch.autograd.backward(rope(t, freqs), grad_out)
+            t.grad = None
+
+    ms, peak = _measure(benchmark, step, rounds=20, inner=10)
+    moved = 4 * t.numel() * t.element_size()  # each way: read the input, write the output
+    _GPU_ROWS.append(
+        dict(
+            bench="rope fwd+bwd",
+            shape="s={} b={} heads={} dim={}".format(*ROPE_SHAPE),
+            impl=impl,
+            ms=ms,
+            peak_mib=peak,
+            note=f"{moved / (ms * 1e-3) / 1e12:.2f} TB/s",
         )
     )

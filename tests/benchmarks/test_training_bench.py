@@ -198,11 +198,19 @@ _STEP_KERNEL_KINDS = (
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("vocab", [32000, 57344])
-@pytest.mark.parametrize("kernels", ["megatron", "fused"])
+@pytest.mark.parametrize(
+    "kernels, rope",
+    [("megatron", "default"), ("fused", "default"), ("fused", "unfused")],
+    ids=["megatron", "fused", "fused-unfused-rope"],
+)
 def test_gpu_1b_training_step(
-    benchmark, process_group, tiny_data, llama2_tokenizer, kernels, vocab
+    benchmark, process_group, tiny_data, llama2_tokenizer, kernels, rope, vocab
 ):
-    """bf16, seq 4096, micro-batch 1, 8 micro-batches per step, one GPU; peak memory per step."""
+    """bf16, seq 4096, micro-batch 1, 8 micro-batches per step, one GPU; peak memory per step.
+
+    ``fused-unfused-rope`` is ours with megatron-core's unfused RoPE, at the first vocabulary
+    only: what the RoPE kernel (kernels/rope.py, on by default without TE) is worth.
+    """
     import dataclasses
 
     from megatron_ext.model.gpt import transformer_engine_enabled
@@ -212,6 +220,8 @@ def test_gpu_1b_training_step(
     from megatron_ext.training.plan import peak_tflops, plan_run, training_flops_per_token
     from megatron_ext.training.stage import build_stage
 
+    if rope == "unfused" and vocab != 32000:
+        pytest.skip("the RoPE comparison is made at one vocabulary")
     directory, data = tiny_data
     config = load_config(
         None,
@@ -220,6 +230,7 @@ def test_gpu_1b_training_step(
             "--data-path", "0.25", data["en"], "0.75", data["ar"],
             "--data-cache-path", str(directory / "cache"), "--train-iters", "50",
             "--seq-length", "4096", "--micro-batch-size", "1", "--global-batch-size", "8",
+            *(["--apply-rope-fusion", "false"] if rope == "unfused" else []),
         ],
     )  # fmt: skip
     config.arch = {"preset": "llama2-7b", **ONE_B}
@@ -251,12 +262,14 @@ def test_gpu_1b_training_step(
     # --dry-run's estimate of the same run, to compare with the measured peak.
     estimate = plan_run(config, plan.arch, vocab, world_size=1)
     print(
-        f"\n1B {kernels} V={vocab}: {tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
+        f"\n1B {kernels}{' (unfused RoPE)' if rope == 'unfused' else ''} V={vocab}: "
+        f"{tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
         f"peak {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} GiB "
         f"(--dry-run: {estimate.total_gib:.2f} GiB, activations {estimate.activations_gib:.2f}) "
         f"({'TE' if transformer_engine_enabled() else 'local'} spec; fusions: {fused})"
     )
-    _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before
+    if rope == "default":
+        _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before
     print(f"  one step by kind of kernel: {kernel_breakdown(step, _STEP_KERNEL_KINDS)}")
     report_vocab_growth(
         _GPU_PEAKS, plan.arch.hidden_size, GPU_STATE_BYTES_PER_PARAM, "1B, bf16, seq 4096"

@@ -12,8 +12,17 @@ from kernels.rope import fused_apply_rotary_pos_emb, rotary_embedding
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (s, b, heads, dim, rot_dim, freqs batch): odd head counts, partial rotation (channels passed
-# through), one position, per-sequence angles.
-SHAPES = [(7, 2, 3, 16, 16, 1), (5, 1, 5, 24, 16, 1), (1, 3, 1, 8, 8, 1), (4, 2, 6, 32, 32, 2)]
+# through), one position, per-sequence angles; Llama's 128-wide heads, 40 of them, which take two
+# programs per position (32 heads each, the second part-masked); more pass-through channels than
+# one block of them.
+SHAPES = [
+    (7, 2, 3, 16, 16, 1),
+    (5, 1, 5, 24, 16, 1),
+    (1, 3, 1, 8, 8, 1),
+    (4, 2, 6, 32, 32, 2),
+    (2, 2, 40, 128, 128, 2),
+    (3, 1, 3, 176, 32, 1),
+]
 
 
 def _inputs(s, b, heads, dim, rot_dim, freqs_batch, dtype, seed=0):
@@ -37,7 +46,7 @@ def test_matches_megatron_in_fp32(backend, shape):
     t, freqs = _inputs(*shape, torch.float32)
     expected = _forward_backward(_apply_rotary_pos_emb_bshd, t, freqs)
     got = _forward_backward(lambda x, f: rotary_embedding(x, f, backend=backend), t, freqs)
-    for name, g, e in zip(("output", "gradient"), got, expected):
+    for name, g, e in zip(("output", "gradient"), got, expected, strict=True):
         # The PyTorch path is megatron-core's arithmetic in the same order; Triton's cos and sin
         # differ from PyTorch's in the last bit.
         torch.testing.assert_close(g, e, rtol=0, atol=0 if backend == "torch" else 1e-6, msg=name)
@@ -49,7 +58,9 @@ def test_bf16_rounds_once(shape):
     unit in the last place of the fp64 result (itself rounded, for the gradient of a bf16 input);
     megatron-core rounds cos, sin and each product to bf16 as well, so it is within a few."""
     t, freqs = _inputs(*shape, torch.bfloat16)
-    exact = _forward_backward(lambda x, f: rotary_embedding(x.double(), f), t, freqs)
+    exact = _forward_backward(
+        lambda x, f: rotary_embedding(x.double(), f, backend="torch"), t, freqs
+    )
     reference = _forward_backward(lambda x, f: rotary_embedding(x, f, backend="torch"), t, freqs)
     triton_ = _forward_backward(lambda x, f: rotary_embedding(x, f, backend="triton"), t, freqs)
     megatron = _forward_backward(_apply_rotary_pos_emb_bshd, t, freqs)
