@@ -49,14 +49,26 @@ def megatron_shard(hf_model, arch: LlamaArch, tp: int, rank: int) -> dict:
     return {name: tensor_parallel_shards(name, t, tp)[rank] for name, t in full.items()}
 
 
-def compare_logits(rank, world_size, kv_heads):
+def compare_logits(rank, world_size, kv_heads, rope_backend=None):
+    """``rope_backend``: None for megatron-core's unfused RoPE, else ``kernels/rope.py`` forced
+    onto that backend through megatron-core's fused-RoPE slot (``use_fused_rope``)."""
     from megatron_ext.model.gpt import build_gpt_model
 
     hf_model = tiny_llama(kv_heads)
     arch = LlamaArch.from_hf_config(hf_model.config.to_dict())
+    if rope_backend is not None:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        from kernels.rope import rotary_embedding
+
+        # This process's own slot (run_ranks starts fresh processes); megatron-core passes
+        # ``interleaved=False`` for Llama.
+        rope_utils.fused_apply_rotary_pos_emb = lambda t, freqs, interleaved: rotary_embedding(
+            t, freqs, backend=rope_backend
+        )
     model = build_gpt_model(
         arch,
-        arch.transformer_config(world_size, 1),
+        arch.transformer_config(world_size, 1, apply_rope_fusion=rope_backend is not None),
         arch.padded_vocab_size(world_size),
         parallel_output=False,
     ).eval()
@@ -77,3 +89,10 @@ def compare_logits(rank, world_size, kv_heads):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_logits_match_transformers(tp, kv_heads):
     run_ranks(compare_logits, tp, kv_heads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_rope_logits_match_transformers(backend):
+    """kernels/rope.py in the model (both paths; Triton under the interpreter on a CPU) against
+    transformers' own rotary embedding, with GQA: queries and keys of different head counts."""
+    run_ranks(compare_logits, 1, 2, backend)
