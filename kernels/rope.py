@@ -85,8 +85,11 @@ def _rope_kernel(
 
 
 def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+    # The kernel walks the last dimension of both with unit stride.
     if t.stride(-1) != 1:
         t = t.contiguous()
+    if freqs.stride(-1) != 1:
+        freqs = freqs.contiguous()
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     seq, batch, heads, dim = t.shape
     half = freqs.shape[-1] // 2

@@ -79,13 +79,16 @@ def test_gradient_is_the_transpose_of_the_forward_map():
 
 
 def test_strided_input():
-    """A query sliced out of a fused QKV projection: strided over heads, contiguous within one."""
+    """A query sliced out of a fused QKV projection (strided over heads, contiguous within one),
+    a key strided within a head, angles strided within a position."""
     qkv = torch.randn(6, 2, 4, 3 * 16, device=DEVICE)
-    query = qkv[..., 16:32]
-    freqs = torch.randn(6, 1, 1, 16, device=DEVICE)
-    for backend in ("torch", "triton"):
-        got = rotary_embedding(query, freqs, backend=backend)
-        torch.testing.assert_close(got, _apply_rotary_pos_emb_bshd(query, freqs), atol=1e-6, rtol=0)
+    query, key = qkv[..., 16:32], qkv[..., 0:32:2]
+    freqs = torch.randn(6, 1, 1, 32, device=DEVICE)[..., ::2]
+    for t in (query, key):
+        expected = _apply_rotary_pos_emb_bshd(t, freqs)
+        for backend in ("torch", "triton"):
+            got = rotary_embedding(t, freqs, backend=backend)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0, msg=backend)
 
 
 def test_bad_shapes_and_interleaving_are_refused():
