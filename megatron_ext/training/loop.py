@@ -54,6 +54,7 @@ from megatron_ext.training.data import (
 from megatron_ext.training.metrics import MetricsLog
 from megatron_ext.training.model import (
     build_model,
+    kernel_summary,
     plan_warnings,
     resolve_arch,
     training_device,
@@ -375,6 +376,7 @@ class Trainer:
         stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins, self.started)
         result = TrainResult(iteration=state.iteration)
         started, first_iteration = time.perf_counter(), state.iteration
+        self._log_rank0(kernel_summary(config))
         module = build_model(config, self.plan)
         if self.resume is None and config.pretrained_checkpoint:
             load_into(module, config.pretrained_checkpoint)

@@ -185,6 +185,48 @@ def kernel_fusions(config: TrainConfig) -> dict[str, bool]:
     return chosen
 
 
+def _forced_transformer_engine(config: TrainConfig) -> bool | None:
+    """``--transformer-impl`` as ``transformer_engine_enabled``'s argument (None: auto)."""
+    return {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
+
+
+def kernel_summary(config: TrainConfig) -> str:
+    """One line naming the layer spec, kernels and fusions ``build_model`` will use here.
+
+    A run that silently fell back (no Transformer Engine on the nodes, no apex) says so in its
+    first lines instead of only in its tokens/s.
+
+    Raises:
+        ConfigError: As :func:`kernel_fusions`.
+    """
+    forced = _forced_transformer_engine(config)
+    use_te = transformer_engine_enabled(forced)
+    if use_te:
+        spec = "Transformer Engine"
+    else:
+        why = (
+            "--transformer-impl local"
+            if forced is False
+            else "Transformer Engine not installed"
+            if torch.cuda.is_available()
+            else "no GPU"
+        )
+        spec = f"local ({why})"
+    if config.kernels == "fused":
+        attention = "" if use_te else ", PyTorch's fused attention"
+        kernels = f"ours (embedding, linear cross-entropy{attention})"
+    else:
+        kernels = "megatron-core's"
+    rope = "Transformer Engine's" if transformer_engine_rope() else "kernels/rope.py"
+    names = {
+        "bias_activation_fusion": "SwiGLU",
+        "apply_rope_fusion": f"RoPE ({rope})",
+        "gradient_accumulation_fusion": "gradient accumulation",
+    }
+    on = [names[name] for name, enabled in kernel_fusions(config).items() if enabled]
+    return f"layer spec: {spec}; kernels: {kernels}; fusions: {', '.join(on) or 'none'}"
+
+
 def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
     """This rank's pipeline stage of the model, on the training device."""
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
@@ -203,9 +245,7 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
             "0.16's output-discarding checkpoint calls into it even without fp8"
         )
     overrides.update(recompute)
-    use_te = transformer_engine_enabled(
-        {"auto": None, "local": False, "transformer_engine": True}[config.transformer_impl]
-    )
+    use_te = transformer_engine_enabled(_forced_transformer_engine(config))
     overrides.update(kernel_fusions(config))
     if overrides["apply_rope_fusion"]:
         use_fused_rope()

@@ -213,10 +213,9 @@ def test_gpu_1b_training_step(
     """
     import dataclasses
 
-    from megatron_ext.model.gpt import transformer_engine_enabled
     from megatron_ext.training.config import load_config
     from megatron_ext.training.loop import LoopState, Trainer
-    from megatron_ext.training.model import build_model, kernel_fusions
+    from megatron_ext.training.model import build_model, kernel_summary
     from megatron_ext.training.plan import peak_tflops, plan_run, training_flops_per_token
     from megatron_ext.training.stage import build_stage
 
@@ -258,15 +257,14 @@ def test_gpu_1b_training_step(
     tokens_per_s = config.global_batch_size * config.seq_length / benchmark.stats.stats.median
     flops = training_flops_per_token(plan.arch, vocab, config.seq_length) * tokens_per_s
     mfu = f"{100 * flops / (peak_tflops() * 1e12):.1f}%" if peak_tflops() else "n/a"
-    fused = ", ".join(name for name, on in kernel_fusions(config).items() if on) or "none"
     # --dry-run's estimate of the same run, to compare with the measured peak.
     estimate = plan_run(config, plan.arch, vocab, world_size=1)
     print(
         f"\n1B {kernels}{' (unfused RoPE)' if rope == 'unfused' else ''} V={vocab}: "
         f"{tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
         f"peak {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} GiB "
-        f"(--dry-run: {estimate.total_gib:.2f} GiB, activations {estimate.activations_gib:.2f}) "
-        f"({'TE' if transformer_engine_enabled() else 'local'} spec; fusions: {fused})"
+        f"(--dry-run: {estimate.total_gib:.2f} GiB, activations {estimate.activations_gib:.2f})"
+        f"\n  {kernel_summary(config)}"
     )
     if rope == "default":
         _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before

@@ -322,6 +322,31 @@ def test_kernel_fusions_follow_what_can_run(tmp_path):
             kernel_fusions(load_config(None, overrides))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
+def test_kernel_summary_names_what_the_run_uses():
+    """The line a run starts with: the spec and why, our kernels or megatron-core's, fusions."""
+    from megatron_ext.training.model import kernel_summary
+
+    assert kernel_summary(load_config(None, [])) == (
+        "layer spec: local (no GPU); kernels: ours (embedding, linear cross-entropy, "
+        "PyTorch's fused attention); fusions: none"
+    )
+    summary = kernel_summary(
+        load_config(
+            None,
+            ["--kernels", "megatron", "--transformer-impl", "local", "--bias-swiglu-fusion"],
+        )
+    )
+    assert summary == (
+        "layer spec: local (--transformer-impl local); kernels: megatron-core's; fusions: SwiGLU"
+    )
+    assert kernel_summary(load_config(None, ["--apply-rope-fusion"])).endswith(
+        "fusions: RoPE (kernels/rope.py)"
+    )
+    with pytest.raises(ConfigError, match="--apply-rope-fusion needs"):
+        kernel_summary(load_config(None, ["--kernels", "megatron", "--apply-rope-fusion"]))
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
