@@ -3,9 +3,9 @@
 With ``fused_kernels`` the model runs this project's kernels where megatron-core would run its
 own: the vocab-parallel embedding (:mod:`kernels.embedding`) and, when labels are given, the
 fused linear cross-entropy (:mod:`kernels.cross_entropy`), which never materialises the logits,
-and in megatron-core's local spec PyTorch's fused attention (:mod:`megatron_ext.model.attention`)
-and, with ``apply_rope_fusion``, the rotary embedding of :mod:`kernels.rope`
-(:func:`use_fused_rope`).
+and in megatron-core's local spec PyTorch's fused attention (:mod:`megatron_ext.model.attention`);
+:mod:`megatron_ext.model.fusions` adds the rotary embedding and weight-gradient accumulation
+through megatron-core's own fusion slots.
 Parameters, sharding and checkpoint keys are megatron-core's either way, so checkpoints move
 freely between the two.
 """
@@ -23,7 +23,6 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from kernels import rope
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.embedding import FusedVocabParallelEmbedding
 from megatron_ext.arch import LlamaArch
@@ -42,27 +41,6 @@ def transformer_engine_enabled(use_transformer_engine: bool | None = None) -> bo
     except ImportError:
         return False
     return True
-
-
-def transformer_engine_rope() -> bool:
-    """Whether megatron-core found Transformer Engine's fused rotary embedding."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    return rope_utils.fused_apply_rotary_pos_emb not in (None, rope.fused_apply_rotary_pos_emb)
-
-
-def use_fused_rope() -> None:
-    """Give megatron-core :mod:`kernels.rope` as its fused rotary embedding where TE's is absent.
-
-    With ``apply_rope_fusion`` on, megatron-core's attention calls the module-level
-    ``rope_utils.fused_apply_rotary_pos_emb``, which it sets to Transformer Engine's when TE
-    imports and leaves None otherwise; its ``TransformerConfig`` refuses the flag while it is None.
-    This fills that slot, for the whole process, and never replaces TE's.
-    """
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = rope.fused_apply_rotary_pos_emb
 
 
 def layer_spec(

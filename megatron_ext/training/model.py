@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,13 @@ from megatron.core.tensor_parallel import random as mcore_random
 
 from megatron_ext.arch import PRESETS, LlamaArch
 from megatron_ext.checkpoint.convert import read_metadata
-from megatron_ext.model.gpt import (
-    LlamaGPTModel,
-    build_gpt_model,
-    transformer_engine_enabled,
+from megatron_ext.model.fusions import (
+    apex_weight_gradient,
     transformer_engine_rope,
     use_fused_rope,
+    use_fused_weight_gradient,
 )
+from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model, transformer_engine_enabled
 from megatron_ext.training import checkpointing
 from megatron_ext.training.config import ConfigError, TrainConfig
 
@@ -162,16 +161,17 @@ def kernel_fusions(config: TrainConfig) -> dict[str, bool]:
     """
     on_gpu = torch.cuda.is_available()
     # megatron-core imports TE's fused RoPE and apex's fused weight-gradient GEMM when it can;
-    # without TE, --kernels fused brings its own RoPE kernel (kernels/rope.py, on any device).
+    # --kernels fused brings its own where they are missing (model/fusions.py, on any device).
+    ours = config.kernels == "fused"
     have = {
         "bias_swiglu_fusion": (True, ""),
         "apply_rope_fusion": (
-            (on_gpu and transformer_engine_rope()) or config.kernels == "fused",
+            (on_gpu and transformer_engine_rope()) or ours,
             "--kernels fused, or Transformer Engine's fused RoPE on a GPU",
         ),
         "gradient_accumulation_fusion": (
-            on_gpu and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
-            "apex's fused_weight_gradient_mlp_cuda extension, on a GPU",
+            (on_gpu and apex_weight_gradient()) or ours,
+            "--kernels fused, or apex's fused_weight_gradient_mlp_cuda extension on a GPU",
         ),
     }
     chosen = {}
@@ -218,10 +218,11 @@ def kernel_summary(config: TrainConfig) -> str:
     else:
         kernels = "megatron-core's"
     rope = "Transformer Engine's" if transformer_engine_rope() else "kernels/rope.py"
+    wgrad = "apex's" if apex_weight_gradient() else "ours"
     names = {
         "bias_activation_fusion": "SwiGLU",
         "apply_rope_fusion": f"RoPE ({rope})",
-        "gradient_accumulation_fusion": "gradient accumulation",
+        "gradient_accumulation_fusion": f"gradient accumulation ({wgrad})",
     }
     on = [names[name] for name, enabled in kernel_fusions(config).items() if enabled]
     return f"layer spec: {spec}; kernels: {kernels}; fusions: {', '.join(on) or 'none'}"
@@ -249,6 +250,8 @@ def build_model(config: TrainConfig, plan: ModelPlan) -> LlamaGPTModel:
     overrides.update(kernel_fusions(config))
     if overrides["apply_rope_fusion"]:
         use_fused_rope()
+    if overrides["gradient_accumulation_fusion"]:
+        use_fused_weight_gradient()
     transformer_config = plan.arch.transformer_config(tp, pp, **overrides)
     if config.reset_attention_mask and use_te:
         raise ConfigError(

@@ -920,17 +920,29 @@ def _packed_vs_alone(rank, world_size, config_path):
         return losses(True), losses(False), alone
 
 
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [
+        ("--apply-rope-fusion", "RoPE (kernels/rope.py)"),
+        ("--gradient-accumulation-fusion", "gradient accumulation (ours)"),
+    ],
+    ids=["rope", "weight-gradient"],
+)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_fused_rope_trains_as_megatron_unfused(tmp_path, small_tokenizer, training_data, precision):
-    """--apply-rope-fusion with our kernels (kernels/rope.py) against megatron-core's unfused
-    RoPE: fp32 runs agree to rounding; bf16 ones as closely as megatron-core's bf16 rounding of
-    cos and sin allows (ours computes in fp32)."""
+def test_our_fusions_train_as_megatron_unfused(
+    tmp_path, small_tokenizer, training_data, precision, flag, named
+):
+    """megatron-core's fusions that model/fusions.py provides without TE or apex, against the
+    unfused runs: fp32 agrees to rounding; in bf16 ours rounds less (RoPE: no bf16 cos and sin;
+    weight gradients: no bf16 per-micro-batch gradient before the fp32 sum), so the losses differ
+    slightly, which also shows that ours ran."""
     config = write_config(tmp_path, small_tokenizer, training_data, train_iters=6)
     unfused = run_ranks(_train, 1, config, precision)[0]
-    fused = run_ranks(_train, 1, config, [*precision, "--apply-rope-fusion"])[0]
+    fused, printed, _ = run_ranks(_train_reported, 1, config, [*precision, flag])[0]
+    assert f"fusions: {named}" in printed
     tolerance = 1e-5 if not precision else 2e-2
     assert fused == pytest.approx(unfused, rel=tolerance), (fused, unfused)
-    assert fused != unfused or not precision  # bf16: the rounding differs, so ours ran
+    assert fused != unfused or not precision
 
 
 def test_document_aware_packing_isolates_documents(tmp_path, small_tokenizer, training_data):

@@ -109,7 +109,7 @@ def test_megatron_core_calls_it_with_apply_rope_fusion(monkeypatch):
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_ext.model.gpt import transformer_engine_rope, use_fused_rope
+    from megatron_ext.model.fusions import transformer_engine_rope, use_fused_rope
 
     if transformer_engine_rope():
         pytest.skip("Transformer Engine's fused RoPE is installed: it keeps the slot")

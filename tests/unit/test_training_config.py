@@ -302,8 +302,8 @@ def test_trainer_refuses_an_output_directory_it_cannot_create(tmp_path, monkeypa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
 def test_kernel_fusions_follow_what_can_run(tmp_path):
-    """On a CPU: none by default; the compiled SwiGLU, and with our kernels our RoPE, on request;
-    the others refused."""
+    """On a CPU: none by default; on request the compiled SwiGLU and, with our kernels, our RoPE
+    and weight-gradient accumulation; with megatron-core's kernels those two need TE and apex."""
     from megatron_ext.training.model import kernel_fusions
 
     assert kernel_fusions(load_config(None, [])) == {
@@ -311,12 +311,12 @@ def test_kernel_fusions_follow_what_can_run(tmp_path):
         "gradient_accumulation_fusion": False,
         "bias_activation_fusion": False,
     }
-    fused = kernel_fusions(load_config(None, ["--bias-swiglu-fusion", "--apply-rope-fusion"]))
-    assert fused["bias_activation_fusion"] is True
-    assert fused["apply_rope_fusion"] is True  # kernels/rope.py (--kernels fused, the default)
+    flags = ["--bias-swiglu-fusion", "--apply-rope-fusion", "--gradient-accumulation-fusion"]
+    # --kernels fused is the default: model/fusions.py provides the last two.
+    assert set(kernel_fusions(load_config(None, flags)).values()) == {True}
     for overrides, needs in (
         (["--kernels", "megatron", "--apply-rope-fusion"], "Transformer Engine"),
-        (["--gradient-accumulation-fusion"], "fused_weight_gradient_mlp_cuda"),
+        (["--kernels", "megatron", "--gradient-accumulation-fusion"], "fused_weight_gradient"),
     ):
         with pytest.raises(ConfigError, match=f"{overrides[-1]} needs .*{needs}"):
             kernel_fusions(load_config(None, overrides))
@@ -340,8 +340,9 @@ def test_kernel_summary_names_what_the_run_uses():
     assert summary == (
         "layer spec: local (--transformer-impl local); kernels: megatron-core's; fusions: SwiGLU"
     )
-    assert kernel_summary(load_config(None, ["--apply-rope-fusion"])).endswith(
-        "fusions: RoPE (kernels/rope.py)"
+    flags = ["--apply-rope-fusion", "--gradient-accumulation-fusion"]
+    assert kernel_summary(load_config(None, flags)).endswith(
+        "fusions: RoPE (kernels/rope.py), gradient accumulation (ours)"
     )
     with pytest.raises(ConfigError, match="--apply-rope-fusion needs"):
         kernel_summary(load_config(None, ["--kernels", "megatron", "--apply-rope-fusion"]))
