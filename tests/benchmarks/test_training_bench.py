@@ -199,17 +199,22 @@ _STEP_KERNEL_KINDS = (
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("vocab", [32000, 57344])
 @pytest.mark.parametrize(
-    "kernels, rope",
-    [("megatron", "default"), ("fused", "default"), ("fused", "unfused")],
-    ids=["megatron", "fused", "fused-unfused-rope"],
+    "kernels, without",
+    [
+        ("megatron", None),
+        ("fused", None),
+        ("fused", "--apply-rope-fusion"),
+        ("fused", "--gradient-accumulation-fusion"),
+    ],
+    ids=["megatron", "fused", "fused-without-rope-fusion", "fused-without-wgrad-fusion"],
 )
 def test_gpu_1b_training_step(
-    benchmark, process_group, tiny_data, llama2_tokenizer, kernels, rope, vocab
+    benchmark, process_group, tiny_data, llama2_tokenizer, kernels, without, vocab
 ):
     """bf16, seq 4096, micro-batch 1, 8 micro-batches per step, one GPU; peak memory per step.
 
-    ``fused-unfused-rope`` is ours with megatron-core's unfused RoPE, at the first vocabulary
-    only: what the RoPE kernel (kernels/rope.py, on by default without TE) is worth.
+    ``fused-without-...`` is ours with one of model/fusions.py's fusions turned off, at the first
+    vocabulary only: what that fusion (on by default without TE and apex) is worth.
     """
     import dataclasses
 
@@ -219,8 +224,8 @@ def test_gpu_1b_training_step(
     from megatron_ext.training.plan import peak_tflops, plan_run, training_flops_per_token
     from megatron_ext.training.stage import build_stage
 
-    if rope == "unfused" and vocab != 32000:
-        pytest.skip("the RoPE comparison is made at one vocabulary")
+    if without and vocab != 32000:
+        pytest.skip("the fusions are compared at one vocabulary")
     directory, data = tiny_data
     config = load_config(
         None,
@@ -229,7 +234,7 @@ def test_gpu_1b_training_step(
             "--data-path", "0.25", data["en"], "0.75", data["ar"],
             "--data-cache-path", str(directory / "cache"), "--train-iters", "50",
             "--seq-length", "4096", "--micro-batch-size", "1", "--global-batch-size", "8",
-            *(["--apply-rope-fusion", "false"] if rope == "unfused" else []),
+            *([without, "false"] if without else []),
         ],
     )  # fmt: skip
     config.arch = {"preset": "llama2-7b", **ONE_B}
@@ -260,13 +265,13 @@ def test_gpu_1b_training_step(
     # --dry-run's estimate of the same run, to compare with the measured peak.
     estimate = plan_run(config, plan.arch, vocab, world_size=1)
     print(
-        f"\n1B {kernels}{' (unfused RoPE)' if rope == 'unfused' else ''} V={vocab}: "
+        f"\n1B {kernels}{f' {without} false' if without else ''} V={vocab}: "
         f"{tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
         f"peak {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} GiB "
         f"(--dry-run: {estimate.total_gib:.2f} GiB, activations {estimate.activations_gib:.2f})"
         f"\n  {kernel_summary(config)}"
     )
-    if rope == "default":
+    if not without:
         _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before
     print(f"  one step by kind of kernel: {kernel_breakdown(step, _STEP_KERNEL_KINDS)}")
     report_vocab_growth(
