@@ -150,8 +150,9 @@ class TrainConfig:
             fused``). None: on a GPU when either is there.
         gradient_accumulation_fusion: The weight-gradient GEMMs of megatron-core's linear
             layers add into the fp32 ``main_grad`` directly, with no bf16 gradient in between
-            (apex's ``fused_weight_gradient_mlp_cuda``; TE layers do it themselves). None: when
-            that extension imports, on a GPU.
+            (apex's ``fused_weight_gradient_mlp_cuda`` where installed, else this project's
+            with ``--kernels fused``; TE layers do it themselves). None: on a GPU when either
+            is there.
         make_vocab_size_divisible_by: Vocabulary padding unit (times the TP size).
         tensor_model_parallel_size: TP size.
         pipeline_model_parallel_size: PP size.
