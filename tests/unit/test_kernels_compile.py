@@ -90,8 +90,9 @@ def _variants():
         backward = {**embedding._backward_launch(HIDDEN), "grad_weight_col_stride": 1}
         yield "_embedding_fwd_kernel", dtype, forward, 4
         yield "_embedding_bwd_kernel", dtype, backward, 4
-        # Llama's 128-wide heads: 32 query heads (7B) and 8 key heads (70B's GQA) per rank.
-        for heads in (32, 8):
+        # Llama's 128-wide heads per rank: 32 (7B), 16 (7B at TP=2, the 1B benchmark), 8 (70B's
+        # GQA keys).
+        for heads in (32, 16, 8):
             launch = rope._launch(heads, 64)
             num_warps = launch.pop("num_warps")
             for backward_pass in (False, True):
