@@ -41,6 +41,10 @@ def aliases_main_grad(weight) -> bool:
     return weight.grad.untyped_storage().data_ptr() == weight.main_grad.untyped_storage().data_ptr()
 
 
+# Where the kernel tests put their tensors: the GPU when there is one (the Triton kernels run
+# compiled), else the CPU (Triton under its interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # Backends for tests of CPU tensors (the checks that raise at once there): on a GPU machine the
 # Triton kernels run only on CUDA tensors, without the interpreter.
 CPU_TENSOR_BACKENDS = [

@@ -203,15 +203,12 @@ def kernel_summary(config: TrainConfig) -> str:
     use_te = transformer_engine_enabled(forced)
     if use_te:
         spec = "Transformer Engine"
+    elif forced is False:
+        spec = "local (--transformer-impl local)"
+    elif torch.cuda.is_available():
+        spec = "local (Transformer Engine not installed)"
     else:
-        why = (
-            "--transformer-impl local"
-            if forced is False
-            else "Transformer Engine not installed"
-            if torch.cuda.is_available()
-            else "no GPU"
-        )
-        spec = f"local ({why})"
+        spec = "local (no GPU)"
     if config.kernels == "fused":
         attention = "" if use_te else ", PyTorch's fused attention"
         kernels = f"ours (embedding, linear cross-entropy{attention})"

@@ -11,8 +11,7 @@ from megatron_ext.model.fusions import (
     apex_weight_gradient,
     use_fused_weight_gradient,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE
 
 
 def _operands(dtype: torch.dtype, tokens: int = 37, fan_in: int = 24, fan_out: int = 40):

@@ -14,10 +14,9 @@ import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 from kernels.embedding import vocab_parallel_embedding
-from tests.helpers import CPU_TENSOR_BACKENDS, aliases_main_grad
+from tests.helpers import CPU_TENSOR_BACKENDS, DEVICE, aliases_main_grad
 
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a machine without CUDA the Triton cases run in Triton's interpreter (see tests/conftest.py).
 TRITON = pytest.mark.triton_interpreter
 BACKENDS = ["torch", pytest.param("triton", marks=TRITON)]

@@ -8,8 +8,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from kernels.rope import fused_apply_rotary_pos_emb, rotary_embedding
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE
 
 # (s, b, heads, dim, rot_dim, freqs batch): odd head counts, partial rotation (channels passed
 # through), one position, per-sequence angles; Llama's 128-wide heads, 40 of them, which take two
@@ -55,11 +54,12 @@ def test_matches_megatron_in_fp32(backend, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 def test_bf16_rounds_once(shape):
     """bf16: both paths compute in fp32 and round the result once, so each is within one bf16
-    unit in the last place of the fp64 result (itself rounded, for the gradient of a bf16 input);
-    megatron-core rounds cos, sin and each product to bf16 as well, so it is within a few."""
+    unit in the last place of megatron-core's function in fp64 (itself rounded, for the gradient
+    of a bf16 input); megatron-core in bf16 rounds cos, sin and each product to bf16 as well, so
+    it is within a few."""
     t, freqs = _inputs(*shape, torch.bfloat16)
     exact = _forward_backward(
-        lambda x, f: rotary_embedding(x.double(), f, backend="torch"), t, freqs
+        lambda x, f: _apply_rotary_pos_emb_bshd(x.double(), f.double()), t, freqs
     )
     reference = _forward_backward(lambda x, f: rotary_embedding(x, f, backend="torch"), t, freqs)
     triton_ = _forward_backward(lambda x, f: rotary_embedding(x, f, backend="triton"), t, freqs)
