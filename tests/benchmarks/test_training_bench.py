@@ -199,33 +199,45 @@ _STEP_KERNEL_KINDS = (
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("vocab", [32000, 57344])
 @pytest.mark.parametrize(
-    "kernels, without",
+    "kernels, variant",
     [
-        ("megatron", None),
-        ("fused", None),
-        ("fused", "--apply-rope-fusion"),
-        ("fused", "--gradient-accumulation-fusion"),
+        ("megatron", ()),
+        ("fused", ()),
+        ("fused", ("--transformer-impl", "local")),
+        ("fused", ("--transformer-impl", "local", "--apply-rope-fusion", "false")),
+        ("fused", ("--transformer-impl", "local", "--gradient-accumulation-fusion", "false")),
     ],
-    ids=["megatron", "fused", "fused-without-rope-fusion", "fused-without-wgrad-fusion"],
+    ids=[
+        "megatron",
+        "fused",
+        "fused-local-spec",
+        "fused-without-rope-fusion",
+        "fused-without-wgrad-fusion",
+    ],
 )
 def test_gpu_1b_training_step(
-    benchmark, process_group, tiny_data, llama2_tokenizer, kernels, without, vocab
+    benchmark, process_group, tiny_data, llama2_tokenizer, kernels, variant, vocab
 ):
     """bf16, seq 4096, micro-batch 1, 8 micro-batches per step, one GPU; peak memory per step.
 
-    ``fused-without-...`` is ours with one of model/fusions.py's fusions turned off, at the first
-    vocabulary only: what that fusion (on by default without TE and apex) is worth.
+    The variants, at the first vocabulary only, run megatron-core's local layer spec:
+    ``fused-local-spec`` is ours on it where Transformer Engine is installed (elsewhere that is
+    ``fused`` again, and skipped); ``fused-without-...`` is ours with one of model/fusions.py's
+    fusions turned off, what that fusion (on by default without TE and apex) is worth.
     """
     import dataclasses
 
+    from megatron_ext.model.gpt import transformer_engine_enabled
     from megatron_ext.training.config import load_config
     from megatron_ext.training.loop import LoopState, Trainer
     from megatron_ext.training.model import build_model, kernel_summary
     from megatron_ext.training.plan import peak_tflops, plan_run, training_flops_per_token
     from megatron_ext.training.stage import build_stage
 
-    if without and vocab != 32000:
-        pytest.skip("the fusions are compared at one vocabulary")
+    if variant and vocab != 32000:
+        pytest.skip("the variants are compared at one vocabulary")
+    if variant == ("--transformer-impl", "local") and not transformer_engine_enabled():
+        pytest.skip("the local layer spec is what `fused` runs here: no Transformer Engine")
     directory, data = tiny_data
     config = load_config(
         None,
@@ -234,7 +246,7 @@ def test_gpu_1b_training_step(
             "--data-path", "0.25", data["en"], "0.75", data["ar"],
             "--data-cache-path", str(directory / "cache"), "--train-iters", "50",
             "--seq-length", "4096", "--micro-batch-size", "1", "--global-batch-size", "8",
-            *([without, "false"] if without else []),
+            *variant,
         ],
     )  # fmt: skip
     config.arch = {"preset": "llama2-7b", **ONE_B}
@@ -265,13 +277,13 @@ def test_gpu_1b_training_step(
     # --dry-run's estimate of the same run, to compare with the measured peak.
     estimate = plan_run(config, plan.arch, vocab, world_size=1)
     print(
-        f"\n1B {kernels}{f' {without} false' if without else ''} V={vocab}: "
+        f"\n1B {' '.join((kernels, *variant))} V={vocab}: "
         f"{tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
         f"peak {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} GiB "
         f"(--dry-run: {estimate.total_gib:.2f} GiB, activations {estimate.activations_gib:.2f})"
         f"\n  {kernel_summary(config)}"
     )
-    if not without:
+    if not variant:
         _GPU_PEAKS[kernels, vocab] = torch.cuda.max_memory_allocated() - before
     print(f"  one step by kind of kernel: {kernel_breakdown(step, _STEP_KERNEL_KINDS)}")
     report_vocab_growth(
