@@ -12,22 +12,30 @@ import torch.distributed as dist
 Backend = Literal["auto", "triton", "torch"]
 
 
-def use_triton(device: torch.device, backend: Backend) -> bool:
+def use_triton(tensor: torch.Tensor, backend: Backend) -> bool:
     """Decide whether a call runs the Triton kernels or the pure-PyTorch reference.
 
     Args:
-        device: Device of the inputs.
-        backend: ``"auto"`` picks Triton on CUDA and the reference elsewhere; ``"triton"`` forces
-            the kernels (on CPU this needs ``TRITON_INTERPRET=1`` set before ``kernels`` is
-            imported, which is how the tests exercise them); ``"torch"`` forces the reference.
+        tensor: An input whose device and floating-point dtype decide.
+        backend: ``"auto"`` picks Triton on CUDA and the reference elsewhere or for float64
+            (the kernels compute in fp32); ``"triton"`` forces the kernels (on CPU this needs
+            ``TRITON_INTERPRET=1`` set before ``kernels`` is imported, which is how the tests
+            exercise them); ``"torch"`` forces the reference.
 
     Returns:
         True for the Triton path.
+
+    Raises:
+        ValueError: An unknown backend, or ``"triton"`` for float64 inputs.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if tensor.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError("the Triton kernels compute in fp32: use backend='torch' for float64")
+        return False
     if backend == "auto":
-        return device.type == "cuda"
+        return tensor.device.type == "cuda"
     return backend == "triton"
 
 

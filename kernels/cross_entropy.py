@@ -26,7 +26,9 @@ statistics, the loss and that gradient in one kernel, two passes over each row).
 ``mean``/``sum`` reduction the gradients are computed during the forward pass (the upstream
 gradient is a scalar, applied in backward), so forward+backward costs the three lm-head GEMMs;
 with ``none`` the per-token upstream gradient is only known in backward, which recomputes each
-chunk's logits (a fourth GEMM). ``dW`` is accumulated in fp32 into megatron-core's ``main_grad``
+chunk's logits (a fourth GEMM). So do fp16 inputs, whose narrow range needs the upstream
+gradient (the loss scale) applied before the logits' gradient is rounded, and a second backward
+through the same graph. ``dW`` is accumulated in fp32 into megatron-core's ``main_grad``
 when present, else into a private buffer; on the mean/sum path that happens during the forward
 pass (so a forward with gradients enabled under megatron-core's DDP must be followed by its
 backward, as in training), and backward only corrects for an upstream gradient other than 1 by
@@ -517,7 +519,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             scale = token_weight
         need_dh = ctx.needs_input_grad[0] and cfg.grad_enabled
         need_dw = ctx.needs_input_grad[1] and cfg.grad_enabled
-        grads_now = cfg.reduction != "none" and (need_dh or need_dw)
+        # fp16 needs the upstream gradient (a loss scale) applied before the logits' gradient is
+        # rounded to it, or small probabilities underflow; so fp16 recomputes in backward, as
+        # ``none`` does (bf16 has fp32's range).
+        grads_now = (
+            cfg.reduction != "none" and (need_dh or need_dw) and hidden.dtype != torch.float16
+        )
         grad_hidden = _empty_rows_like(hidden) if grads_now and need_dh else None
         acc = _acc_dtype(hidden)
         grad_weight = None
@@ -545,13 +552,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 )
         if grads_now:
             _reduce_grad_hidden(grad_hidden, cfg)
-        if grads_now and not dw_in_main_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight, weight)
-        elif grads_now:
-            # What recomputing dW takes, should backward's factor not be 1 (O(N) + O(N x H)).
-            ctx.save_for_backward(grad_hidden, weight, hidden, target, lse, scale)
-        else:
-            ctx.save_for_backward(hidden, weight, target, lse, scale)
+        # What recomputing the gradients takes (O(N) + O(N x H)): for ``none``, for an upstream
+        # gradient other than 1 under DDP, and for a second backward (``retain_graph``).
+        ctx.save_for_backward(hidden, weight, target, lse, scale)
+        # Not saved tensors: the first backward scales them in place and hands them over.
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_weight = None if dw_in_main_grad else grad_weight
         ctx.cfg, ctx.grads_now, ctx.dw_in_main_grad = cfg, grads_now, dw_in_main_grad
         if cfg.reduction == "none":
             return loss * token_weight
@@ -559,15 +565,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Scale the gradients kept by forward, or recompute them chunk by chunk (``none``)."""
+        """Scale the gradients kept by forward, or recompute them chunk by chunk."""
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hidden, weight, target, lse, scale = ctx.saved_tensors
         if ctx.grads_now:
+            ctx.grads_now = False  # a second backward (retain_graph) recomputes
+            grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+            ctx.grad_hidden = ctx.grad_weight = None
             # loss.backward() passes exactly 1: skip two passes over dW and dH then (reading the
             # scalar syncs, but backward of the loss starts right after the forward anyway). A
             # Python float keeps the factor exact where a tensor would be rounded to bf16 first.
             factor = grad_loss.item()
             if ctx.dw_in_main_grad:
-                grad_hidden, weight, hidden, target, lse, scale = ctx.saved_tensors
                 grad_weight = weight.main_grad
                 if factor != 1.0:
                     # main_grad already holds dW (and other micro-batches' gradients): add
@@ -576,14 +585,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                         hidden, weight, target, lse, scale * (factor - 1.0), None, grad_weight,
                         ctx.cfg,
                     )  # fmt: skip
-            else:
-                grad_hidden, grad_weight, weight = ctx.saved_tensors
-                if factor != 1.0 and grad_weight is not None:
-                    grad_weight.mul_(factor)
+            elif factor != 1.0 and grad_weight is not None:
+                grad_weight.mul_(factor)
             if factor != 1.0 and grad_hidden is not None:
                 grad_hidden.mul_(factor)
         else:
-            hidden, weight, target, lse, scale = ctx.saved_tensors
             grad_hidden = _empty_rows_like(hidden) if need_dh else None
             grad_weight = weight_grad_buffer(weight) if need_dw else None
             scale = grad_loss.to(scale.dtype) * scale
@@ -689,6 +695,8 @@ def fused_linear_cross_entropy(
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)
     shard = weight.shape[0]
     vocab = shard * world
+    if label_smoothing and vocab < 2:
+        raise ValueError(f"label_smoothing needs at least 2 classes, the vocabulary has {vocab}")
     valid = flat_labels != ignore_index
     check_ids_in_vocab("labels", labels, vocab, ignore_index)
     local = flat_labels - rank * shard
@@ -703,7 +711,7 @@ def fused_linear_cross_entropy(
         vocab_size=vocab,
         reduction=reduction,
         tp_group=group,
-        triton=use_triton(hidden.device, backend),
+        triton=use_triton(hidden, backend),
         grad_enabled=torch.is_grad_enabled(),
     )
     loss = FusedLinearCrossEntropy.apply(hidden_2d, weight, target, token_weight, cfg)

@@ -273,7 +273,7 @@ def vocab_parallel_embedding(
     if not ids.is_cuda and (group or vocab_start == 0):
         check_ids_in_vocab("ids", ids, weight.shape[0] * world)
     out = VocabParallelEmbeddingFunction.apply(
-        ids, weight, vocab_start, row_range, use_triton(weight.device, backend)
+        ids, weight, vocab_start, row_range, use_triton(weight, backend)
     )
     if sequence_parallel:
         out = out.transpose(0, 1).contiguous()

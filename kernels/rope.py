@@ -50,7 +50,7 @@ def _rope_kernel(
 ):
     # One program per (position, sequence, block of heads); every head of a position shares its
     # cos and sin.
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements
     head_blocks = tl.cdiv(heads, BLOCK_H)
     s = pid // (batch * head_blocks)
     b = (pid // head_blocks) % batch
@@ -168,7 +168,7 @@ def rotary_embedding(
     Args:
         t: ``[s, b, heads, dim]`` queries or keys.
         freqs: ``[s, 1 or b, 1, rot_dim]`` angles (megatron-core's rotary embedding), ``rot_dim``
-            even and at most ``dim``; the channels past it pass through.
+            even, positive and at most ``dim``; the channels past it pass through.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -180,13 +180,13 @@ def rotary_embedding(
     rot_dim = freqs.shape[-1]
     if t.dim() != 4 or freqs.dim() != 4:
         raise ValueError(f"t {tuple(t.shape)} and freqs {tuple(freqs.shape)} must be 4-D (sbhd)")
-    if rot_dim % 2 or rot_dim > t.shape[-1]:
+    if rot_dim % 2 or not 0 < rot_dim <= t.shape[-1]:
         raise ValueError(
-            f"freqs' last dimension {rot_dim} must be even and at most t's {t.shape[-1]}"
+            f"freqs' last dimension {rot_dim} must be even, positive and at most t's {t.shape[-1]}"
         )
     if freqs.shape[0] != t.shape[0] or freqs.shape[1] not in (1, t.shape[1]) or freqs.shape[2] != 1:
         raise ValueError(f"freqs {tuple(freqs.shape)} does not match t {tuple(t.shape)}")
-    return _RotaryEmbedding.apply(t, freqs, use_triton(t.device, backend))
+    return _RotaryEmbedding.apply(t, freqs, use_triton(t, backend))
 
 
 def fused_apply_rotary_pos_emb(

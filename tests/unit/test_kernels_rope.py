@@ -3,12 +3,18 @@ forward and backward; Triton under its interpreter on a CPU."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from kernels.rope import fused_apply_rotary_pos_emb, rotary_embedding
 from tests.helpers import DEVICE
+
+REPO = Path(__file__).resolve().parents[2]
 
 # (s, b, heads, dim, rot_dim, freqs batch): odd head counts, partial rotation (channels passed
 # through), one position, per-sequence angles; Llama's 128-wide heads, 40 of them, which take two
@@ -91,10 +97,35 @@ def test_strided_input():
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=0, msg=backend)
 
 
+def test_offsets_past_two_to_the_31_elements():
+    """Positions 2**30 elements apart (a long context's queries in a fused QKV buffer): 32-bit
+    offsets would wrap past the second. A child process, as a wrapped offset can end the
+    process; the buffer's pages are never touched except the rows written."""
+    script = f"""
+import torch
+from kernels.rope import rotary_embedding
+stride = 2**30
+buffer = torch.empty(2 * stride + 64, dtype=torch.bfloat16, device="{DEVICE}")
+t = buffer.as_strided((3, 1, 1, 64), (stride, 64, 64, 1))
+for position in range(3):
+    t[position] = torch.randn(1, 1, 64)
+freqs = torch.rand(3, 1, 1, 64, device="{DEVICE}")
+expected = rotary_embedding(t, freqs, backend="torch")
+got = rotary_embedding(t, freqs, backend="triton")
+torch.testing.assert_close(got, expected, atol=2**-6, rtol=2**-7)
+print("offsets fine")
+"""
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert "offsets fine" in child.stdout, (child.returncode, child.stderr[-2000:])
+
+
 def test_bad_shapes_and_interleaving_are_refused():
     t = torch.randn(4, 1, 2, 8)
-    with pytest.raises(ValueError, match="must be even and at most"):
-        rotary_embedding(t, torch.randn(4, 1, 1, 10))
+    for width in (10, 0):
+        with pytest.raises(ValueError, match="must be even, positive and at most"):
+            rotary_embedding(t, torch.randn(4, 1, 1, width))
     with pytest.raises(ValueError, match="does not match"):
         rotary_embedding(t, torch.randn(3, 1, 1, 8))
     with pytest.raises(ValueError, match="4-D"):
