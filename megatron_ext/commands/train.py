@@ -8,8 +8,10 @@ Settings after ``--config`` override the YAML with Megatron-LM's flag names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from megatron_ext.commands.options import quiet_known_warnings
 from megatron_ext.training.config import ConfigError, load_config
@@ -59,6 +61,7 @@ def dry_run(config, world_size: int | None) -> int:
         raise ConfigError(f"--world-size must be at least 1, got {world_size}")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", tp * pp))
     config.validate(world_size)
+    config = _before_conversion(config)
     tokenizer = SentencePieceEncoder(config.tokenizer_model)
     plan = resolve_arch(config, tokenizer.vocab_size, None, tokenizer.pieces_sha256())
     run = plan_run(config, plan.arch, plan.padded_vocab_size, world_size)
@@ -85,6 +88,24 @@ def dry_run(config, world_size: int | None) -> int:
     tokens = run.tokens_per_step * config.train_iters
     print(f"total: {config.train_iters} iterations, {tokens:,} tokens")
     return 0
+
+
+def _before_conversion(config):
+    """``config`` planned with its ``--arch`` when its converted checkpoint is not there yet."""
+    from megatron_ext.arch import PRESETS
+    from megatron_ext.checkpoint.convert import METADATA
+    from megatron_ext.training.config import TrainConfig
+
+    checkpoint = config.pretrained_checkpoint
+    if not checkpoint or (Path(checkpoint) / METADATA).is_file():
+        return config
+    if config.arch == TrainConfig.arch:
+        raise ConfigError(
+            f"--pretrained-checkpoint {checkpoint}: not converted yet (no {METADATA}); to plan "
+            f"before converting, name its architecture too: --arch ({', '.join(PRESETS)})"
+        )
+    print(f"note: {checkpoint} is not converted yet: planning with --arch {config.arch}")
+    return dataclasses.replace(config, pretrained_checkpoint=None)
 
 
 def summary(result) -> str:

@@ -230,7 +230,8 @@ class TrainConfig:
         tensorboard_dir: TensorBoard event files (None: no TensorBoard).
         on_nonfinite: ``skip``: a NaN/Inf loss or gradient norm skips the update (counted);
             ``stop``: stop with an error.
-        max_skipped_iters: Stop after this many consecutive skipped iterations.
+        max_skipped_iters: Skip at most this many iterations in a row; one more non-finite
+            iteration stops the run.
         exit_signal_handler: On SIGTERM (Slurm pre-emption) save a checkpoint and exit cleanly.
         exit_duration_in_mins: Save and exit cleanly after this many minutes (before a job's
             time limit; the Slurm template sets it from the limit).
@@ -328,8 +329,11 @@ class TrainConfig:
                     raise ConfigError(f"stage {stage.name!r}: train_iters is needed (not last)")
                 iters = self.train_iters - used
             elif last and used + iters != self.train_iters:
-                # The last stage is the one --train-iters lengthens or shortens.
-                iters = self.train_iters - used
+                raise ConfigError(
+                    f"the stages add up to {used + iters} iterations but --train-iters is "
+                    f"{self.train_iters}: leave train_iters out of the last stage "
+                    f"({stage.name!r}) to run it until --train-iters, or make them agree"
+                )
             if iters <= 0:
                 raise ConfigError(
                     f"stage {stage.name!r} gets {iters} iterations: the stages need more than "
@@ -557,7 +561,10 @@ class TrainConfig:
             if stage.trainable not in TRAINABLE:
                 raise ConfigError(f"stage {stage.name!r}: trainable must be one of {TRAINABLE}")
             if stage.lr_decay_style not in LR_DECAY_STYLES:
-                raise ConfigError(f"stage {stage.name!r}: unknown lr_decay_style")
+                raise ConfigError(
+                    f"stage {stage.name!r}: lr_decay_style {stage.lr_decay_style!r} is not one "
+                    f"of {', '.join(LR_DECAY_STYLES)}"
+                )
             self._check_wsd(stage)
             if stage.new_rows_only and stage.trainable != "embeddings":
                 raise ConfigError(f"stage {stage.name!r}: new_rows_only needs trainable=embeddings")
@@ -716,6 +723,7 @@ def _flag(name: str) -> str:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+_STAGE_HINTS = typing.get_type_hints(StageConfig)
 
 
 def _scalar_type(hint: Any) -> Any:
@@ -728,7 +736,6 @@ def _scalar_type(hint: Any) -> Any:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     """``value`` (from YAML or the command line) as the type of field ``name``."""
-    hint = _HINTS[name]
     if value is None:
         return None
     if name == "stages":
@@ -739,12 +746,18 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if isinstance(value, str | dict):
             return value
         raise ConfigError(f"{where}: arch must be a preset name or a mapping")
-    target = _scalar_type(hint)
+    target = _scalar_type(_HINTS[name])
     if typing.get_origin(target) is list:
-        items = value if isinstance(value, list) else [value]
+        # A YAML string "0.25 en 0.75 ar" is the command line's words.
+        items = value if isinstance(value, list) else str(value).split()
         return [str(x) for x in items]
     if isinstance(value, list):
         raise ConfigError(f"{where}: {_flag(name)} takes one value, got {value}")
+    return _typed(target, _flag(name), value, where)
+
+
+def _typed(target: type, label: str, value: Any, where: str) -> Any:
+    """``value`` as a ``target`` (bool, int, float or str), or a ConfigError naming ``label``."""
     try:
         if target is bool:
             if isinstance(value, bool):
@@ -762,36 +775,52 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return int(number)
         if target is float:
             number = float(value)
-            if math.isnan(number):
+            if not math.isfinite(number):
                 raise ValueError(value)
             return number
+        if isinstance(value, dict | list):
+            raise ValueError(value)
         return str(value)
     except (TypeError, ValueError) as err:
-        raise ConfigError(
-            f"{where}: {_flag(name)} expects {target.__name__}, got {value!r}"
-        ) from err
+        kind = "a finite float" if target is float else target.__name__
+        raise ConfigError(f"{where}: {label} expects {kind}, got {value!r}") from err
 
 
 def _stage(data: Any, where: str) -> StageConfig:
     if not isinstance(data, dict) or "name" not in data:
         raise ConfigError(f"{where}: a stage is a mapping with at least a name")
-    known = {f.name for f in dataclasses.fields(StageConfig)}
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        if name not in _STAGE_HINTS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known: {', '.join(sorted(_STAGE_HINTS))})"
+            )
+        if value is not None:
+            value = _typed(_scalar_type(_STAGE_HINTS[name]), name, value, where)
         values[name] = value
-    stage = StageConfig(**values)
-    for name in ("lr", "min_lr", "weight_decay"):
-        if getattr(stage, name) is not None:
-            setattr(stage, name, float(getattr(stage, name)))
-    return stage
+    return StageConfig(**values)
+
+
+# Megatron-LM flags a user may reach for that work differently here.
+_ELSEWHERE = {
+    **dict.fromkeys(
+        ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+         "num_query_groups", "max_position_embeddings", "vocab_size"),
+        "the architecture comes from the converted checkpoint, or from --arch (a preset name) "
+        "or arch: in the YAML config (a mapping such as {preset: llama2-7b, num_layers: 16})",
+    ),
+    "lr_decay_iters": "the learning rate decays until the end of each stage (--train-iters, or "
+    "a stage's train_iters)",
+    "tokenizer_type": "the tokenizer is a SentencePiece model (--tokenizer-model)",
+}  # fmt: skip
 
 
 def _known(name: str, where: str, spelled: str) -> str:
     if name in _FIELDS:
         return name
+    if name in _ELSEWHERE:
+        raise ConfigError(f"{where}: {spelled} is not a setting here: {_ELSEWHERE[name]}")
     close = difflib.get_close_matches(name, _FIELDS, n=1)
     hint = f" (did you mean {_flag(close[0])}?)" if close else ""
     raise ConfigError(f"{where}: unknown setting {spelled!r}{hint}")
@@ -801,7 +830,8 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """``["--train-iters", "10", "--data-path", "0.3", "a", "0.7", "b", "--bf16"]`` -> values.
 
     A flag takes the values up to the next flag: one for a scalar (none for a boolean, meaning
-    true), any number for a list such as ``--data-path``.
+    true), any number for a list such as ``--data-path``. ``--flag=value`` gives the first value
+    in the flag, as argparse allows.
     """
     values: dict[str, Any] = {}
     i = 0
@@ -809,11 +839,12 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         token = argv[i]
         if not token.startswith("--"):
             raise ConfigError(f"command line: expected a --flag, got {token!r}")
+        token, equals, inline = token.partition("=")
         name = _known(token[2:].replace("-", "_"), "command line", token)
         j = i + 1
         while j < len(argv) and not (argv[j].startswith("--") and argv[j][2:3].isalpha()):
             j += 1
-        args = argv[i + 1 : j]
+        args = [inline, *argv[i + 1 : j]] if equals else argv[i + 1 : j]
         target = _scalar_type(_HINTS[name])
         if typing.get_origin(target) is list:
             values[name] = _coerce(name, args, "command line")
@@ -825,6 +856,29 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             raise ConfigError(f"command line: {token} takes one value, got {args}")
         i = j
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping.
+
+    YAML itself keeps the last value silently, so a setting repeated further down a long config
+    would override the one the reader sees.
+    """
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -839,7 +893,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     if path is not None:
         where = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            text = Path(path).read_text(encoding="utf-8")
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            line = f"line {mark.line + 1}: " if mark else ""
+            raise ConfigError(f"{where}: {line}{err.problem}") from err
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{where}: cannot read config ({err})") from err
         if not isinstance(data, dict):
@@ -889,11 +948,17 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """
     current = config_dict(config)
 
+    def same(name: str) -> bool:
+        if name == "data_path" and isinstance(saved[name], list):
+            # The same files by another path (relative, absolute, through a link): no change.
+            return _real_paths(saved[name]) == _real_paths(current[name])
+        return saved[name] == current[name]
+
     def changes(names: tuple[str, ...]) -> str:
         return ", ".join(
             f"{_flag(name)} {_shown(saved[name])} -> {_shown(current[name])}"
             for name in names
-            if name in saved and saved[name] != current[name]
+            if name in saved and not same(name)
         )
 
     warnings = []
@@ -914,6 +979,11 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
             "in it) is taken in the new list"
         )
     return warnings
+
+
+def _real_paths(data_path: list) -> list:
+    """``--data-path`` with each prefix resolved (the weights as they are)."""
+    return [x if _is_number(str(x)) else os.path.realpath(x) for x in data_path]
 
 
 def _shown(value: Any) -> str:

@@ -220,7 +220,25 @@ def index_cache_dir(config: TrainConfig, prefixes: list[str]) -> str:
         for suffix in (".bin", ".idx"):
             stat = os.stat(prefix + suffix)
             digest.update(f"{prefix}{suffix} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    return os.path.join(base, digest.hexdigest()[:16])
+    path = os.path.join(base, digest.hexdigest()[:16])
+    # Here, on every rank: megatron-core writes on rank 0 alone, where a failure would leave
+    # the other ranks waiting at its barrier. A read-only cache that holds the indices is fine.
+    try:
+        os.makedirs(path, exist_ok=True)
+        empty = not os.listdir(path)
+    except OSError as err:
+        raise ConfigError(_cache_error(config, path, err.strerror)) from err
+    if empty and not os.access(path, os.W_OK):
+        raise ConfigError(_cache_error(config, path, "not writable"))
+    return path
+
+
+def _cache_error(config: TrainConfig, path: str, why: str) -> str:
+    where = "--data-cache-path" if config.data_cache_path else "the default, beside the data"
+    return (
+        f"dataset index cache {path} ({where}): {why}; give a writable directory with "
+        "--data-cache-path"
+    )
 
 
 def _dataset_config(
@@ -258,23 +276,34 @@ def build_datasets(
     if train_samples is None:
         train_samples = config.train_iters * config.global_batch_size
     valid_samples = max(config.eval_iters, 1) * config.global_batch_size
-    train, _, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset,
+    train, _, _ = _build(
         [train_samples, 0, 0],
-        lambda: True,
         _dataset_config(config, tokenizer, (prefixes, weights), config.split),
-    ).build()
+    )
     valid = {}
     for name, (prefix, held_out) in config.validation_sets().items():
         split = HELD_OUT_SPLIT if held_out else config.split
-        _, dataset, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset,
-            [0, valid_samples, 0],
-            lambda: True,
-            _dataset_config(config, tokenizer, ([prefix], None), split),
-        ).build()
+        _, dataset, _ = _build(
+            [0, valid_samples, 0], _dataset_config(config, tokenizer, ([prefix], None), split)
+        )
         valid[name] = dataset
     return Datasets(train=train, valid=valid)
+
+
+def _build(sizes: list[int], dataset_config: GPTDatasetConfig) -> list:
+    """megatron-core's datasets, its failure to write the index cache as a ConfigError."""
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_config)
+    try:
+        return builder.build()
+    except Exception as err:
+        # megatron-core raises a bare Exception from the OSError of a failed write.
+        if not isinstance(err.__cause__, OSError):
+            raise
+        path = dataset_config.path_to_cache
+        raise ConfigError(
+            f"dataset index cache {path}: cannot write the indices ({err.__cause__}); give a "
+            "writable directory with --data-cache-path"
+        ) from err
 
 
 def repeated_validation_warnings(valid: dict[str, GPTDataset], config: TrainConfig) -> list[str]:

@@ -167,14 +167,14 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self._signalled = True
 
-    def check(self) -> bool:
-        """True (on every rank) once any rank was signalled or the time budget is spent."""
+    def check(self, time_budget: bool = True) -> bool:
+        """True (on every rank) once any rank was signalled or (``time_budget``) it is spent."""
         timed_out = self._limit is not None and time.monotonic() - self._started > self._limit
         flags = torch.tensor([int(self._signalled), int(timed_out)], device=training_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
             self.reason = "SIGTERM"
-        elif flags[1]:
+        elif flags[1] and time_budget:
             self.reason = "--exit-duration-in-mins"
         return self.reason is not None
 
@@ -192,6 +192,18 @@ class Trainer:
         # time limit does.
         self.started = time.monotonic()
         self.config = config
+        # From the start: a job pre-empted while it builds dataset indices or loads a checkpoint
+        # still stops cleanly (and is re-queued) rather than dying on the default handler.
+        self.stop = StopRequest(
+            config.exit_signal_handler, config.exit_duration_in_mins, self.started
+        )
+        try:
+            self._set_up(config)
+        except BaseException:
+            self.stop.restore()
+            raise
+
+    def _set_up(self, config: TrainConfig) -> None:
         # Before megatron-core splits the processes, which would fail with a bare RuntimeError.
         self.world_size = distributed.job_world_size()
         config.validate(self.world_size)
@@ -225,6 +237,13 @@ class Trainer:
                     f"--save {config.save} already holds another run's checkpoints (newest: "
                     f"{existing[-1].name}): resume it with --load {config.save}, choose another "
                     "--save, or pass --force to start this run there (replacing them)"
+                )
+            log = Path(config.save) / "metrics.jsonl"
+            if log.is_file() and log.stat().st_size:
+                raise ConfigError(
+                    f"--save {config.save} already holds an earlier run's {log.name} and no "
+                    "checkpoint to resume: choose another --save, or pass --force to start this "
+                    "run there (replacing it)"
                 )
         self.checkpoints = (
             checkpointing.CheckpointWriter(
@@ -373,7 +392,7 @@ class Trainer:
             config.tensorboard_dir if self.is_logger else None,
             resume_step=state.iteration if self.continues_save else None,
         )
-        stop = StopRequest(config.exit_signal_handler, config.exit_duration_in_mins, self.started)
+        stop = self.stop
         result = TrainResult(iteration=state.iteration)
         started, first_iteration = time.perf_counter(), state.iteration
         self._log_rank0(kernel_summary(config))
@@ -384,7 +403,11 @@ class Trainer:
         resuming = self.resume is not None
         run = None
         try:
-            while (position := self._position(state)) is not None:
+            # Signalled during the set-up: stop, nothing new to save. A time budget the set-up
+            # spent still gets one iteration and its checkpoint: each re-queued job progresses.
+            if stop.check(time_budget=False):
+                result.interrupted = stop.reason
+            while not result.interrupted and (position := self._position(state)) is not None:
                 state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,7 @@ def resolve_arch(
         base = config.base_vocab_size or meta.get("base_vocab_size")
         where = f"{source}/{checkpointing.METADATA}"
         recorded = meta.get("tokenizer_pieces_sha256")
+        _check_same_arch(config, arch, where)
     else:
         arch = _arch_from_config(config.arch).with_vocab_size(vocab_size)
         padded = arch.padded_vocab_size(tp, config.make_vocab_size_divisible_by)
@@ -125,6 +128,23 @@ def resolve_arch(
     return ModelPlan(arch, padded, base, dtype)
 
 
+def _check_same_arch(config: TrainConfig, saved: LlamaArch, where: str) -> None:
+    """A config that names an architecture (not the default) must name the checkpoint's."""
+    if config.arch == TrainConfig.arch:
+        return
+    asked = asdict(_arch_from_config(config.arch))
+    differ = [
+        f"{name} {value} (config: {asked[name]})"
+        for name, value in asdict(saved).items()
+        if name != "vocab_size" and asked[name] != value
+    ]
+    if differ:
+        raise ConfigError(
+            f"{where}: the checkpoint's architecture is not the config's arch: "
+            f"{', '.join(differ)}; the checkpoint decides it, so leave arch out of the config"
+        )
+
+
 def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
     if isinstance(arch, str):
         if arch not in PRESETS:
@@ -137,6 +157,12 @@ def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
         base.update(fields)
         fields = base
     fields.setdefault("vocab_size", 0)  # the tokenizer's size replaces it
+    known = [field.name for field in dataclasses.fields(LlamaArch)]
+    for name in fields:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"arch: unknown field {name!r}{hint}")
     try:
         return LlamaArch(**fields)
     except TypeError as err:

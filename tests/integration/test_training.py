@@ -650,6 +650,13 @@ def test_a_new_run_does_not_clobber_another_runs_checkpoints(
     run_ranks(_train, 1, config, [*save, "--force"])
     # A new run, a new file: the first run's entries are gone, not followed by the second's.
     assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 2, 2]
+    # A run that left only its metrics (stopped on a NaN before any checkpoint) keeps them too.
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n')
+    with pytest.raises(AssertionError, match=r"already holds an earlier run's metrics\.jsonl"):
+        run_ranks(_train, 1, config, ["--save", str(failed)])
+    assert (failed / "metrics.jsonl").read_text() == '{"step": 1, "loss": NaN}\n'
 
 
 def test_a_forced_run_keeps_its_own_checkpoints_among_another_runs_later_ones(
@@ -1037,6 +1044,35 @@ def test_time_budget_counts_the_set_up(tmp_path, small_tokenizer, training_data)
     budget = ["--exit-duration-in-mins", "0.04"]  # 2.4 s: a run of many iterations after set-up
     stopped = run_ranks(_train_after_a_slow_set_up, 1, config, budget, 3.0)[0]
     assert stopped == (1, "--exit-duration-in-mins")
+
+
+def _train_signalled_during_set_up(rank, world_size, config_path, overrides):
+    import signal
+
+    from megatron_ext.training import loop
+    from megatron_ext.training.config import load_config
+
+    build_datasets = loop.build_datasets
+
+    def build_when_preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as Slurm pre-empting a job building its indices
+        return build_datasets(*args, **kwargs)
+
+    loop.build_datasets = build_when_preempted
+    result = loop.train(load_config(config_path, overrides))
+    return result.iteration, result.interrupted
+
+
+def test_sigterm_during_the_set_up_stops_cleanly(tmp_path, small_tokenizer, training_data):
+    """The default handler ended the process (143): no interrupted.json, no re-queue."""
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1000)
+    save = tmp_path / "run"
+    stopped = run_ranks(_train_signalled_during_set_up, 1, config, ["--save", str(save)])[0]
+    assert stopped == (0, "SIGTERM")
+    assert json.loads((save / "interrupted.json").read_text()) == {
+        "reason": "SIGTERM",
+        "iteration": 0,
+    }
 
 
 def test_freeze_base_rows_request_without_a_new_rows_stage_warns(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,11 +47,37 @@ def test_dataset_names_strip_the_shared_prefix():
         (["--train-iters", "five"], "--train-iters expects int"),
         (["--lr", "1", "2"], "takes one value"),
         (["oops"], "expected a --flag"),
+        # Infinite rates destroyed the weights and the run exited 0.
+        (["--lr", "inf"], "--lr expects a finite float, got 'inf'"),
+        (["--lr=1e400"], "--lr expects a finite float"),
+        # Megatron-LM's flags that work otherwise here say how (was "did you mean
+        # --recompute-num-layers?" and "--lr-wsd-decay-iters?").
+        (["--num-layers", "4"], "--num-layers is not a setting here: the architecture comes"),
+        (["--lr-decay-iters", "9"], "the learning rate decays until the end of each stage"),
     ],
 )
 def test_bad_overrides_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_overrides(argv)
+
+
+def test_flag_equals_value_as_argparse_reads_it():
+    assert parse_overrides(
+        ["--train-iters=10", "--data-path=0.3", "a", "0.7", "b", "--bf16=false", "--seed", "3"]
+    ) == {"train_iters": 10, "data_path": ["0.3", "a", "0.7", "b"], "bf16": False, "seed": 3}
+
+
+def test_a_setting_given_twice_in_the_yaml_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("lr: 1.0e-4\ntrain_iters: 5\nlr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: line 3: 'lr' is given twice"):
+        load_config(path)
+
+
+def test_a_yaml_data_path_string_is_read_as_the_command_line_would(tmp_path):
+    path = tmp_path / "blend.yaml"
+    path.write_text('data_path: "0.25 data/en 0.75 data/ar"\n')
+    assert load_config(path).data_path == ["0.25", "data/en", "0.75", "data/ar"]
 
 
 def test_unknown_yaml_key_names_the_file(tmp_path):
@@ -87,6 +114,19 @@ def test_resume_changes_name_what_differs_from_the_checkpoint(tmp_path):
     assert "--stages (emb: 20, full: rest -> emb: 30, full: rest)" in changed
 
 
+def test_the_same_data_by_another_path_is_no_change(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    argv = [*REQUIRED[2:], "--data-path", "0.25", str(tmp_path / "data" / "en"), "0.75", "ar"]
+    saved = json.loads(json.dumps(config_dict(load_config(None, argv))))
+    for en in ("data/en", "./link/en"):
+        again = [*REQUIRED[2:], "--data-path", "0.25", en, "0.75", "./ar"]
+        assert resume_changes(saved, load_config(None, again)) == [], en
+    other = [*REQUIRED[2:], "--data-path", "0.25", "data/de", "0.75", "ar"]
+    assert "data position" in resume_changes(saved, load_config(None, other))[0]
+
+
 def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(
@@ -111,6 +151,16 @@ def test_stages_inherit_and_the_last_runs_to_train_iters(tmp_path):
         ),
         # Metrics and the report would merge the two.
         ("  - {name: a, train_iters: 10}\n  - {name: a}\n", "two stages are named 'a'"),
+        # The last stage's 30 used to become 90 without a word.
+        (
+            "  - {name: a, train_iters: 10}\n  - {name: b, train_iters: 30}\n",
+            "the stages add up to 40 iterations but --train-iters is 100: leave train_iters out "
+            "of the last stage \\('b'\\)",
+        ),
+        (
+            "  - {name: a, lr_decay_style: cosin}\n",
+            "stage 'a': lr_decay_style 'cosin' is not one of cosine, linear",
+        ),
     ],
 )
 def test_stage_mistakes_are_named(tmp_path, stages, message):
@@ -118,6 +168,32 @@ def test_stage_mistakes_are_named(tmp_path, stages, message):
     path.write_text("train_iters: 100\nstages:\n" + stages)
     with pytest.raises(ConfigError, match=message):
         load_config(path, REQUIRED).validate(1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # Trained all 5 iterations as one stage, then crashed in megatron-core: nothing saved.
+        ("train_iters: 2.5", r"s\.yaml: stages\[0\]: train_iters expects int, got 2\.5"),
+        ("train_iters: ten", "train_iters expects int, got 'ten'"),
+        ("lr: abc", r"stages\[0\]: lr expects a finite float, got 'abc'"),
+        ("lr: .inf", "lr expects a finite float"),
+        ("new_rows_only: maybe", "new_rows_only expects bool"),
+    ],
+)
+def test_stage_values_are_typed_where_they_are_read(tmp_path, setting, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"train_iters: 5\nstages:\n  - name: a\n    {setting}\n  - name: b\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_stage_booleans_read_as_the_run_settings_do(tmp_path):
+    path = tmp_path / "s.yaml"
+    # A quoted "no" was truthy: the stage would have frozen the base rows.
+    path.write_text('stages:\n  - {name: a, new_rows_only: "no", train_iters: "3"}\n')
+    (stage,) = load_config(path).stages
+    assert (stage.new_rows_only, stage.train_iters) == (False, 3)
 
 
 @pytest.mark.parametrize(
@@ -298,6 +374,47 @@ def test_trainer_refuses_an_output_directory_it_cannot_create(tmp_path, monkeypa
         config = load_config(None, [*REQUIRED, flag, str(tmp_path / "file" / "run")])
         with pytest.raises(ConfigError, match=f"^{flag} .*file/run: cannot create it"):
             Trainer(config)
+
+
+def test_an_unwritable_index_cache_is_named_with_its_flag(tmp_path):
+    """megatron-core's own error names its config attribute; on rank 0 only, the others wait."""
+    from megatron_ext.training.data import index_cache_dir
+
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"en{suffix}").write_bytes(b"")
+    (tmp_path / "file").write_text("")
+    prefix = str(tmp_path / "en")
+    config = load_config(None, ["--data-cache-path", str(tmp_path / "file" / "cache")])
+    with pytest.raises(ConfigError, match=r"dataset index cache .*file/cache/\w+ \(--data-cache-"):
+        index_cache_dir(config, [prefix])
+    # The default sits beside the data, often on read-only storage.
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(ConfigError, match=r"\(the default, beside the data\).*--data-cache-path"):
+        index_cache_dir(load_config(None, []), [prefix])
+    (tmp_path / "cache").unlink()
+    assert Path(index_cache_dir(load_config(None, []), [prefix])).is_dir()
+
+
+def test_an_architecture_beside_a_checkpoint_must_be_the_checkpoints(tmp_path):
+    from dataclasses import asdict
+
+    from megatron_ext.arch import PRESETS
+    from megatron_ext.training.model import resolve_arch
+
+    arch = PRESETS["tiny"].with_vocab_size(2000)
+    meta = {"arch": asdict(arch), "padded_vocab_size": 2048}
+    (tmp_path / "megatron_ext.json").write_text(json.dumps(meta))
+    start = ["--pretrained-checkpoint", str(tmp_path)]
+    assert resolve_arch(load_config(None, start), 2000, None).arch == arch  # arch left out
+    same = load_config(None, [*start, "--arch", "tiny"])
+    assert resolve_arch(same, 2000, None).arch == arch
+    other = load_config(None, start)
+    other.arch = {"preset": "tiny", "num_layers": 2}
+    with pytest.raises(ConfigError, match=r"is not the config's arch: num_layers 4 \(config: 2\)"):
+        resolve_arch(other, 2000, None)
+    other.arch = {"preset": "tiny", "num_layer": 2}
+    with pytest.raises(ConfigError, match=r"unknown field 'num_layer' \(did you mean num_layers"):
+        resolve_arch(other, 2000, None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
