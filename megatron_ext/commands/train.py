@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.commands.options import quiet_known_warnings
-from megatron_ext.training.config import ConfigError, load_config
+from megatron_ext.training.config import ConfigError, load_config, settings_help
 
 EPILOG = """\
 Any setting of the config can be overridden with Megatron-LM's flag name, e.g.
@@ -23,7 +23,8 @@ Any setting of the config can be overridden with Megatron-LM's flag name, e.g.
   --data-path 0.25 data/en_text_document 0.75 data/ar_text_document
   --tokenizer-model tokenizer.model --pretrained-checkpoint converted/ --save ckpt --load ckpt
   --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 100 --kernels megatron --bf16
-See megatron_ext/training/config.py (TrainConfig) for every setting.
+(--flag=value works too). The settings (in the YAML without the dashes, with underscores; more
+in megatron_ext/training/config.py, TrainConfig):
 """
 
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-ext train",
         description=__doc__.splitlines()[0],
-        epilog=EPILOG,
+        epilog=EPILOG + settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML training config (e.g. examples/configs/tiny.yaml)")

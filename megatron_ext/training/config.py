@@ -18,6 +18,7 @@ import difflib
 import math
 import os
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -908,6 +909,31 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             values[name] = _coerce(name, value, where)
     values.update(parse_overrides(overrides or []))
     return TrainConfig(**values)
+
+
+def settings_help(width: int = 100) -> str:
+    """Every setting as a flag with its default and its description.
+
+    Read from :class:`TrainConfig`'s docstring, so ``--help`` and the code say the same.
+    """
+    described: dict[str, str] = {}
+    name = None
+    for line in (TrainConfig.__doc__ or "").split("Attributes:", 1)[-1].splitlines():
+        if match := re.match(r"^ {8}(\w+): (.*)", line):
+            name = match.group(1)
+            described[name] = match.group(2)
+        elif name and line.startswith(" " * 12):
+            described[name] += " " + line.strip()
+    lines = []
+    for setting in dataclasses.fields(TrainConfig):
+        default = setting.default
+        if default is dataclasses.MISSING:
+            default = setting.default_factory()
+        shown = "" if default in (None, [], False) else f" (default {_shown(default)})"
+        text = described.get(setting.name, "").replace("``", "")
+        lines.append(f"  {_flag(setting.name)}{shown}")
+        lines.extend(textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

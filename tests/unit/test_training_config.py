@@ -67,6 +67,19 @@ def test_flag_equals_value_as_argparse_reads_it():
     ) == {"train_iters": 10, "data_path": ["0.3", "a", "0.7", "b"], "bf16": False, "seed": 3}
 
 
+def test_help_lists_every_setting_with_its_description():
+    import dataclasses
+
+    from megatron_ext.commands.train import build_parser
+    from megatron_ext.training.config import TrainConfig
+
+    text = build_parser().format_help()
+    for setting in dataclasses.fields(TrainConfig):
+        flag = "--" + setting.name.replace("_", "-")
+        assert f"\n  {flag}" in text, flag
+    assert "  --seq-length (default 256)\n      Tokens per sequence." in text
+
+
 def test_a_setting_given_twice_in_the_yaml_is_refused(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("lr: 1.0e-4\ntrain_iters: 5\nlr: 3.0e-4\n")
