@@ -239,7 +239,10 @@ class Trainer:
                     "--save, or pass --force to start this run there (replacing them)"
                 )
             log = Path(config.save) / "metrics.jsonl"
-            if log.is_file() and log.stat().st_size:
+            # With --load naming it too, an earlier attempt of this job that saved no checkpoint
+            # (a re-queued job killed early): its iterations are redone, and logged anew.
+            this_job = config.load and Path(config.load).resolve() == Path(config.save).resolve()
+            if log.is_file() and log.stat().st_size and not this_job:
                 raise ConfigError(
                     f"--save {config.save} already holds an earlier run's {log.name} and no "
                     "checkpoint to resume: choose another --save, or pass --force to start this "

@@ -657,6 +657,9 @@ def test_a_new_run_does_not_clobber_another_runs_checkpoints(
     with pytest.raises(AssertionError, match=r"already holds an earlier run's metrics\.jsonl"):
         run_ranks(_train, 1, config, ["--save", str(failed)])
     assert (failed / "metrics.jsonl").read_text() == '{"step": 1, "loss": NaN}\n'
+    # The same job again (--load too, as the Slurm template runs it): its attempt is redone.
+    run_ranks(_train, 1, config, ["--save", str(failed), "--load", str(failed)])
+    assert [e["step"] for e in read_metrics(failed / "metrics.jsonl")] == [1, 2, 2, 2]
 
 
 def test_a_forced_run_keeps_its_own_checkpoints_among_another_runs_later_ones(
