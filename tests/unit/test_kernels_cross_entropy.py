@@ -416,15 +416,16 @@ def test_second_backward_adds_the_gradients_again(backend, main_grad, reduction)
     torch.testing.assert_close(got_w, 5.2 * want_w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_gradients_keep_the_loss_scale(backend, monkeypatch):
+def test_fp16_gradients_keep_the_loss_scale(monkeypatch):
     """fp16 with a loss scale: gradients as accurate as megatron-core's unfused fp16 path.
 
     That path rounds the logits' gradient to fp16 after the loss scale; rounding it before
     (``scale / N``-sized values, below fp16's normal range) loses the small probabilities. The
-    reference is the same fp16 inputs' loss in fp64.
+    reference is the same fp16 inputs' loss in fp64. Which path fp16 takes is decided above the
+    backends, so the PyTorch one shows it (2,048 rows take Triton's interpreter two minutes);
+    the fp16 tolerance of the Triton kernels is held to the same reference by the random cases.
     """
-    monkeypatch.setattr(ce, "MIN_CPU_CHUNK_LOGITS", 512 * 32000)  # one chunk, fewer launches
+    monkeypatch.setattr(ce, "MIN_CPU_CHUNK_LOGITS", 512 * 32000)  # one chunk
     n, loss_scale = 2048, 2.0**16
     hidden, weight, labels = make_inputs(n, 64, 512, dtype=torch.float16, ignore_every=0)
     exact = loss_and_grads(unfused_loss, hidden.double(), weight.double(), labels.cpu())
@@ -441,7 +442,7 @@ def test_fp16_gradients_keep_the_loss_scale(backend, monkeypatch):
     def megatron_fp16(h, w, labels):
         return F.cross_entropy((h @ w.t()).float(), labels)
 
-    fused = relative_errors(fused_linear_cross_entropy, backend=backend)
+    fused = relative_errors(fused_linear_cross_entropy, backend="torch")
     unfused = relative_errors(megatron_fp16)
     for name, ours, theirs in zip(("dH", "dW"), fused, unfused, strict=True):
         assert ours <= 1.2 * theirs, f"{name}: {ours:.2e} against megatron-style {theirs:.2e}"
