@@ -419,7 +419,8 @@ def test_an_architecture_beside_a_checkpoint_must_be_the_checkpoints(tmp_path):
     (tmp_path / "megatron_ext.json").write_text(json.dumps(meta))
     start = ["--pretrained-checkpoint", str(tmp_path)]
     assert resolve_arch(load_config(None, start), 2000, None).arch == arch  # arch left out
-    same = load_config(None, [*start, "--arch", "tiny"])
+    same = load_config(None, start)
+    same.arch = {"preset": "tiny"}  # named (not the default), and the checkpoint's
     assert resolve_arch(same, 2000, None).arch == arch
     other = load_config(None, start)
     other.arch = {"preset": "tiny", "num_layers": 2}
