@@ -3,7 +3,9 @@ localhost, CPU, gloo): one srun task per node, torchrun, two training processes 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,32 +95,46 @@ def slurm(tmp_path_factory):
             daemon.wait(timeout=30)
 
 
-def test_tiny_config_trains_through_the_sbatch_template(
-    slurm, tmp_path, small_tokenizer, training_data
-):
-    save = tmp_path / "run"
+def _submit(slurm, tmp_path, small_tokenizer, training_data, *args: str, wait: bool):
+    """sbatch the template on the tiny config at TP=2 over two processes; its checkpoints go to
+    ``tmp_path/run``. Returns the finished sbatch (``wait``) or the job id."""
     env = {
         **slurm,
-        "SAVE": str(save),
+        "SAVE": str(tmp_path / "run"),
         "GPUS_PER_NODE": "2",
         "PYTHON": sys.executable,
         "MEGATRON_EXT_HOME": str(REPO),
     }
     job = subprocess.run(
         [
-            "sbatch", "--wait", "--parsable", "--nodes", "1",
+            "sbatch", *(["--wait"] if wait else []), "--parsable", "--nodes", "1",
             "--output", str(tmp_path / "job-%j.out"), "--chdir", str(tmp_path),
             str(REPO / "examples/slurm/train.sbatch"),
             "--config", str(REPO / "examples/configs/tiny.yaml"),
             "--tokenizer-model", str(small_tokenizer),
             "--data-path", "0.25", training_data["en"], "0.75", training_data["ar"],
             "--data-cache-path", str(tmp_path / "cache"),
-            "--tensor-model-parallel-size", "2",
-            "--train-iters", "16", "--eval-interval", "0", "--save-interval", "0",
+            "--tensor-model-parallel-size", "2", "--eval-interval", "0", "--save-interval", "0",
+            *args,
         ],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    if wait:
+        return job
+    assert job.returncode == 0, job.stderr
+    return job.stdout.strip().split(";")[0]
+
+
+def _job_logs(tmp_path) -> str:
+    return "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+
+
+def test_tiny_config_trains_through_the_sbatch_template(
+    slurm, tmp_path, small_tokenizer, training_data
+):
+    job = _submit(slurm, tmp_path, small_tokenizer, training_data, "--train-iters", "16", wait=True)
+    save = tmp_path / "run"
+    logs = _job_logs(tmp_path)
     assert job.returncode == 0, f"{job.stderr}\n{logs[-4000:]}"
     assert "1 node(s) x 2 processes" in logs
     assert "train: done at iteration 16" in logs
@@ -127,3 +143,44 @@ def test_tiny_config_trains_through_the_sbatch_template(
     )
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "16"
     assert not (save / "interrupted.json").exists()
+
+
+def _squeue_state(slurm, job_id: str) -> str:
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_sigterm_to_the_whole_job_saves_and_requeues(
+    slurm, tmp_path, small_tokenizer, training_data
+):
+    """A SIGTERM to the training processes and to the batch shell: training saves, torchrun
+    exits 1 (it was signalled), and the shell outlives the signal to re-queue the job."""
+    save = tmp_path / "run"
+    job_id = _submit(
+        slurm, tmp_path, small_tokenizer, training_data, "--train-iters", "1000", wait=False
+    )
+    try:
+        deadline = time.monotonic() + 300
+        metrics = save / "metrics.jsonl"
+        while not metrics.exists() or len(read_metrics(metrics)) < 2:
+            assert time.monotonic() < deadline, _job_logs(tmp_path)[-4000:]
+            time.sleep(1)
+        for target in ([], ["--batch"]):  # the job step's processes, then the shell alone
+            subprocess.run(["scancel", "--signal=TERM", *target, job_id], env=slurm, check=True)
+        deadline = time.monotonic() + 120
+        while "re-queueing" not in _job_logs(tmp_path):
+            assert time.monotonic() < deadline, _job_logs(tmp_path)[-4000:]
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm, check=False)
+        while _squeue_state(slurm, job_id) not in ("", "CANCELLED", "COMPLETED"):
+            time.sleep(1)
+    logs = _job_logs(tmp_path)
+    stopped = re.search(r"stopped early \((.*?)\); re-queueing", logs, re.DOTALL)
+    assert stopped, logs[-4000:]
+    iteration = json.loads(stopped.group(1))["iteration"]
+    assert 0 < iteration < 1000
+    # The checkpoint it re-queues on is complete and is the latest.
+    latest = (save / "latest_checkpointed_iteration.txt").read_text().strip()
+    assert int(latest) >= iteration and (save / f"iter_{int(latest):07d}").is_dir()
