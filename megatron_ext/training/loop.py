@@ -293,6 +293,8 @@ class Trainer:
         for warning in repeated_validation_warnings(self.datasets.valid, config):
             self._log_rank0(warning)
         self.stages = config.resolved_stages()
+        if self.resume is not None:
+            self._check_resume_position()
         self.micro_batches = config.global_batch_size // (config.micro_batch_size * self.dp_size)
         self.flops_per_token = training_flops_per_token(
             self.plan.arch, self.plan.padded_vocab_size, config.seq_length
@@ -479,6 +481,32 @@ class Trainer:
             result.checkpoint = str(latest) if latest else None
         return result
 
+    def _check_resume_position(self) -> None:
+        """Refuse a checkpoint this run's ``train_iters`` and stages cannot continue from.
+
+        A checkpoint is a position in its run's stage list; with other stage lengths it would
+        land in another stage, or past the last one, and the run would end early as "done".
+        """
+        saved, name = self.start, self.resume.name
+        if saved.iteration > self.config.train_iters:
+            raise ConfigError(
+                f"{name} is at iteration {saved.iteration}, past this run's --train-iters "
+                f"{self.config.train_iters}: nothing is left to train (raise --train-iters, or "
+                "start a new run from it with --pretrained-checkpoint)"
+            )
+        lengths = [s.train_iters for s in self.stages]
+        if saved.stage >= len(lengths) or (
+            sum(lengths[: saved.stage]) + saved.stage_iteration != saved.iteration
+        ):
+            described = ", ".join(f"{s.name!r} {s.train_iters}" for s in self.stages)
+            raise ConfigError(
+                f"{name} was saved at iteration {saved.iteration}, {saved.stage_iteration} "
+                f"iterations into stage {saved.stage + 1} of its run; this run's stages "
+                f"({described} iterations) do not place iteration {saved.iteration} there. "
+                "Resume with the stages it was saved with (its train_state.json's config), or "
+                "start a new run from it with --pretrained-checkpoint"
+            )
+
     def _position(self, state: LoopState) -> tuple[int, int] | None:
         """(stage, iteration within it) to continue from, past finished stages; None: done.
 
@@ -550,7 +578,9 @@ class Trainer:
             last = state.iteration == config.train_iters
             if config.eval_interval and state.iteration % config.eval_interval == 0 and not last:
                 self._validate(run, state, metrics)
-            interrupted = stop.check()
+            # A stop that comes with the last iteration lets the run end as finished: it saves
+            # anyway, and a job re-queued on interrupted.json would have nothing left to do.
+            interrupted = stop.check() and not last
             periodic = config.save_interval and state.iteration % config.save_interval == 0
             if config.save and (periodic or interrupted):
                 self._save(run, state)

@@ -19,7 +19,9 @@ class MetricsLog:
     """Appends metric entries to a JSONL file and, optionally, TensorBoard.
 
     ``resume_step``: the iteration a resumed run continues from (the file keeps the entries up to
-    it); None: a new run (the file starts empty).
+    it); None: a new run (the file starts empty). Nothing is dropped before the first entry is
+    written, so a run that fails while loading its checkpoint leaves the earlier entries as
+    they were.
     """
 
     def __init__(
@@ -29,26 +31,37 @@ class MetricsLog:
         resume_step: int | None = None,
     ) -> None:
         self.path = Path(path) if path else None
+        self._resume_step = resume_step
+        self._tensorboard_dir = tensorboard_dir
         self._file = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and self.path.exists():
-                _truncate_after(self.path, resume_step)
-            mode = "w" if resume_step is None else "a"
-            self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 (closed in close)
         self._tensorboard = None
+        self._opened = False
         if tensorboard_dir:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import torch.utils.tensorboard  # noqa: F401 (here, to fail before training)
             except ImportError as err:
                 raise RuntimeError(
                     "--tensorboard-dir needs the tensorboard package: "
                     "pip install 'megatron-ext[tensorboard]'"
                 ) from err
-            self._tensorboard = SummaryWriter(tensorboard_dir, purge_step=resume_step)
+
+    def _open(self) -> None:
+        self._opened = True
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._resume_step is not None and self.path.exists():
+                _truncate_after(self.path, self._resume_step)
+            mode = "w" if self._resume_step is None else "a"
+            self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 (closed in close)
+        if self._tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=self._resume_step)
 
     def write(self, entry: dict[str, Any]) -> None:
         """Record one entry (a training step or a validation result)."""
+        if not self._opened:
+            self._open()
         if self._file is not None:
             self._file.write(json.dumps(entry) + "\n")
             self._file.flush()

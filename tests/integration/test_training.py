@@ -573,6 +573,33 @@ def _schedule(k: int, n: int, peak: float, low: float, warmup: int, style: str, 
     return low + (peak - low) * (2 * 0.5**ratio - 1)  # WSD-exponential
 
 
+def test_resume_refuses_stages_that_do_not_place_the_checkpoint(
+    tmp_path, small_tokenizer, training_data
+):
+    """Other stage lengths would continue in the wrong stage, or end the run early as done."""
+    stages = [{"name": "embeddings", "train_iters": 3, "trainable": "embeddings"}, {"name": "all"}]
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=5,
+                          save_interval=1, keep_last_checkpoints=0, stages=stages)  # fmt: skip
+    run = tmp_path / "run"
+    run_ranks(_train, 1, config, ["--save", str(run)])
+    resume = ["--save", str(run), "--load", str(run)]
+    (run / "latest_checkpointed_iteration.txt").write_text("4\n")
+    (tmp_path / "other").mkdir()
+    without_stages = write_config(tmp_path / "other", small_tokenizer, training_data,
+                                  train_iters=5)  # fmt: skip
+    with pytest.raises(AssertionError, match=(
+        r"iter_0000004 was saved at iteration 4, 1 iterations into stage 2 of its run; this "
+        r"run's stages \('train' 5 iterations\) do not place iteration 4 there"
+    )):  # fmt: skip
+        run_ranks(_train, 1, without_stages, resume)
+    (run / "latest_checkpointed_iteration.txt").write_text("5\n")
+    with pytest.raises(AssertionError, match="iteration 5, past this run's --train-iters 4"):
+        run_ranks(_train, 1, config, [*resume, "--train-iters", "4", "--lr-warmup-iters", "0"])
+    # The same stages, one iteration more: the last stage continues.
+    (run / "latest_checkpointed_iteration.txt").write_text("4\n")
+    assert len(run_ranks(_train, 1, config, [*resume, "--train-iters", "6"])[0]) == 2
+
+
 def test_each_stage_follows_its_learning_rate_schedule(tmp_path, small_tokenizer, training_data):
     """Warm-up then cosine, then two WSD stages (linear and exponential anneals), per metrics."""
     config = write_config(
@@ -1047,6 +1074,13 @@ def test_time_budget_counts_the_set_up(tmp_path, small_tokenizer, training_data)
     budget = ["--exit-duration-in-mins", "0.04"]  # 2.4 s: a run of many iterations after set-up
     stopped = run_ranks(_train_after_a_slow_set_up, 1, config, budget, 3.0)[0]
     assert stopped == (1, "--exit-duration-in-mins")
+    # When that one iteration is the last, the run ends finished: a re-queue would find nothing
+    # to do, and the final validation would never run.
+    save = tmp_path / "one"
+    last = [*budget, "--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(save)]
+    assert run_ranks(_train_after_a_slow_set_up, 1, config, last, 3.0)[0] == (1, None)
+    assert not (save / "interrupted.json").exists()
+    assert [e["lang"] for e in read_metrics(save / "metrics.jsonl") if "split" in e] == ["en", "ar"]
 
 
 def _train_signalled_during_set_up(rank, world_size, config_path, overrides):

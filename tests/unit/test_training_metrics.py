@@ -31,5 +31,11 @@ def test_resume_drops_entries_after_the_checkpoint(tmp_path):
     log.close()
     with open(path, "a") as f:
         f.write('{"step": 6, "lo')  # cut short by kill -9
+    before = path.read_text()
+    # A resume that fails before its first entry (say, loading the checkpoint) drops nothing.
     MetricsLog(path, resume_step=3).close()
-    assert [e["step"] for e in read_metrics(path)] == [1, 2, 3]
+    assert path.read_text() == before
+    log = MetricsLog(path, resume_step=3)
+    log.write({"step": 4, "loss": 0.5})
+    log.close()
+    assert [e["step"] for e in read_metrics(path)] == [1, 2, 3, 4]
