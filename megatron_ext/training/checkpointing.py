@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,13 +99,21 @@ def latest_checkpoint(load: str | os.PathLike) -> Path | None:
     return path
 
 
+def checkpoint_iteration(checkpoint: Path) -> int | None:
+    """The iteration a checkpoint directory's name gives.
+
+    None for any other name: a half-written ``.tmp``, one being deleted, or a user's copy such as
+    ``iter_0000008_backup``, which pruning must not count (or delete).
+    """
+    match = re.fullmatch(r"iter_(\d{7,})", checkpoint.name)
+    return int(match.group(1)) if match else None
+
+
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """The published checkpoints under ``root``, oldest first (never a half-written ``.tmp``)."""
-    return sorted(
-        p.parent
-        for p in Path(root).glob(f"iter_*/{TRAIN_STATE}")
-        if p.parent.suffix not in (WRITING, DELETING)
-    )
+    """The published checkpoints under ``root``, oldest first."""
+    found = [p.parent for p in Path(root).glob(f"iter_*/{TRAIN_STATE}")]
+    ours = [c for c in found if checkpoint_iteration(c) is not None]
+    return sorted(ours, key=checkpoint_iteration)
 
 
 def _iteration(checkpoint: Path) -> int | str:
@@ -489,7 +498,10 @@ class CheckpointWriter:
             os.replace(staging, final)
             pointer = self.save_dir / LATEST
             tmp_pointer = pointer.with_name(pointer.name + ".tmp")
-            tmp_pointer.write_text(f"{iteration}\n")
+            with open(tmp_pointer, "w", encoding="utf-8") as f:
+                f.write(f"{iteration}\n")
+                f.flush()
+                os.fsync(f.fileno())  # or a power cut can leave the renamed pointer empty
             os.replace(tmp_pointer, pointer)
             _fsync_dir(self.save_dir)
             if replaced is not None:
@@ -530,7 +542,8 @@ def _prune(save: Path, keep_last: int, latest: Path) -> None:
     they would get this run's own newest checkpoints deleted, the one the pointer names too.
     They stay until this run writes their iterations again.
     """
-    ours = [c for c in complete_checkpoints(save) if c.name <= latest.name]
+    last = checkpoint_iteration(latest)
+    ours = [c for c in complete_checkpoints(save) if checkpoint_iteration(c) <= last]
     for old in ours[:-keep_last]:
         shutil.rmtree(_set_aside(old), ignore_errors=True)
 
@@ -561,7 +574,9 @@ def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / TRAIN_STATE).read_text(encoding="utf-8"))
 
 
-def _saved_optimizer_format(path: Path, train_state: dict[str, Any], distributed: bool) -> str:
+def _saved_optimizer_format(
+    path: Path, train_state: dict[str, Any], distributed: bool, bf16: bool
+) -> str:
     """The format to read the checkpoint's optimizer state in, if this run's optimizer can.
 
     Refused here is what megatron-core would fail on deep inside, or misread.
@@ -571,6 +586,13 @@ def _saved_optimizer_format(path: Path, train_state: dict[str, Any], distributed
         "resume with the settings it was saved with, or pass --no-load-optim to restore the "
         "weights and start the optimizer state afresh"
     )
+    saved_bf16 = train_state.get("config", {}).get("bf16")
+    if saved_bf16 is not None and saved_bf16 != bf16:
+        # Mixed precision keeps fp32 main weights in the optimizer state; fp32 runs do not.
+        raise CheckpointLoadError(
+            f"{path}: its optimizer state was saved {'with' if saved_bf16 else 'without'} "
+            f"--bf16 and this run is {'bf16' if bf16 else 'fp32'}: {way_out}"
+        )
     if (saved != "replicated") != distributed:
         current = "distributed" if distributed else "replicated"
         raise CheckpointLoadError(
@@ -614,7 +636,12 @@ def load_checkpoint(
     optimizer_format = (
         None
         if optimizer is None
-        else _saved_optimizer_format(Path(path), train_state, distributed_optimizer)
+        else _saved_optimizer_format(
+            Path(path),
+            train_state,
+            distributed_optimizer,
+            bf16=any(p.dtype == torch.bfloat16 for p in model.parameters()),
+        )
     )
     sharded = _sharded_state(
         model_sharded_state(model),
@@ -627,7 +654,12 @@ def load_checkpoint(
         state = load_dist_checkpoint(sharded, path)
     except CheckpointError as err:
         path = Path(path)
-        earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
+        current = checkpoint_iteration(path)
+        earlier = [
+            p
+            for p in complete_checkpoints(path.parent)
+            if current is not None and checkpoint_iteration(p) < current
+        ]
         hint = (
             f"; to resume from {earlier[-1].name} instead, write {_iteration(earlier[-1])} into "
             f"{path.parent / LATEST}"

@@ -468,6 +468,12 @@ class Trainer:
                 self.checkpoints.wait()
                 if dist.get_rank() == 0:
                     checkpointing.mark_interrupted(config.save, result.interrupted, state.iteration)
+        except TrainingError:
+            # Raised on every rank alike (the grad norm is all-reduced), so the collective wait is
+            # safe: the background save of the last healthy state is published, not abandoned.
+            if config.save:
+                self.checkpoints.wait()
+            raise
         finally:
             stop.restore()
             metrics.close()

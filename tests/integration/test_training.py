@@ -573,10 +573,12 @@ def _schedule(k: int, n: int, peak: float, low: float, warmup: int, style: str, 
     return low + (peak - low) * (2 * 0.5**ratio - 1)  # WSD-exponential
 
 
-def test_resume_refuses_stages_that_do_not_place_the_checkpoint(
+def test_resume_refuses_what_the_checkpoint_cannot_continue(
     tmp_path, small_tokenizer, training_data
 ):
-    """Other stage lengths would continue in the wrong stage, or end the run early as done."""
+    """Other stage lengths would continue in the wrong stage, or end the run early as done;
+    another precision fails deep in megatron-core, where the hint used to suggest an earlier
+    checkpoint (which fails the same way)."""
     stages = [{"name": "embeddings", "train_iters": 3, "trainable": "embeddings"}, {"name": "all"}]
     config = write_config(tmp_path, small_tokenizer, training_data, train_iters=5,
                           save_interval=1, keep_last_checkpoints=0, stages=stages)  # fmt: skip
@@ -592,6 +594,11 @@ def test_resume_refuses_stages_that_do_not_place_the_checkpoint(
         r"run's stages \('train' 5 iterations\) do not place iteration 4 there"
     )):  # fmt: skip
         run_ranks(_train, 1, without_stages, resume)
+    with pytest.raises(AssertionError, match=(
+        r"iter_0000004: its optimizer state was saved without --bf16 and this run is bf16: .*"
+        r"--no-load-optim"
+    )):  # fmt: skip
+        run_ranks(_train, 1, config, [*resume, "--bf16"])
     (run / "latest_checkpointed_iteration.txt").write_text("5\n")
     with pytest.raises(AssertionError, match="iteration 5, past this run's --train-iters 4"):
         run_ranks(_train, 1, config, [*resume, "--train-iters", "4", "--lr-warmup-iters", "0"])
@@ -632,11 +639,17 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, small_tokenizer, training_data)
     # An absurd learning rate overflows the weights after one update: NaN from iteration 2.
     config = write_config(tmp_path, small_tokenizer, training_data, lr=1.0e30, min_lr=1.0e30,
                           clip_grad=0.0)  # fmt: skip
-    proc = _cli("--config", str(config), "--on-nonfinite", "stop")
+    # Iteration 1's checkpoint is still being written in the background when iteration 2
+    # fails: it must be published, not left half-written.
+    stopped = tmp_path / "stop"
+    proc = _cli("--config", str(config), "--on-nonfinite", "stop", "--save", str(stopped),
+                "--save-interval", "1", "--async-save")  # fmt: skip
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1
     assert re.search(r"iteration 2: grad norm is (nan|inf)", err), err[-3000:]
     assert "stopping (--on-nonfinite stop)" in err
+    assert (stopped / "latest_checkpointed_iteration.txt").read_text() == "1\n"
+    assert not list(stopped.glob("*.tmp"))
 
     save = tmp_path / "skip"
     proc = _cli("--config", str(config), "--max-skipped-iters", "2", "--save", str(save))

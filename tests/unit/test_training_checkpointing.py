@@ -11,7 +11,9 @@ from megatron_ext.training.checkpointing import (
     METADATA,
     TRAIN_STATE,
     CheckpointLoadError,
+    _prune,
     checkpoint_dir,
+    complete_checkpoints,
     latest_checkpoint,
     resume_checkpoint,
 )
@@ -33,6 +35,21 @@ def test_half_written_checkpoint_is_not_latest(tmp_path):
     staging.mkdir()
     (staging / "__0_0.distcp").write_bytes(b"partial")
     assert latest_checkpoint(tmp_path) == done
+
+
+def test_keep_last_counts_and_deletes_only_checkpoints_by_number(tmp_path):
+    """A user's copy (iter_0000008_backup) is not a checkpoint of the run: pruning leaves it.
+    Iterations compare as numbers, past 9,999,999 (eight digits) too."""
+    for iteration in (8, 9_999_999, 10_000_000):
+        _complete(tmp_path, iteration)
+    backup = tmp_path / "iter_0000008_backup"
+    backup.mkdir()
+    (backup / TRAIN_STATE).write_text(json.dumps({"iteration": 8}))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [
+        "iter_0000008", "iter_9999999", "iter_10000000",
+    ]  # fmt: skip
+    _prune(tmp_path, 1, checkpoint_dir(tmp_path, 10_000_000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000008_backup", "iter_10000000"]
 
 
 def test_pointer_to_incomplete_checkpoint_fails_loudly(tmp_path):
