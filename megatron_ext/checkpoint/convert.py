@@ -20,7 +20,12 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.arch import LlamaArch
-from megatron_ext.checkpoint.hf import CheckpointError, HFCheckpoint, save_hf_checkpoint
+from megatron_ext.checkpoint.hf import (
+    CheckpointError,
+    HFCheckpoint,
+    read_json_file,
+    save_hf_checkpoint,
+)
 from megatron_ext.checkpoint.layout import (
     EMBEDDING,
     FINAL_NORM,
@@ -271,7 +276,7 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
         )
         hint = f"; its checkpoints are in iter_* directories, e.g. {inside[-1]}" if inside else ""
         raise CheckpointError(f"{path}: not found (not a checkpoint written by megatron-ext){hint}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_file(path)
 
 
 def model_sharded_state(model) -> dict:

@@ -21,6 +21,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted (message names the file or tensor)."""
 
 
+def read_json_file(path: Path) -> dict:
+    """A JSON file a checkpoint holds; a damaged one is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged, not JSON ({err})") from err
+
+
 def expected_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
     """Every weight of a Hugging Face ``LlamaForCausalLM`` with its shape."""
     h, d = arch.hidden_size, arch.head_dim

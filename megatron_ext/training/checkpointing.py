@@ -55,7 +55,7 @@ from megatron_ext.checkpoint.convert import (
     load_dist_checkpoint,
     model_sharded_state,
 )
-from megatron_ext.checkpoint.hf import CheckpointError
+from megatron_ext.checkpoint.hf import CheckpointError, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -571,7 +571,7 @@ def mark_interrupted(save: str | os.PathLike, reason: str | None, iteration: int
 
 def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
     """The ``train_state.json`` of a checkpoint."""
-    return json.loads((Path(path) / TRAIN_STATE).read_text(encoding="utf-8"))
+    return read_json_file(Path(path) / TRAIN_STATE)
 
 
 def _saved_optimizer_format(

@@ -296,9 +296,15 @@ class Trainer:
         if self.resume is not None:
             self._check_resume_position()
         self.micro_batches = config.global_batch_size // (config.micro_batch_size * self.dp_size)
-        self.flops_per_token = training_flops_per_token(
-            self.plan.arch, self.plan.padded_vocab_size, config.seq_length
-        )
+        self.flops_per_token = {
+            trainable: training_flops_per_token(
+                self.plan.arch,
+                self.plan.padded_vocab_size,
+                config.seq_length,
+                layers_trainable=trainable == "all",
+            )  # fmt: skip
+            for trainable in {stage.trainable for stage in self.stages}
+        }
         self.peak = peak_tflops(config.peak_tflops)
         self.forward_backward = get_forward_backward_func()
 
@@ -563,7 +569,8 @@ class Trainer:
             tokens_per_s = tokens_per_step / elapsed
             mfu = None
             if self.peak:
-                achieved = self.flops_per_token * tokens_per_s / self.world_size
+                flops_per_token = self.flops_per_token[stage.trainable]
+                achieved = flops_per_token * tokens_per_s / self.world_size
                 mfu = achieved / (self.peak * 1e12)
             entry = {
                 "step": state.iteration,

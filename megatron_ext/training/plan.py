@@ -111,16 +111,22 @@ def stage_activation_bytes(arch: LlamaArch, config, stage_layers: int) -> tuple[
     return group * layer_input + (stage_layers - group) * kept, kept
 
 
-def training_flops_per_token(arch: LlamaArch, padded_vocab_size: int, seq_length: int) -> float:
+def training_flops_per_token(
+    arch: LlamaArch, padded_vocab_size: int, seq_length: int, layers_trainable: bool = True
+) -> float:
     """Model FLOPs of forward + backward per token (no recomputation counted, as MFU defines).
 
-    Every weight multiplies each token once forward (2 FLOPs per weight) and twice backward;
-    attention adds ``QK^T`` and ``AV``: ``4 * seq_length * hidden`` per layer forward.
+    Every weight multiplies each token once forward (2 FLOPs per weight) and twice backward: the
+    input's gradient and the weight's. Attention adds ``QK^T`` and ``AV``: ``4 * seq_length *
+    hidden`` per layer forward, twice that backward. With the layers frozen (a stage training only
+    the embedding and output layer) their weights' gradients are not computed, but the inputs'
+    are, to reach the embedding.
     """
     h = arch.hidden_size
-    matmul_weights = arch.num_layers * (layer_params(arch) - 2 * h) + padded_vocab_size * h
-    forward = 2 * matmul_weights + 4 * arch.num_layers * seq_length * h
-    return 3.0 * forward
+    layer_weights = arch.num_layers * (layer_params(arch) - 2 * h)
+    per_layer_weight = 6 if layers_trainable else 4
+    attention = 3 * 4 * arch.num_layers * seq_length * h
+    return 6.0 * padded_vocab_size * h + per_layer_weight * layer_weights + attention
 
 
 @dataclass

@@ -108,3 +108,13 @@ def test_load_that_would_start_from_fresh_weights_is_refused(tmp_path, target, m
         load.mkdir()
     with pytest.raises(CheckpointLoadError, match=message):
         resume_checkpoint(load, tmp_path / "new-run")
+
+
+def test_a_damaged_train_state_is_named(tmp_path):
+    from megatron_ext.checkpoint.hf import CheckpointError
+    from megatron_ext.training.checkpointing import read_train_state
+
+    path = _complete(tmp_path, 4)
+    (path / TRAIN_STATE).write_text('{"iteration": 4, "con')  # cut short
+    with pytest.raises(CheckpointError, match=r"iter_0000004/train_state.json: damaged, not JSON"):
+        read_train_state(path)

@@ -15,7 +15,7 @@ from megatron_ext.commands.train import main
 from megatron_ext.hashing import pieces_sha256
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.training.config import load_config
-from megatron_ext.training.plan import peak_tflops, plan_run
+from megatron_ext.training.plan import peak_tflops, plan_run, training_flops_per_token
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -33,6 +33,31 @@ def test_parameter_count_matches_transformers(preset):
     assert plan.total_params == sum(p.numel() for p in reference.parameters())
     assert plan.data_parallel_size == 2
     assert plan.tokens_per_step == 16 * config.seq_length
+
+
+@pytest.mark.parametrize("layers_trainable", [True, False], ids=["all", "embeddings"])
+def test_flops_per_token_match_pytorchs_count_of_a_transformers_step(layers_trainable):
+    """MFU's numerator against torch's FLOP counter on transformers' Llama, forward + backward.
+
+    A stage training only the embedding and output layer computes no weight gradients in the
+    layers, so its MFU counts a third less of their FLOPs (it used to count all).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch, seq = PRESETS["tiny"], 64
+    model = LlamaForCausalLM(
+        LlamaConfig(**arch.to_hf_config(vocab_size=arch.vocab_size), attn_implementation="eager")
+    )
+    for name, param in model.named_parameters():
+        param.requires_grad_(layers_trainable or "layers." not in name)
+    ids = torch.randint(0, arch.vocab_size, (1, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(ids).logits.float().sum().backward()
+    counted = counter.get_total_flops() / seq
+    assert training_flops_per_token(
+        arch, arch.vocab_size, seq, layers_trainable=layers_trainable
+    ) == pytest.approx(counted, rel=1e-9)
 
 
 def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
