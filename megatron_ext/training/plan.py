@@ -129,6 +129,11 @@ def training_flops_per_token(
     return 6.0 * padded_vocab_size * h + per_layer_weight * layer_weights + attention
 
 
+# What an 80 GB GPU leaves for tensors: the CUDA context, NCCL's buffers and the allocator's
+# fragmentation take a few GiB that the estimate does not count.
+GPU_TENSOR_BUDGET_GIB = 74.0
+
+
 @dataclass
 class RunPlan:
     """Sizes of a run per GPU (the busiest pipeline stage)."""
@@ -171,6 +176,14 @@ class RunPlan:
             f"checkpoint: {self.checkpoint_gib:.1f} GiB per save (weights and optimizer state), "
             f"about {self.checkpoint_gib / self.world_size:.1f} GiB written by each process",
         ]
+        if total > GPU_TENSOR_BUDGET_GIB:
+            lines.append(
+                f"warning: {total:.1f} GiB per GPU does not fit an 80 GB H100 or A100, which "
+                f"leaves about {GPU_TENSOR_BUDGET_GIB:.0f} GiB for tensors (the CUDA context, "
+                "NCCL's buffers and fragmentation take the rest, and are not in the estimate): "
+                "use more tensor or pipeline parallelism, --recompute-granularity, or a smaller "
+                "--micro-batch-size"
+            )
         if self.optimizer_gather_gib:
             where = (
                 "the first data-parallel rank of each model-parallel shard, which alone writes it"

@@ -104,7 +104,11 @@ def test_dry_run_warns_of_a_sequence_beyond_the_models_positions(capsys, llama2_
         "--data-path", "no/such/data",
     ]  # fmt: skip
     assert main([*argv, "--seq-length", "4096"]) == 0
-    assert "warning" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: --seq-length" not in out
+    # fp32 on one GPU: far more than an 80 GB GPU holds, which the plan says.
+    total = float(re.search(r"= ([\d.]+) GiB\n", out).group(1))
+    assert total > 100 and f"warning: {total:.1f} GiB per GPU does not fit an 80 GB" in out
     assert main([*argv, "--seq-length", "8192"]) == 0
     assert "warning: --seq-length 8192 is beyond the 4096 positions" in capsys.readouterr().out
 
