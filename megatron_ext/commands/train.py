@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_ext.commands.options import quiet_known_warnings
 from megatron_ext.training.config import ConfigError, load_config, settings_help
+from megatron_ext.training.signals import SigtermLatch
 
 EPILOG = """\
 Any setting of the config can be overridden with Megatron-LM's flag name, e.g.
@@ -125,16 +126,27 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
+def _refuse(err: Exception) -> int:
+    print(f"megatron-ext train: {err}", file=sys.stderr)
+    return 2  # bad input, as for a usage error
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args, overrides = build_parser().parse_known_args(argv)
     quiet_known_warnings()
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        return _refuse(err)
+    if not args.dry_run and config.exit_signal_handler:
+        SigtermLatch()  # before the seconds of importing torch and megatron-core below
     from megatron_ext.arch import ArchitectureError
     from megatron_ext.checkpoint.hf import CheckpointError
     from megatron_ext.tokenizer.encoders import TokenizerLoadError
     from megatron_ext.training.checkpointing import CheckpointLoadError, CheckpointSaveError
 
-    # Bad inputs: the message names the file, flag or tensor; exit 2 as for a usage error.
+    # Bad inputs: the message names the file, flag or tensor.
     input_errors = (
         ConfigError,
         ArchitectureError,
@@ -143,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         TokenizerLoadError,
     )
     try:
-        config = load_config(args.config, overrides)
         if args.dry_run:
             return dry_run(config, args.world_size)
         from megatron_ext.training.loop import TrainingError, train
@@ -154,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megatron-ext train: {err}", file=sys.stderr)
             return 1
     except input_errors as err:
-        print(f"megatron-ext train: {err}", file=sys.stderr)
-        return 2
+        return _refuse(err)
     import torch.distributed as dist
 
     if dist.get_rank() == dist.get_world_size() - 1:  # the last pipeline stage knows the losses

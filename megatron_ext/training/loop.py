@@ -60,6 +60,7 @@ from megatron_ext.training.model import (
     training_device,
 )
 from megatron_ext.training.plan import peak_tflops, training_flops_per_token
+from megatron_ext.training.signals import SigtermLatch
 from megatron_ext.training.stage import StageRun, build_stage, optimizer_step
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ class StopRequest:
         self._previous = None
         if exit_signal_handler:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            # One that came while the command was still importing (SigtermLatch) counts.
+            self._signalled = isinstance(self._previous, SigtermLatch) and self._previous.fired
 
     def _handle(self, signum, frame) -> None:
         self._signalled = True
@@ -589,11 +592,13 @@ class Trainer:
             if not applied:
                 self._check_skip(state, grad_norm, loss)
             last = state.iteration == config.train_iters
-            if config.eval_interval and state.iteration % config.eval_interval == 0 and not last:
-                self._validate(run, state, metrics)
             # A stop that comes with the last iteration lets the run end as finished: it saves
             # anyway, and a job re-queued on interrupted.json would have nothing left to do.
             interrupted = stop.check() and not last
+            # A stopping run saves first: validation could outlast the grace time after SIGTERM.
+            validate = config.eval_interval and state.iteration % config.eval_interval == 0
+            if validate and not last and not interrupted:
+                self._validate(run, state, metrics)
             periodic = config.save_interval and state.iteration % config.save_interval == 0
             if config.save and (periodic or interrupted):
                 self._save(run, state)

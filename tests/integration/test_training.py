@@ -1125,6 +1125,30 @@ def test_sigterm_during_the_set_up_stops_cleanly(tmp_path, small_tokenizer, trai
     }
 
 
+def _catches_sigterm(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_sigterm_while_the_command_imports_stops_cleanly(tmp_path, small_tokenizer, training_data):
+    """Importing torch and megatron-core takes seconds before the trainer's handler exists."""
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1000)
+    save = tmp_path / "run"
+    proc = _cli("--config", str(config), "--save", str(save))
+    deadline = time.monotonic() + 60
+    while not _catches_sigterm(proc.pid):  # the first handler, installed after the config reads
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still importing
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted (SIGTERM) at iteration 0" in out
+    assert json.loads((save / "interrupted.json").read_text())["iteration"] == 0
+
+
 def test_freeze_base_rows_request_without_a_new_rows_stage_warns(
     tmp_path, small_tokenizer, training_data
 ):
