@@ -484,8 +484,14 @@ class TrainConfig:
         if world_size % (tp * pp):
             raise ConfigError(
                 f"{world_size} processes cannot be split into --tensor-model-parallel-size {tp} "
-                f"x --pipeline-model-parallel-size {pp} (start a multiple of {tp * pp}, e.g. "
-                f"torchrun --nproc-per-node {tp * pp} -m megatron_ext.cli train ...)"
+                f"x --pipeline-model-parallel-size {pp} (start a multiple of {tp * pp}: "
+                + (
+                    f"torchrun --nproc-per-node {tp * pp} -m megatron_ext.cli train ..."
+                    if tp * pp <= 8
+                    else f"{-(-tp * pp // 8)} nodes of 8 GPUs or a multiple, with "
+                    "examples/slurm/train.sbatch"
+                )
+                + ")"
             )
         dp = world_size // (tp * pp)
         if self.global_batch_size % (self.micro_batch_size * dp):

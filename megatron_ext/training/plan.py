@@ -132,6 +132,8 @@ def training_flops_per_token(
 # What an 80 GB GPU leaves for tensors: the CUDA context, NCCL's buffers and the allocator's
 # fragmentation take a few GiB that the estimate does not count.
 GPU_TENSOR_BUDGET_GIB = 74.0
+# Warn above this share of a step that 1F1B leaves each GPU idle.
+MAX_PIPELINE_BUBBLE = 0.2
 
 
 @dataclass
@@ -152,6 +154,9 @@ class RunPlan:
     checkpoint_gib: float
     # Host memory a --dist-ckpt-optim-fully-reshardable save gathers the optimizer state into.
     optimizer_gather_gib: float = 0.0
+    # Of total_params: the rows that pad the vocabulary to a multiple of 128 x TP.
+    padding_params: int = 0
+    pipeline_stages: int = 1
 
     @property
     def total_gib(self) -> float:
@@ -167,8 +172,14 @@ class RunPlan:
             f"batch: global {config.global_batch_size} x seq {config.seq_length} = "
             f"{self.tokens_per_step:,} tokens/step; micro-batch {config.micro_batch_size}, "
             f"{self.micro_batches} micro-batches per step per DP rank",
-            f"parameters: {self.total_params / 1e9:.3f} B in all, "
-            f"{self.params_per_gpu / 1e9:.3f} B on the busiest GPU",
+            f"parameters: {self.total_params / 1e9:.3f} B in all"
+            + (
+                f" ({(self.total_params - self.padding_params) / 1e9:.3f} B without the "
+                "vocabulary's padding rows)"
+                if self.padding_params
+                else ""
+            )
+            + f", {self.params_per_gpu / 1e9:.3f} B on the busiest GPU",
             f"memory per GPU (estimate): weights {self.weights_gib:.1f} GiB + grads "
             f"{self.grads_gib:.1f} GiB + optimizer {self.optimizer_gib:.1f} GiB + activations "
             f"{self.activations_gib:.1f} GiB = {total:.1f} GiB",
@@ -176,6 +187,14 @@ class RunPlan:
             f"checkpoint: {self.checkpoint_gib:.1f} GiB per save (weights and optimizer state), "
             f"about {self.checkpoint_gib / self.world_size:.1f} GiB written by each process",
         ]
+        pp, m = self.pipeline_stages, self.micro_batches
+        bubble = (pp - 1) / (m + pp - 1)
+        if bubble > MAX_PIPELINE_BUBBLE:
+            lines.append(
+                f"warning: {m} micro-batches per step through {pp} pipeline stages leave each "
+                f"GPU idle {bubble:.0%} of the step (1F1B's bubble, (PP - 1) / (micro-batches + "
+                "PP - 1)): raise --global-batch-size or lower --micro-batch-size"
+            )
         if total > GPU_TENSOR_BUDGET_GIB:
             lines.append(
                 f"warning: {total:.1f} GiB per GPU does not fit an 80 GB H100 or A100, which "
@@ -243,6 +262,8 @@ def plan_run(config, arch: LlamaArch, padded_vocab_size: int, world_size: int) -
         tokens_per_step=tokens,
         micro_batches=micro_batches,
         total_params=total,
+        padding_params=(padded_vocab_size - arch.vocab_size) * vocab_rows // padded_vocab_size,
+        pipeline_stages=pp,
         params_per_gpu=per_gpu,
         weights_gib=per_gpu * bytes_param / gib,
         grads_gib=per_gpu * 4 / gib,

@@ -78,6 +78,10 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert checkpoint == pytest.approx(params * 14 / 1024**3, rel=1e-3)
     assert "warning" not in out
     assert "fully reshardable" not in out
+    # The count a model card gives leaves out the rows padding the vocabulary for TP.
+    vocab, padded = map(int, re.search(r"vocabulary (\d+) \(padded (\d+)\)", out).groups())
+    unpadded = float(re.search(r"\(([\d.]+) B without the vocabulary's padding", out).group(1))
+    assert unpadded == pytest.approx((params - (padded - vocab) * 8192 * 2) / 1e9, abs=1e-3)
     # Each save gathers a model-parallel shard's fp32 main weights and moments on every process.
     assert main([*argv, "--dist-ckpt-optim-fully-reshardable"]) == 0
     out = capsys.readouterr().out
@@ -91,8 +95,14 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
         "on the first data-parallel rank of each model-parallel shard, which alone writes it"
         in (capsys.readouterr().out)
     )
+    # 4 micro-batches through 4 stages: 3 / 7 of each step idle.
+    assert main([*argv, "--global-batch-size", "8"]) == 0
+    assert "4 micro-batches per step through 4 pipeline stages leave each GPU idle 43%" in (
+        capsys.readouterr().out
+    )
     assert main([*argv, "--world-size", "60"]) == 2
-    assert "60 processes cannot be split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "60 processes cannot be split" in err and "4 nodes of 8 GPUs or a multiple" in err
     assert main([*argv, "--world-size", "0"]) == 2  # was read as unset
     assert "--world-size must be at least 1, got 0" in capsys.readouterr().err
 
