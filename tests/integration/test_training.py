@@ -121,6 +121,9 @@ def test_tiny_config_trains_and_reports_per_language(
         "--data-cache-path", str(tmp_path / "cache"),
         "--train-iters", "30", "--save", str(save), "--save-interval", "0",
         "--eval-interval", "15",
+        # A quarter of its tokens per step: bf16 matrix products on a CPU without bf16 units
+        # run 5-25x slower than fp32 ones, and this test ran 4.5 minutes per bf16 case.
+        "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
     )  # fmt: skip
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -131,9 +134,10 @@ def test_tiny_config_trains_and_reports_per_language(
     assert {e["stage"] for e in train[:10]} == {"embeddings"}
     assert {e["stage"] for e in train[10:]} == {"full"}
     losses = [e["loss"] for e in train]
-    # The mean falls from about 7.3 to 6.3: by 1.01 on a CPU, 0.98 on an H200 (whose attention
-    # and GEMM kernels round differently). The margin is about learning, not one device's digits.
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.75, losses
+    # The mean of five falls by 0.87-0.88 on a CPU (by 1.01 at the config's own batch; 0.98 on
+    # an H200 there, whose attention and GEMM kernels round differently). The margin is about
+    # learning, not one device's digits.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.6, losses
     valid = [e for e in entries if e.get("split") == "valid"]
     assert {(e["step"], e["lang"]) for e in valid} == {
         (15, "en"),
