@@ -305,7 +305,7 @@ class Trainer:
                 self.plan.padded_vocab_size,
                 config.seq_length,
                 layers_trainable=trainable == "all",
-            )  # fmt: skip
+            )
             for trainable in {stage.trainable for stage in self.stages}
         }
         self.peak = peak_tflops(config.peak_tflops)
