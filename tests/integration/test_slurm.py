@@ -95,9 +95,11 @@ def slurm(tmp_path_factory):
             daemon.wait(timeout=30)
 
 
-def _submit(slurm, tmp_path, small_tokenizer, training_data, *args: str, wait: bool):
+def _submit(
+    slurm, tmp_path, small_tokenizer, training_data, *args: str, wait: bool
+) -> subprocess.CompletedProcess:
     """sbatch the template on the tiny config at TP=2 over two processes; its checkpoints go to
-    ``tmp_path/run``. Returns the finished sbatch (``wait``) or the job id."""
+    ``tmp_path/run``. With ``wait`` sbatch returns when the job has ended."""
     env = {
         **slurm,
         "SAVE": str(tmp_path / "run"),
@@ -105,7 +107,7 @@ def _submit(slurm, tmp_path, small_tokenizer, training_data, *args: str, wait: b
         "PYTHON": sys.executable,
         "MEGATRON_EXT_HOME": str(REPO),
     }
-    job = subprocess.run(
+    return subprocess.run(
         [
             "sbatch", *(["--wait"] if wait else []), "--parsable", "--nodes", "1",
             "--output", str(tmp_path / "job-%j.out"), "--chdir", str(tmp_path),
@@ -119,10 +121,6 @@ def _submit(slurm, tmp_path, small_tokenizer, training_data, *args: str, wait: b
         ],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    if wait:
-        return job
-    assert job.returncode == 0, job.stderr
-    return job.stdout.strip().split(";")[0]
 
 
 def _job_logs(tmp_path) -> str:
@@ -157,9 +155,11 @@ def test_sigterm_to_the_whole_job_saves_and_requeues(
     """A SIGTERM to the training processes and to the batch shell: training saves, torchrun
     exits 1 (it was signalled), and the shell outlives the signal to re-queue the job."""
     save = tmp_path / "run"
-    job_id = _submit(
+    job = _submit(
         slurm, tmp_path, small_tokenizer, training_data, "--train-iters", "1000", wait=False
     )
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
     try:
         deadline = time.monotonic() + 300
         metrics = save / "metrics.jsonl"

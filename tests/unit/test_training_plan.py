@@ -78,10 +78,16 @@ def test_dry_run_prints_layout_without_a_gpu_or_data(capsys, llama2_tokenizer):
     assert checkpoint == pytest.approx(params * 14 / 1024**3, rel=1e-3)
     assert "warning" not in out
     assert "fully reshardable" not in out
-    # The count a model card gives leaves out the rows padding the vocabulary for TP.
-    vocab, padded = map(int, re.search(r"vocabulary (\d+) \(padded (\d+)\)", out).groups())
+    # The count a model card gives leaves out the rows padding the vocabulary for TP: as
+    # transformers' Llama at the tokenizer's own vocabulary counts it.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = int(re.search(r"vocabulary (\d+) \(padded \d+\)", out).group(1))
+    with torch.device("meta"):
+        hf_config = LlamaConfig(**PRESETS["llama2-70b"].to_hf_config(vocab_size=vocab))
+        reference = sum(p.numel() for p in LlamaForCausalLM(hf_config).parameters())
     unpadded = float(re.search(r"\(([\d.]+) B without the vocabulary's padding", out).group(1))
-    assert unpadded == pytest.approx((params - (padded - vocab) * 8192 * 2) / 1e9, abs=1e-3)
+    assert unpadded == pytest.approx(reference / 1e9, abs=1e-3)
     # Each save gathers a model-parallel shard's fp32 main weights and moments on every process.
     assert main([*argv, "--dist-ckpt-optim-fully-reshardable"]) == 0
     out = capsys.readouterr().out
