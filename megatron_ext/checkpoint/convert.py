@@ -72,7 +72,13 @@ def load_dist_checkpoint(sharded: dict, checkpoint_dir: str | os.PathLike) -> di
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 
+    common = Path(checkpoint_dir) / COMMON_STATE_FNAME
+    if not common.is_file():
+        # megatron-core's own message for this is an AttributeError from its error path.
+        found = "damaged or incomplete" if common.parent.is_dir() else "no such directory"
+        raise CheckpointError(f"{checkpoint_dir}: no {common.name} there ({found})")
     try:
         stored = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
         for tensor in nested_values(sharded):

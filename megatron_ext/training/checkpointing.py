@@ -95,7 +95,8 @@ def latest_checkpoint(load: str | os.PathLike) -> Path | None:
         raise CheckpointLoadError(f"{pointer}: expected an iteration number, got {text!r}") from err
     path = checkpoint_dir(load, iteration)
     if not (path / TRAIN_STATE).is_file():
-        raise CheckpointLoadError(f"{pointer} names {path}, which is missing or incomplete")
+        hint = _earlier_checkpoint_hint(path)
+        raise CheckpointLoadError(f"{pointer} names {path}, which is missing or incomplete{hint}")
     return path
 
 
@@ -122,6 +123,22 @@ def _iteration(checkpoint: Path) -> int | str:
         return int(read_train_state(checkpoint)["iteration"])
     except (OSError, ValueError, KeyError, TypeError):
         return "its iteration"
+
+
+def _earlier_checkpoint_hint(checkpoint: Path) -> str:
+    """How to resume from the newest complete checkpoint before ``checkpoint`` ('' if none)."""
+    current = checkpoint_iteration(checkpoint)
+    earlier = [
+        p
+        for p in complete_checkpoints(checkpoint.parent)
+        if current is not None and checkpoint_iteration(p) < current
+    ]
+    if not earlier:
+        return ""
+    return (
+        f"; to resume from {earlier[-1].name} instead, write {_iteration(earlier[-1])} into "
+        f"{checkpoint.parent / LATEST}"
+    )
 
 
 def resume_checkpoint(load: str | os.PathLike, save: str | os.PathLike | None) -> Path | None:
@@ -653,20 +670,7 @@ def load_checkpoint(
     try:
         state = load_dist_checkpoint(sharded, path)
     except CheckpointError as err:
-        path = Path(path)
-        current = checkpoint_iteration(path)
-        earlier = [
-            p
-            for p in complete_checkpoints(path.parent)
-            if current is not None and checkpoint_iteration(p) < current
-        ]
-        hint = (
-            f"; to resume from {earlier[-1].name} instead, write {_iteration(earlier[-1])} into "
-            f"{path.parent / LATEST}"
-            if earlier
-            else ""
-        )
-        raise CheckpointLoadError(f"{err}{hint}") from err
+        raise CheckpointLoadError(f"{err}{_earlier_checkpoint_hint(Path(path))}") from err
     apply_model_state(model, state["model"], path)
     if optimizer is not None:
         # fp32 runs: the distributed optimizer's main weights are views of the parameters.

@@ -248,6 +248,13 @@ def test_cli_round_trip(tmp_path, hf_dir):
     assert result.returncode == 1  # convert's code for bad inputs
     assert result.stderr.startswith(f"megatron-ext convert: error: {ckpt}: cannot load (Checkpoi")
     assert "Traceback" not in result.stderr
+    # Without its common part, megatron-core's own error is an AttributeError of its error path.
+    (ckpt / "common.pt").unlink()
+    result = subprocess.run([*to_hf, "--force"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"megatron-ext convert: error: {ckpt}: no common.pt there (damaged or incomplete)"
+    )
 
 
 def full_size_shapes(rank, world_size, preset):

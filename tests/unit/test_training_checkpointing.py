@@ -55,7 +55,13 @@ def test_keep_last_counts_and_deletes_only_checkpoints_by_number(tmp_path):
 def test_pointer_to_incomplete_checkpoint_fails_loudly(tmp_path):
     checkpoint_dir(tmp_path, 6).mkdir(parents=True)  # no train_state.json
     (tmp_path / LATEST).write_text("6\n")
-    with pytest.raises(CheckpointLoadError, match="missing or incomplete"):
+    with pytest.raises(CheckpointLoadError, match="missing or incomplete$"):
+        latest_checkpoint(tmp_path)
+    # With an earlier complete one, the message says how to resume it (as for a damaged one).
+    _complete(tmp_path, 3)
+    checkpoint_dir(tmp_path, 6).rmdir()  # deleted by hand, say
+    hint = f"missing or incomplete; to resume from iter_0000003 instead, write 3 into .*{LATEST}$"
+    with pytest.raises(CheckpointLoadError, match=hint):
         latest_checkpoint(tmp_path)
     (tmp_path / LATEST).write_text("six\n")
     with pytest.raises(CheckpointLoadError, match="expected an iteration number"):
