@@ -401,11 +401,20 @@ class Trainer:
                 f"--load {config.load}: no checkpoint there yet (no "
                 f"{checkpointing.LATEST!r} file); starting from {start}"
             )
+        position = self._position(state)
+        # A finished run resumed (re-run, or killed during its final validation) rebuilds its last
+        # stage from the checkpoint to validate again; with nothing to validate there is no work.
+        revalidate = position is None and self.resume is not None and config.eval_iters > 0
+        if revalidate:
+            position = state.stage, state.stage_iteration
         metrics = MetricsLog(
             Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,
             config.tensorboard_dir if self.is_logger else None,
             resume_step=state.iteration if self.continues_save else None,
+            revalidate=revalidate,
         )
+        if revalidate:
+            self._log_rank0(f"{self.resume.name} ends the run: validating it again")
         stop = self.stop
         result = TrainResult(iteration=state.iteration)
         started, first_iteration = time.perf_counter(), state.iteration
@@ -421,7 +430,7 @@ class Trainer:
             # spent still gets one iteration and its checkpoint: each re-queued job progresses.
             if stop.check(time_budget=False):
                 result.interrupted = stop.reason
-            while not result.interrupted and (position := self._position(state)) is not None:
+            while not result.interrupted and position is not None:
                 state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:
@@ -467,6 +476,7 @@ class Trainer:
                 if self._train_stage(run, stage, state, metrics, stop, result):
                     result.interrupted = stop.reason
                     break
+                position = self._position(state)
             if config.save:
                 self.checkpoints.wait()  # a background save must be published to count
             if run is not None and not result.interrupted:

@@ -4,7 +4,9 @@ Training entries carry ``step``, ``stage``, ``loss``, ``lr``, ``grad_norm``, ``t
 ``mfu`` (None where the device peak is unknown) and ``skipped``; validation entries carry
 ``"split": "valid"``, ``lang``, ``loss`` and ``bpc`` (bits per character). Only one rank writes.
 A resumed run first drops the entries after the checkpoint it resumes from, so the file reads as
-one uninterrupted run; a run that starts afresh starts the file anew.
+one uninterrupted run; a run that starts afresh starts the file anew. A finished run's final
+validation comes after its last checkpoint: resuming that checkpoint validates again, and drops
+the validation entries at its step too.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ class MetricsLog:
     """Appends metric entries to a JSONL file and, optionally, TensorBoard.
 
     ``resume_step``: the iteration a resumed run continues from (the file keeps the entries up to
-    it); None: a new run (the file starts empty). Nothing is dropped before the first entry is
-    written, so a run that fails while loading its checkpoint leaves the earlier entries as
-    they were.
+    it); None: a new run (the file starts empty). ``revalidate``: the resumed run validates again
+    at ``resume_step``, so the validation entries of that step are dropped as well. Nothing is
+    dropped before the first entry is written, so a run that fails while loading its checkpoint
+    leaves the earlier entries as they were.
     """
 
     def __init__(
@@ -29,9 +32,11 @@ class MetricsLog:
         path: str | os.PathLike | None,
         tensorboard_dir: str | None = None,
         resume_step: int | None = None,
+        revalidate: bool = False,
     ) -> None:
         self.path = Path(path) if path else None
         self._resume_step = resume_step
+        self._revalidate = revalidate
         self._tensorboard_dir = tensorboard_dir
         self._file = None
         self._tensorboard = None
@@ -50,13 +55,15 @@ class MetricsLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._resume_step is not None and self.path.exists():
-                _truncate_after(self.path, self._resume_step)
+                _truncate_after(self.path, self._resume_step, self._revalidate)
             mode = "w" if self._resume_step is None else "a"
             self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 (closed in close)
         if self._tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=self._resume_step)
+            # TensorBoard hides the events at and after purge_step: the first step logged anew.
+            purge_step = None if self._resume_step is None else self._resume_step + 1
+            self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge_step)
 
     def write(self, entry: dict[str, Any]) -> None:
         """Record one entry (a training step or a validation result)."""
@@ -81,15 +88,19 @@ class MetricsLog:
             self._tensorboard = None
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop entries with ``step`` after ``step`` (written before a crash, redone on resume)."""
+def _truncate_after(path: Path, step: int, revalidate: bool) -> None:
+    """Drop the entries a resumed run writes again.
+
+    Those after ``step``, and with ``revalidate`` the validation entries of ``step`` as well.
+    """
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if entry.get("step", 0) <= step:
+        last_kept = step - 1 if revalidate and entry.get("split") == "valid" else step
+        if entry.get("step", 0) <= last_kept:
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

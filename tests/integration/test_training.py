@@ -425,6 +425,35 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_instead(
     assert f"resuming from {save / 'iter_0000002'} (iteration 2)" in out
 
 
+def test_a_run_killed_in_its_final_validation_validates_again(
+    tmp_path, small_tokenizer, training_data
+):
+    """The final validation follows the last checkpoint: a re-run from it (the job killed during
+    the validation, or run again) validates again instead of reporting "done" without it."""
+    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=2)
+    save = tmp_path / "run"
+    args = ("--config", str(config), "--save", str(save), "--load", str(save))
+    proc = _cli(*args)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    metrics = save / "metrics.jsonl"
+    entries = read_metrics(metrics)
+    validation = [e for e in entries if e.get("split") == "valid"]
+    assert [(e["step"], e["lang"]) for e in validation] == [(2, "en"), (2, "ar")]
+    # As a kill -9 leaves it: the first language's line written, the second cut short.
+    kept = entries[: entries.index(validation[0]) + 1]
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in kept) + '{"step": 2, "spl')
+    checkpoint = save / "iter_0000002" / "train_state.json"
+    saved = checkpoint.stat().st_mtime_ns
+    for _ in range(2):  # and once more, as a re-queued job would: no entry twice
+        proc = _cli(*args)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert "iter_0000002 ends the run: validating it again" in out
+        assert "train: done at iteration 2" in out
+        assert read_metrics(metrics) == entries  # the same values: the same weights and data
+    assert checkpoint.stat().st_mtime_ns == saved  # nothing trained, nothing saved again
+
+
 def test_a_dataset_rewritten_under_its_prefix_gets_new_indices(tmp_path, small_tokenizer, corpora):
     """megatron-core's index cache is named by prefix and settings; a rewritten dataset (here
     3,000 documents, then 300) used to meet the old indices: IndexError deep in a data worker."""

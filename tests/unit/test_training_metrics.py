@@ -39,3 +39,32 @@ def test_resume_drops_entries_after_the_checkpoint(tmp_path):
     log.write({"step": 4, "loss": 0.5})
     log.close()
     assert [e["step"] for e in read_metrics(path)] == [1, 2, 3, 4]
+
+
+def test_resume_keeps_the_checkpoint_steps_entries_in_tensorboard(tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    for resume_step, losses in ((None, [1.0, 2.0, 3.0, 4.0, 5.0]), (3, [1.0, 2.0, 3.0, 0.5])):
+        log = MetricsLog(tmp_path / "metrics.jsonl", str(tmp_path / "tb"), resume_step)
+        for step in range(1, 6) if resume_step is None else [4]:
+            log.write({"step": step, "loss": float(step) if resume_step is None else 0.5})
+        log.close()
+        events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        assert [s.value for s in events.Scalars("train/loss")] == losses
+
+
+def test_a_finished_run_resumed_drops_its_final_validation_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2):
+        log.write({"step": step, "loss": float(step)})
+        log.write({"step": step, "split": "valid", "lang": "ar", "loss": 1.0, "bpc": 1.0})
+    log.close()
+    log = MetricsLog(path, resume_step=2, revalidate=True)
+    log.write({"step": 2, "split": "valid", "lang": "ar", "loss": 0.5, "bpc": 0.5})
+    log.close()
+    assert [(e["step"], e.get("split"), e["loss"]) for e in read_metrics(path)] == [
+        (1, None, 1.0), (1, "valid", 1.0), (2, None, 2.0), (2, "valid", 0.5),
+    ]  # fmt: skip
