@@ -405,6 +405,11 @@ class TrainConfig:
                 f"--split {self.split}: give up to three shares of train, validation and test, "
                 "not negative and not all 0 (e.g. --split 98,2,0)"
             )
+        if self.split_shares()[0] == 0:
+            raise ConfigError(
+                f"--split {self.split} gives training no share of --data-path: give it the "
+                "first share (e.g. --split 98,2,0)"
+            )
         if self.split_shares()[1] == 0 and not self.valid_data_path:
             raise ConfigError(
                 f"--split {self.split} leaves no validation data: give the validation split a "
@@ -427,7 +432,7 @@ class TrainConfig:
                     f"--data-path: {prefix} has weight {weight:g}; weights must be positive "
                     "(leave a dataset out rather than weighting it 0)"
                 )
-        again = _repeated([os.path.normpath(p) for p in prefixes])
+        again = _repeated([os.path.realpath(p) for p in prefixes])
         if again is not None:
             raise ConfigError(
                 f"--data-path lists {prefixes[again]} twice: give each dataset once, with one "
@@ -453,12 +458,13 @@ class TrainConfig:
                 f"--valid-data-names has {len(self.valid_data_names)} names for "
                 f"{len(held_out)} datasets"
             )
-        again = _repeated([os.path.normpath(p) for p in held_out])
+        # Resolved: an absolute path or a link to a dataset is that dataset.
+        again = _repeated([os.path.realpath(p) for p in held_out])
         if again is not None:
             raise ConfigError(f"--valid-data-path lists {held_out[again]} twice")
-        trained = {os.path.normpath(p) for p in self.data_blend[0]}
+        trained = {os.path.realpath(p) for p in self.data_blend[0]}
         for prefix in held_out:
-            if os.path.normpath(prefix) in trained:
+            if os.path.realpath(prefix) in trained:
                 raise ConfigError(
                     f"--valid-data-path: {prefix} is in --data-path too, so the run trains on it: "
                     "a held-out dataset must be one the run does not train on (the validation "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,14 @@ def test_a_run_without_validation_data_is_refused(split):
     assert config.validation_sets() == {"en": ("h/en", True)}
 
 
+@pytest.mark.parametrize("split", ["0,100,0", "0,1", "0,0,1"])
+def test_a_split_without_a_training_share_is_refused(split):
+    # megatron-core builds no training set: a TypeError at the first step.
+    argv = [*REQUIRED, "--split", split, "--valid-data-path", "h/en"]
+    with pytest.raises(ConfigError, match=f"--split {split} gives training no share"):
+        load_config(None, argv).validate(1)
+
+
 def test_validation_sets_are_the_splits_then_the_held_out_datasets():
     argv = ["--tokenizer-model", "t.model", "--data-path", "0.3", "d/blend_en", "0.7", "d/blend_ar"]
     held_out = ["--valid-data-path", "h/flores_ar_text_document", "h/flores_en_text_document"]
@@ -315,6 +324,7 @@ def test_validation_sets_are_the_splits_then_the_held_out_datasets():
         (["h/en", "./h/en"], "lists ./h/en twice"),
         # The run would train on it.
         (["./x"], "./x is in --data-path too"),
+        ([os.path.abspath("x")], f"{os.path.abspath('x')} is in --data-path too"),
         (["a/en_text_document", "b/en_text_document"], "both be reported as 'en'"),
     ],
 )
