@@ -185,7 +185,9 @@ class TrainConfig:
         valid_data_names: Names of the held-out datasets in metrics (default: from the prefixes).
         data_cache_path: Where megatron-core caches the dataset indices (default: ``cache``
             beside the first dataset), in a subdirectory per version of the data files.
-        reset_position_ids: Document-aware packing: positions restart after each end-of-document.
+        reset_position_ids: Positions restart after each end-of-document (Megatron-LM's flag).
+            megatron-core's RoPE ignores position ids, so with these models
+            ``reset_attention_mask`` alone isolates the documents.
         reset_attention_mask: Document-aware packing: tokens attend only within their document.
         eod_mask_loss: No loss on predicting from the end-of-document token.
         lr: Peak learning rate.

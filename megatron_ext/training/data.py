@@ -1,19 +1,23 @@
 """Training and validation data: megatron-core's blended GPT datasets, batched per rank.
 
-The training set is megatron-core's ``BlendedMegatronDatasetBuilder`` over ``GPTDataset`` with
-the ``--data-path`` weights (token shares: every sample has ``seq_length + 1`` tokens). Each
+The training set is megatron-core's ``BlendedDataset`` over each dataset's training part, with
+the ``--data-path`` weights (token shares: every sample has ``seq_length + 1`` tokens; without
+weights, each dataset's share of the tokens, as Megatron-LM blends). Each dataset is read epoch
+after epoch, each epoch one megatron-core ``GPTDataset`` shuffled with its own seed: the order of
+the samples does not depend on how many the run needs (see :class:`EpochwiseDataset`). Each
 dataset's validation split, and each held-out dataset of ``--valid-data-path`` (whole), is built
 alone, so that validation loss and bits per character are reported per language. Each iteration
 reads the global batch of samples ``[consumed, consumed + global_batch_size)``, ``consumed``
 being the samples read before it; each data-parallel rank takes its contiguous slice of it
 (megatron's pretraining sampler), so the data position is one number, saved with every
 checkpoint, and a resumed run reads exactly the batches an uninterrupted one would, even with
-another global batch size.
+another global batch size or more iterations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import Split, normalize
 
 from megatron_ext.data.indexed import IndexedDatasetError, check_indexed_files
 from megatron_ext.hashing import sha256_file
@@ -272,29 +278,115 @@ def build_datasets(
 
     The datasets must have passed :func:`check_datasets` (megatron-core hangs on an empty part).
     """
-    prefixes, weights = config.data_blend
     if train_samples is None:
         train_samples = config.train_iters * config.global_batch_size
     valid_samples = max(config.eval_iters, 1) * config.global_batch_size
-    train, _, _ = _build(
-        [train_samples, 0, 0],
-        _dataset_config(config, tokenizer, (prefixes, weights), config.split),
-    )
     valid = {}
     for name, (prefix, held_out) in config.validation_sets().items():
         split = HELD_OUT_SPLIT if held_out else config.split
-        _, dataset, _ = _build(
-            [0, valid_samples, 0], _dataset_config(config, tokenizer, ([prefix], None), split)
+        part = _one_part(_dataset_config(config, tokenizer, ([prefix], None), split), Split.valid)
+        valid[name] = _build([0, valid_samples, 0], part)[Split.valid.value]
+    return Datasets(train=_training_blend(config, tokenizer, train_samples), valid=valid)
+
+
+class EpochwiseDataset(torch.utils.data.Dataset):
+    """One dataset's training part read epoch after epoch, each epoch shuffled on its own.
+
+    megatron-core's ``GPTDataset`` shuffles the documents of all the epochs a sample count needs
+    together, so its order depends on the count: a run resumed with more iterations (or a larger
+    batch) would continue its saved position in a reshuffled order, reading again samples it
+    had trained on. Here epoch ``e`` is a one-epoch ``GPTDataset`` whose order depends on the
+    seed and ``e`` alone: the samples of any count are the first of every larger count. Each
+    document is read once per epoch.
+    """
+
+    def __init__(self, epochs: list[GPTDataset]) -> None:
+        self.epochs = epochs
+        self.epoch_samples = len(epochs[0])
+        self.dataset_path = epochs[0].dataset_path
+        self.index_split = epochs[0].index_split  # read by megatron-core's BlendedDataset
+        self.unique_identifiers = {
+            "class": type(self).__name__,
+            "epochs": [epoch.unique_identifiers for epoch in epochs],
+        }
+
+    def __len__(self) -> int:
+        return self.epoch_samples * len(self.epochs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, sample = divmod(int(index), self.epoch_samples)
+        return self.epochs[epoch][sample]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of a dataset's epoch ``epoch``.
+
+    The first epoch uses the run's seed, so a run reading less than one epoch of each dataset
+    reads what megatron-core's own blend gives it.
+    """
+    return seed if epoch == 0 else int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _training_blend(
+    config: TrainConfig, tokenizer: DatasetTokenizer, samples: int
+) -> BlendedDataset | EpochwiseDataset:
+    """At least ``samples`` training samples: the datasets read epoch by epoch, blended."""
+    prefixes, weights = config.data_blend
+    blend_config = _dataset_config(config, tokenizer, (prefixes, weights), config.split)
+    first_epochs = [_training_epoch(blend_config, prefix, 0) for prefix in prefixes]
+    if weights is None:
+        weights = [float(len(epoch)) for epoch in first_epochs]
+    weights = normalize(weights)
+    # megatron-core's builder sizes the blend so: each dataset's share rounded up.
+    size = sum(math.ceil(samples * weight) for weight in weights)
+    datasets = []
+    for prefix, first, weight in zip(prefixes, first_epochs, weights, strict=True):
+        # The blend's greedy draw takes at most weight * size + 1 samples from a dataset.
+        epochs = max(1, math.ceil((math.ceil(size * weight) + 1) / len(first)))
+        later = [_training_epoch(blend_config, prefix, e) for e in range(1, epochs)]
+        datasets.append(EpochwiseDataset([first, *later]))
+    if len(datasets) == 1:
+        return datasets[0]
+    with _index_cache_errors(blend_config):
+        # On rank 0 first, which writes the index cache, as megatron-core's builder does.
+        return BlendedMegatronDatasetBuilder.build_generic_dataset(
+            BlendedDataset, lambda: True, True, datasets, weights, size, blend_config
         )
-        valid[name] = dataset
-    return Datasets(train=train, valid=valid)
 
 
-def _build(sizes: list[int], dataset_config: GPTDatasetConfig) -> list:
-    """megatron-core's datasets, its failure to write the index cache as a ConfigError."""
+def _training_epoch(blend_config: GPTDatasetConfig, prefix: str, epoch: int) -> GPTDataset:
+    """One epoch of the training part of ``prefix``, shuffled with :func:`epoch_seed`."""
+    epoch_config = dataclasses.replace(
+        blend_config,
+        blend=([prefix], None),
+        random_seed=epoch_seed(blend_config.random_seed, epoch),
+    )
+    # Size None: one epoch (megatron-core's meaning).
+    return _build([None, 0, 0], _one_part(epoch_config, Split.train))[Split.train.value]
+
+
+def _one_part(dataset_config: GPTDatasetConfig, part: Split) -> GPTDatasetConfig:
+    """``dataset_config``, building only ``part`` of its split.
+
+    megatron-core builds every part with a share, a whole epoch of indices each, a size of 0 too.
+    """
+    matrix = dataset_config.split_matrix
+    dataset_config.split_matrix = [m if i == part.value else None for i, m in enumerate(matrix)]
+    return dataset_config
+
+
+def _build(sizes: list[int | None], dataset_config: GPTDatasetConfig) -> list:
+    """megatron-core's datasets of each split part, or None for a part not built."""
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_config)
-    try:
+    with _index_cache_errors(dataset_config):
         return builder.build()
+
+
+@contextlib.contextmanager
+def _index_cache_errors(dataset_config: GPTDatasetConfig) -> Iterator[None]:
+    """megatron-core's failure to write the index cache, as a ConfigError naming the cache."""
+    try:
+        yield
     except Exception as err:
         # megatron-core raises a bare Exception from the OSError of a failed write.
         if not isinstance(err.__cause__, OSError):

@@ -975,6 +975,58 @@ def test_blend_delivers_the_requested_token_shares(tmp_path, small_tokenizer, tr
     assert share == pytest.approx(0.25, abs=0.005), (counts, tokens)
 
 
+def _blend_samples(rank, world_size, config_path, train_samples, read):
+    """The tokens of blend samples ``read`` with the blend built for ``train_samples``, and the
+    share of the tokens per dataset."""
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.data import DatasetTokenizer, build_datasets
+
+    config = load_config(config_path)
+    tokenizer = DatasetTokenizer(
+        SentencePieceEncoder(config.tokenizer_model), config.tokenizer_model
+    )
+    train = build_datasets(config, tokenizer, train_samples).train
+    samples = [train[i]["tokens"].tolist() for i in read]
+    counts = np.bincount(np.asarray(train.dataset_index[:train_samples]), minlength=2)
+    return samples, (counts / counts.sum()).tolist()
+
+
+def _sequence_lengths(prefix: str) -> np.ndarray:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(prefix)
+    return np.array(index.sequence_lengths)  # a copy: the memory map closes with ``index``
+
+
+def test_the_blend_order_does_not_depend_on_the_run_length(
+    tmp_path, small_tokenizer, training_data
+):
+    """A run resumed with more iterations (or a larger batch) reads on in the order it started.
+    megatron-core's GPTDataset shuffles all the epochs it needs together: a build for more
+    samples reshuffled the whole of a dataset whose epoch count changed, so the resumed run
+    re-read samples it had trained on."""
+    config = write_config(tmp_path, small_tokenizer, training_data)
+    # Samples per epoch of the English training part (98 % of it), a quarter of the blend.
+    english = _sequence_lengths(training_data["en"])
+    epoch = int(english[: round(0.98 * len(english))].sum()) // 64
+    short, longer = 2 * epoch, 12 * epoch  # English: half an epoch, then three
+    resumed_at = range(short // 2, short, 97)  # samples a resumed run reads next
+    before, _ = run_ranks(_blend_samples, 1, config, short, resumed_at)[0]
+    after, _ = run_ranks(_blend_samples, 1, config, longer, resumed_at)[0]
+    assert after == before
+    # Megatron-LM's form without weights blends by size (it failed past one epoch of a dataset).
+    sizes = [int(_sequence_lengths(training_data[lang]).sum()) for lang in ("en", "ar")]
+    bare = write_config(
+        tmp_path,
+        small_tokenizer,
+        training_data,
+        data_path=[training_data["en"], training_data["ar"]],
+    )
+    _, shares = run_ranks(_blend_samples, 1, bare, longer, range(longer - 4, longer))[0]
+    assert shares[0] == pytest.approx(sizes[0] / sum(sizes), abs=0.005)
+
+
 def _packed_vs_alone(rank, world_size, config_path):
     import torch
     from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
