@@ -398,6 +398,25 @@ def _index_cache_errors(dataset_config: GPTDatasetConfig) -> Iterator[None]:
         ) from err
 
 
+def training_data_summary(
+    train: BlendedDataset | EpochwiseDataset, samples: int, names: list[str]
+) -> str:
+    """One line: each dataset's share of the run's ``samples`` and how many epochs of it they are.
+
+    A weight that repeats a small corpus many times over is otherwise seen nowhere.
+    """
+    if isinstance(train, EpochwiseDataset):
+        datasets, drawn = [train], [samples]
+    else:
+        datasets = train.datasets
+        drawn = np.bincount(np.asarray(train.dataset_index[:samples]), minlength=len(datasets))
+    parts = [
+        f"{name} {count / samples:.1%} ({count / dataset.epoch_samples:.2f} epochs)"
+        for name, dataset, count in zip(names, datasets, drawn, strict=True)
+    ]
+    return f"training data, {samples:,} samples: " + ", ".join(parts)
+
+
 def repeated_validation_warnings(valid: dict[str, GPTDataset], config: TrainConfig) -> list[str]:
     """A warning for each validation set that one validation reads twice over or more.
 

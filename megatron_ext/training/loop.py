@@ -50,6 +50,7 @@ from megatron_ext.training.data import (
     check_datasets,
     micro_batches,
     repeated_validation_warnings,
+    training_data_summary,
 )
 from megatron_ext.training.metrics import MetricsLog
 from megatron_ext.training.model import (
@@ -290,9 +291,11 @@ class Trainer:
         ):
             if warning:
                 self._log_rank0(warning)
-        self.datasets = build_datasets(
-            config, dataset_tokenizer, train_samples=self.start.consumed_samples + remaining
-        )
+        train_samples = self.start.consumed_samples + remaining
+        self.datasets = build_datasets(config, dataset_tokenizer, train_samples)
+        if train_samples:
+            names = config.dataset_names()
+            self._log_rank0(training_data_summary(self.datasets.train, train_samples, names))
         for warning in repeated_validation_warnings(self.datasets.valid, config):
             self._log_rank0(warning)
         self.stages = config.resolved_stages()

@@ -980,7 +980,11 @@ def _blend_samples(rank, world_size, config_path, train_samples, read):
     share of the tokens per dataset."""
     from megatron_ext.tokenizer.encoders import SentencePieceEncoder
     from megatron_ext.training.config import load_config
-    from megatron_ext.training.data import DatasetTokenizer, build_datasets
+    from megatron_ext.training.data import (
+        DatasetTokenizer,
+        build_datasets,
+        training_data_summary,
+    )
 
     config = load_config(config_path)
     tokenizer = DatasetTokenizer(
@@ -989,7 +993,8 @@ def _blend_samples(rank, world_size, config_path, train_samples, read):
     train = build_datasets(config, tokenizer, train_samples).train
     samples = [train[i]["tokens"].tolist() for i in read]
     counts = np.bincount(np.asarray(train.dataset_index[:train_samples]), minlength=2)
-    return samples, (counts / counts.sum()).tolist()
+    summary = training_data_summary(train, train_samples, config.dataset_names())
+    return samples, (counts / counts.sum()).tolist(), summary
 
 
 def _sequence_lengths(prefix: str) -> np.ndarray:
@@ -1012,8 +1017,10 @@ def test_the_blend_order_does_not_depend_on_the_run_length(
     epoch = int(english[: round(0.98 * len(english))].sum()) // 64
     short, longer = 2 * epoch, 12 * epoch  # English: half an epoch, then three
     resumed_at = range(short // 2, short, 97)  # samples a resumed run reads next
-    before, _ = run_ranks(_blend_samples, 1, config, short, resumed_at)[0]
-    after, _ = run_ranks(_blend_samples, 1, config, longer, resumed_at)[0]
+    before, _, summary = run_ranks(_blend_samples, 1, config, short, resumed_at)[0]
+    assert summary.startswith(f"training data, {short:,} samples: en 25.0% (0.50 epochs), ar 75")
+    after, _, summary = run_ranks(_blend_samples, 1, config, longer, resumed_at)[0]
+    assert "en 25.0% (3.00 epochs)" in summary
     assert after == before
     # Megatron-LM's form without weights blends by size (it failed past one epoch of a dataset).
     sizes = [int(_sequence_lengths(training_data[lang]).sum()) for lang in ("en", "ar")]
@@ -1023,7 +1030,7 @@ def test_the_blend_order_does_not_depend_on_the_run_length(
         training_data,
         data_path=[training_data["en"], training_data["ar"]],
     )
-    _, shares = run_ranks(_blend_samples, 1, bare, longer, range(longer - 4, longer))[0]
+    _, shares, _ = run_ranks(_blend_samples, 1, bare, longer, range(longer - 4, longer))[0]
     assert shares[0] == pytest.approx(sizes[0] / sum(sizes), abs=0.005)
 
 
