@@ -334,6 +334,13 @@ def _training_blend(
     prefixes, weights = config.data_blend
     blend_config = _dataset_config(config, tokenizer, (prefixes, weights), config.split)
     first_epochs = [_training_epoch(blend_config, prefix, 0) for prefix in prefixes]
+    for prefix, first in zip(prefixes, first_epochs, strict=True):
+        if not len(first):
+            tokens = int(np.sum(first.dataset.sequence_lengths[first.indices]))
+            raise ConfigError(
+                f"--data-path: the training part of {prefix} holds {tokens:,} tokens, less than "
+                f"one sample (--seq-length {config.seq_length} + 1): too small to train on"
+            )
     if weights is None:
         weights = [float(len(epoch)) for epoch in first_epochs]
     weights = normalize(weights)

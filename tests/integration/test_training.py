@@ -791,6 +791,17 @@ def test_a_split_part_without_sequences_is_refused_not_left_hanging(
     empty.finalize(tmp_path / "empty.idx")
     with pytest.raises(ConfigError, match=r"--valid-data-path: .*empty holds no sequences"):
         check_datasets([str(tmp_path / "empty")], tokenizer, HELD_OUT_SPLIT, "--valid-data-path")
+    # A training part shorter than one sample: no epoch of it holds one.
+    tiny = IndexedDatasetWriter(tmp_path / "tiny.bin", np.uint16)
+    tiny.add_documents(np.arange(3, 43, dtype=np.uint16), np.array([20, 20]), np.array([1, 1]))
+    tiny.finalize(tmp_path / "tiny.idx")
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, split="1,1,0",
+        data_path=[1, str(tmp_path / "tiny"), 3, training_data["ar"]],
+    )  # fmt: skip
+    message = r"ConfigError: --data-path: the training part of .*tiny holds 20 tokens, less than "
+    with pytest.raises(AssertionError, match=message + r"one sample \(--seq-length 64 \+ 1\)"):
+        run_ranks(_train, 1, config, [])
 
 
 def _validation_documents(rank, world_size, config_path):
