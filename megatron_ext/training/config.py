@@ -434,7 +434,7 @@ class TrainConfig:
                     f"--data-path: {prefix} has weight {weight:g}; weights must be positive "
                     "(leave a dataset out rather than weighting it 0)"
                 )
-        again = _repeated([os.path.realpath(p) for p in prefixes])
+        again = _repeated([_dataset_file(p) for p in prefixes])
         if again is not None:
             raise ConfigError(
                 f"--data-path lists {prefixes[again]} twice: give each dataset once, with one "
@@ -460,13 +460,12 @@ class TrainConfig:
                 f"--valid-data-names has {len(self.valid_data_names)} names for "
                 f"{len(held_out)} datasets"
             )
-        # Resolved: an absolute path or a link to a dataset is that dataset.
-        again = _repeated([os.path.realpath(p) for p in held_out])
+        again = _repeated([_dataset_file(p) for p in held_out])
         if again is not None:
             raise ConfigError(f"--valid-data-path lists {held_out[again]} twice")
-        trained = {os.path.realpath(p) for p in self.data_blend[0]}
+        trained = {_dataset_file(p) for p in self.data_blend[0]}
         for prefix in held_out:
-            if os.path.realpath(prefix) in trained:
+            if _dataset_file(prefix) in trained:
                 raise ConfigError(
                     f"--valid-data-path: {prefix} is in --data-path too, so the run trains on it: "
                     "a held-out dataset must be one the run does not train on (the validation "
@@ -702,6 +701,14 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{_flag(name)} must be below 1, got {getattr(self, name)}")
+
+
+def _dataset_file(prefix: str) -> str:
+    """The file a prefix's ``.bin`` resolves to: one for an absolute path or a link to a dataset.
+
+    Links may be to the directory or to the files themselves.
+    """
+    return os.path.realpath(prefix + ".bin")
 
 
 def _repeated(items: list[str]) -> int | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -290,41 +291,50 @@ def build_datasets(
 
 
 class EpochwiseDataset(torch.utils.data.Dataset):
-    """One dataset's training part read epoch after epoch, each epoch shuffled on its own.
+    """One dataset's training part read epoch after epoch, each epoch in its own order.
 
     megatron-core's ``GPTDataset`` shuffles the documents of all the epochs a sample count needs
     together, so its order depends on the count: a run resumed with more iterations (or a larger
     batch) would continue its saved position in a reshuffled order, reading again samples it
-    had trained on. Here epoch ``e`` is a one-epoch ``GPTDataset`` whose order depends on the
-    seed and ``e`` alone: the samples of any count are the first of every larger count. Each
-    document is read once per epoch.
+    had trained on. Here the first epoch is a one-epoch ``GPTDataset`` in megatron-core's own
+    order, and epoch ``e`` reads its samples again in an order drawn from the seed and ``e``
+    alone: the samples of any count are the first of every larger count, each sample once per
+    epoch. One ``GPTDataset`` whatever the epochs: its files are open once.
+
+    Args:
+        epoch: The dataset's training part, one epoch (megatron-core's ``num_samples=None``).
+        epochs: How many epochs to read.
+        seed: The run's seed.
     """
 
-    def __init__(self, epochs: list[GPTDataset]) -> None:
+    def __init__(self, epoch: GPTDataset, epochs: int, seed: int) -> None:
+        self.epoch = epoch
         self.epochs = epochs
-        self.epoch_samples = len(epochs[0])
-        self.dataset_path = epochs[0].dataset_path
-        self.index_split = epochs[0].index_split  # read by megatron-core's BlendedDataset
+        self.seed = seed
+        self.epoch_samples = len(epoch)
+        self.dataset_path = epoch.dataset_path
+        self.index_split = epoch.index_split  # read by megatron-core's BlendedDataset
         self.unique_identifiers = {
             "class": type(self).__name__,
-            "epochs": [epoch.unique_identifiers for epoch in epochs],
+            "epoch": epoch.unique_identifiers,
+            "epochs": epochs,
         }
+        # The order of the epoch last read: the blend reads each dataset's samples in turn.
+        self._order: tuple[int, np.ndarray | None] = (0, None)
 
     def __len__(self) -> int:
-        return self.epoch_samples * len(self.epochs)
+        return self.epoch_samples * self.epochs
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, sample = divmod(int(index), self.epoch_samples)
-        return self.epochs[epoch][sample]
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The shuffling seed of a dataset's epoch ``epoch``.
-
-    The first epoch uses the run's seed, so a run reading less than one epoch of each dataset
-    reads what megatron-core's own blend gives it.
-    """
-    return seed if epoch == 0 else int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        if not 0 <= epoch < self.epochs:
+            raise IndexError(f"sample {index} of {self.dataset_path}'s {len(self)}")
+        if epoch:
+            if self._order[0] != epoch:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.epoch_samples)
+                self._order = epoch, order.astype(np.int32 if len(order) < 2**31 else np.int64)
+            sample = int(self._order[1][sample])
+        return self.epoch[sample]
 
 
 def _training_blend(
@@ -333,7 +343,7 @@ def _training_blend(
     """At least ``samples`` training samples: the datasets read epoch by epoch, blended."""
     prefixes, weights = config.data_blend
     blend_config = _dataset_config(config, tokenizer, (prefixes, weights), config.split)
-    first_epochs = [_training_epoch(blend_config, prefix, 0) for prefix in prefixes]
+    first_epochs = [_training_epoch(blend_config, prefix) for prefix in prefixes]
     for prefix, first in zip(prefixes, first_epochs, strict=True):
         if not len(first):
             tokens = int(np.sum(first.dataset.sequence_lengths[first.indices]))
@@ -346,12 +356,11 @@ def _training_blend(
     weights = normalize(weights)
     # megatron-core's builder sizes the blend so: each dataset's share rounded up.
     size = sum(math.ceil(samples * weight) for weight in weights)
-    datasets = []
-    for prefix, first, weight in zip(prefixes, first_epochs, weights, strict=True):
+    datasets = [
         # The blend's greedy draw takes at most weight * size + 1 samples from a dataset.
-        epochs = max(1, math.ceil((math.ceil(size * weight) + 1) / len(first)))
-        later = [_training_epoch(blend_config, prefix, e) for e in range(1, epochs)]
-        datasets.append(EpochwiseDataset([first, *later]))
+        EpochwiseDataset(first, math.ceil((math.ceil(size * weight) + 1) / len(first)), config.seed)
+        for first, weight in zip(first_epochs, weights, strict=True)
+    ]
     if len(datasets) == 1:
         return datasets[0]
     with _index_cache_errors(blend_config):
@@ -361,13 +370,9 @@ def _training_blend(
         )
 
 
-def _training_epoch(blend_config: GPTDatasetConfig, prefix: str, epoch: int) -> GPTDataset:
-    """One epoch of the training part of ``prefix``, shuffled with :func:`epoch_seed`."""
-    epoch_config = dataclasses.replace(
-        blend_config,
-        blend=([prefix], None),
-        random_seed=epoch_seed(blend_config.random_seed, epoch),
-    )
+def _training_epoch(blend_config: GPTDatasetConfig, prefix: str) -> GPTDataset:
+    """One epoch of the training part of ``prefix``, in megatron-core's order."""
+    epoch_config = dataclasses.replace(blend_config, blend=([prefix], None))
     # Size None: one epoch (megatron-core's meaning).
     return _build([None, 0, 0], _one_part(epoch_config, Split.train))[Split.train.value]
 
@@ -391,17 +396,19 @@ def _build(sizes: list[int | None], dataset_config: GPTDatasetConfig) -> list:
 
 @contextlib.contextmanager
 def _index_cache_errors(dataset_config: GPTDatasetConfig) -> Iterator[None]:
-    """megatron-core's failure to write the index cache, as a ConfigError naming the cache."""
+    """megatron-core's failure to build the indices, as a ConfigError naming the cache."""
     try:
         yield
     except Exception as err:
-        # megatron-core raises a bare Exception from the OSError of a failed write.
-        if not isinstance(err.__cause__, OSError):
+        # megatron-core raises a bare Exception from any OSError while it builds (rank 0).
+        cause = err.__cause__
+        if not isinstance(cause, OSError):
             raise
         path = dataset_config.path_to_cache
+        unwritable = cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC)
+        hint = "; give a writable directory with --data-cache-path" if unwritable else ""
         raise ConfigError(
-            f"dataset index cache {path}: cannot write the indices ({err.__cause__}); give a "
-            "writable directory with --data-cache-path"
+            f"dataset index cache {path}: the indices could not be built ({cause}){hint}"
         ) from err
 
 

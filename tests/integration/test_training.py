@@ -1005,7 +1005,8 @@ def _blend_samples(rank, world_size, config_path, train_samples, read):
     samples = [train[i]["tokens"].tolist() for i in read]
     counts = np.bincount(np.asarray(train.dataset_index[:train_samples]), minlength=2)
     summary = training_data_summary(train, train_samples, config.dataset_names())
-    return samples, (counts / counts.sum()).tolist(), summary
+    open_files = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    return samples, (counts / counts.sum()).tolist(), summary, open_files
 
 
 def _sequence_lengths(prefix: str) -> np.ndarray:
@@ -1028,11 +1029,15 @@ def test_the_blend_order_does_not_depend_on_the_run_length(
     epoch = int(english[: round(0.98 * len(english))].sum()) // 64
     short, longer = 2 * epoch, 12 * epoch  # English: half an epoch, then three
     resumed_at = range(short // 2, short, 97)  # samples a resumed run reads next
-    before, _, summary = run_ranks(_blend_samples, 1, config, short, resumed_at)[0]
+    before, _, summary, _ = run_ranks(_blend_samples, 1, config, short, resumed_at)[0]
     assert summary.startswith(f"training data, {short:,} samples: en 25.0% (0.50 epochs), ar 75")
-    after, _, summary = run_ranks(_blend_samples, 1, config, longer, resumed_at)[0]
+    after, _, summary, open_files = run_ranks(_blend_samples, 1, config, longer, resumed_at)[0]
     assert "en 25.0% (3.00 epochs)" in summary
     assert after == before
+    # Not a dataset's files per epoch (200 epochs reached the usual limit of 1,024).
+    *_, summary, open_at_twice = run_ranks(_blend_samples, 1, config, 2 * longer, [])[0]
+    assert "en 25.0% (6.00 epochs)" in summary
+    assert open_at_twice == open_files
     # Megatron-LM's form without weights blends by size (it failed past one epoch of a dataset).
     sizes = [int(_sequence_lengths(training_data[lang]).sum()) for lang in ("en", "ar")]
     bare = write_config(
@@ -1041,7 +1046,7 @@ def test_the_blend_order_does_not_depend_on_the_run_length(
         training_data,
         data_path=[training_data["en"], training_data["ar"]],
     )
-    _, shares, _ = run_ranks(_blend_samples, 1, bare, longer, range(longer - 4, longer))[0]
+    _, shares, _, _ = run_ranks(_blend_samples, 1, bare, longer, range(longer - 4, longer))[0]
     assert shares[0] == pytest.approx(sizes[0] / sum(sizes), abs=0.005)
 
 

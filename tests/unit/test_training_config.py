@@ -333,6 +333,17 @@ def test_valid_data_path_mistakes_are_named(held_out, message):
         load_config(None, [*REQUIRED, "--valid-data-path", *held_out]).validate(1)
 
 
+def test_a_held_out_dataset_linked_to_a_training_dataset_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "h").mkdir()
+    for suffix in (".bin", ".idx"):
+        (tmp_path / "d" / f"en{suffix}").write_bytes(b"")
+        (tmp_path / "h" / f"x{suffix}").symlink_to(tmp_path / "d" / f"en{suffix}")
+    argv = ["--data-path", str(tmp_path / "d" / "en"), "--tokenizer-model", "t.model"]
+    with pytest.raises(ConfigError, match=r"h/x is in --data-path too"):
+        load_config(None, [*argv, "--valid-data-path", str(tmp_path / "h" / "x")]).validate(1)
+
+
 def test_data_path_forms_megatron_reads():
     for data_path in ("a/en a/ar", "0.25 a/en 0.75 a/ar", "30 a/en 70 a/ar"):
         load_config(None, [*REQUIRED, "--data-path", *data_path.split()]).validate(1)
