@@ -404,12 +404,11 @@ class Trainer:
                 f"--load {config.load}: no checkpoint there yet (no "
                 f"{checkpointing.LATEST!r} file); starting from {start}"
             )
-        position = self._position(state)
-        # A finished run resumed (re-run, or killed during its final validation) rebuilds its last
-        # stage from the checkpoint to validate again; with nothing to validate there is no work.
-        revalidate = position is None and self.resume is not None and config.eval_iters > 0
-        if revalidate:
-            position = state.stage, state.stage_iteration
+        # A finished run resumed (re-run, or killed during its final validation) validates its
+        # last checkpoint again; with nothing to validate there is no work.
+        revalidate = (
+            self.resume is not None and self._position(state) is None and config.eval_iters > 0
+        )
         metrics = MetricsLog(
             Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,
             config.tensorboard_dir if self.is_logger else None,
@@ -433,7 +432,9 @@ class Trainer:
             # spent still gets one iteration and its checkpoint: each re-queued job progresses.
             if stop.check(time_budget=False):
                 result.interrupted = stop.reason
-            while not result.interrupted and position is not None:
+            if revalidate and not result.interrupted:
+                run = self._finished_run(module, state)
+            while not result.interrupted and (position := self._position(state)) is not None:
                 state.stage, state.stage_iteration = position
                 stage = self.stages[state.stage]
                 if run is not None:
@@ -479,11 +480,11 @@ class Trainer:
                 if self._train_stage(run, stage, state, metrics, stop, result):
                     result.interrupted = stop.reason
                     break
-                position = self._position(state)
             if config.save:
                 self.checkpoints.wait()  # a background save must be published to count
             if run is not None and not result.interrupted:
-                if config.save and not self._saved_at(state.iteration):
+                # Validating again trains nothing: nothing new to save (in another --save too).
+                if config.save and not revalidate and not self._saved_at(state.iteration):
                     self._save(run, state)
                 result.valid = self._validate(run, state, metrics)
             if config.save:
@@ -545,6 +546,14 @@ class Trainer:
         while stage < len(self.stages) and stage_iteration >= self.stages[stage].train_iters:
             stage, stage_iteration = stage + 1, 0
         return (stage, stage_iteration) if stage < len(self.stages) else None
+
+    def _finished_run(self, module: LlamaGPTModel, state: LoopState) -> StageRun:
+        """The last stage holding the finished checkpoint's weights (no optimizer state)."""
+        run = build_stage(self.config, self.plan, self.stages[state.stage], module)
+        checkpointing.load_checkpoint(
+            self.resume, module, None, self.config.use_distributed_optimizer
+        )
+        return run
 
     def _model_with(self, weights: dict[str, Any]) -> LlamaGPTModel:
         """A fresh model holding ``weights``, for the next stage's DDP and optimizer."""

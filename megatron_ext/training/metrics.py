@@ -52,18 +52,25 @@ class MetricsLog:
 
     def _open(self) -> None:
         self._opened = True
+        kept = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._resume_step is not None and self.path.exists():
-                _truncate_after(self.path, self._resume_step, self._revalidate)
+                kept = _truncate_after(self.path, self._resume_step, self._revalidate)
             mode = "w" if self._resume_step is None else "a"
             self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 (closed in close)
         if self._tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            # TensorBoard hides the events at and after purge_step: the first step logged anew.
-            purge_step = None if self._resume_step is None else self._resume_step + 1
+            # TensorBoard hides every event at and after purge_step: the first step logged anew.
+            purge_step = None
+            if self._resume_step is not None:
+                purge_step = self._resume_step + (0 if self._revalidate else 1)
             self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge_step)
+            if self._revalidate:  # the purge hid the step's training entry too: log it again
+                for entry in kept:
+                    if entry.get("step") == self._resume_step:
+                        self._add_scalars(entry)
 
     def write(self, entry: dict[str, Any]) -> None:
         """Record one entry (a training step or a validation result)."""
@@ -73,10 +80,13 @@ class MetricsLog:
             self._file.write(json.dumps(entry) + "\n")
             self._file.flush()
         if self._tensorboard is not None:
-            prefix = f"valid/{entry['lang']}" if entry.get("split") == "valid" else "train"
-            for key, value in entry.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
-                    self._tensorboard.add_scalar(f"{prefix}/{key}", value, entry["step"])
+            self._add_scalars(entry)
+
+    def _add_scalars(self, entry: dict[str, Any]) -> None:
+        prefix = f"valid/{entry['lang']}" if entry.get("split") == "valid" else "train"
+        for key, value in entry.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                self._tensorboard.add_scalar(f"{prefix}/{key}", value, entry["step"])
 
     def close(self) -> None:
         """Flush and close the outputs."""
@@ -88,12 +98,12 @@ class MetricsLog:
             self._tensorboard = None
 
 
-def _truncate_after(path: Path, step: int, revalidate: bool) -> None:
-    """Drop the entries a resumed run writes again.
+def _truncate_after(path: Path, step: int, revalidate: bool) -> list[dict[str, Any]]:
+    """Drop the entries a resumed run writes again; returns those kept.
 
     Those after ``step``, and with ``revalidate`` the validation entries of ``step`` as well.
     """
-    kept = []
+    kept, lines = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
@@ -101,10 +111,12 @@ def _truncate_after(path: Path, step: int, revalidate: bool) -> None:
             continue  # a line cut short by a kill
         last_kept = step - 1 if revalidate and entry.get("split") == "valid" else step
         if entry.get("step", 0) <= last_kept:
-            kept.append(line)
+            kept.append(entry)
+            lines.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, path)
+    return kept
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -431,8 +431,9 @@ def test_a_run_killed_in_its_final_validation_validates_again(
     """The final validation follows the last checkpoint: a re-run from it (the job killed during
     the validation, or run again) validates again instead of reporting "done" without it."""
     config = write_config(tmp_path, small_tokenizer, training_data, train_iters=2)
-    save = tmp_path / "run"
+    save, tensorboard = tmp_path / "run", tmp_path / "tb"
     args = ("--config", str(config), "--save", str(save), "--load", str(save))
+    args = (*args, "--tensorboard-dir", str(tensorboard))
     proc = _cli(*args)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     metrics = save / "metrics.jsonl"
@@ -452,6 +453,20 @@ def test_a_run_killed_in_its_final_validation_validates_again(
         assert "train: done at iteration 2" in out
         assert read_metrics(metrics) == entries  # the same values: the same weights and data
     assert checkpoint.stat().st_mtime_ns == saved  # nothing trained, nothing saved again
+    events = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = events.EventAccumulator(str(tensorboard))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("valid/ar/loss")] == [
+        (2, validation[1]["loss"])
+    ]
+    assert [s.step for s in events.Scalars("train/loss")] == [1, 2]
+    # Validated from another --save: no copy of the checkpoint is written there.
+    other = tmp_path / "other"
+    proc = _cli("--config", str(config), "--load", str(save), "--save", str(other))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "validating it again" in out
+    assert not list(other.glob("iter_*"))
 
 
 def test_a_dataset_rewritten_under_its_prefix_gets_new_indices(tmp_path, small_tokenizer, corpora):

@@ -56,15 +56,23 @@ def test_resume_keeps_the_checkpoint_steps_entries_in_tensorboard(tmp_path):
 
 
 def test_a_finished_run_resumed_drops_its_final_validation_only(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    log = MetricsLog(path)
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    path, tensorboard = tmp_path / "metrics.jsonl", str(tmp_path / "tb")
+    log = MetricsLog(path, tensorboard)
     for step in (1, 2):
         log.write({"step": step, "loss": float(step)})
         log.write({"step": step, "split": "valid", "lang": "ar", "loss": 1.0, "bpc": 1.0})
     log.close()
-    log = MetricsLog(path, resume_step=2, revalidate=True)
-    log.write({"step": 2, "split": "valid", "lang": "ar", "loss": 0.5, "bpc": 0.5})
-    log.close()
+    for _ in range(2):  # validated again, then once more
+        log = MetricsLog(path, tensorboard, resume_step=2, revalidate=True)
+        log.write({"step": 2, "split": "valid", "lang": "ar", "loss": 0.5, "bpc": 0.5})
+        log.close()
     assert [(e["step"], e.get("split"), e["loss"]) for e in read_metrics(path)] == [
         (1, None, 1.0), (1, "valid", 1.0), (2, None, 2.0), (2, "valid", 0.5),
     ]  # fmt: skip
+    events = event_accumulator.EventAccumulator(tensorboard)
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("valid/ar/loss")] == [(1, 1.0), (2, 0.5)]
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0)]
