@@ -202,6 +202,9 @@ def _first_other_piece(used: dict, tokenizer: DatasetTokenizer) -> str | None:
 
 # A held-out dataset is validation data from end to end.
 HELD_OUT_SPLIT = "0,1,0"
+# Saved with each checkpoint: how the samples of a dataset read more than once are ordered.
+# Checkpoints without it used megatron-core's order, which depended on the run's sample count.
+DATA_ORDER = "epochwise"
 
 
 @dataclass
@@ -412,21 +415,29 @@ def _index_cache_errors(dataset_config: GPTDatasetConfig) -> Iterator[None]:
         ) from err
 
 
-def training_data_summary(
-    train: BlendedDataset | EpochwiseDataset, samples: int, names: list[str]
-) -> str:
-    """One line: each dataset's share of the run's ``samples`` and how many epochs of it they are.
-
-    A weight that repeats a small corpus many times over is otherwise seen nowhere.
-    """
+def dataset_reads(
+    train: BlendedDataset | EpochwiseDataset, samples: int
+) -> list[tuple[float, float]]:
+    """(share of the samples, epochs read) of each training dataset in the first ``samples``."""
     if isinstance(train, EpochwiseDataset):
         datasets, drawn = [train], [samples]
     else:
         datasets = train.datasets
         drawn = np.bincount(np.asarray(train.dataset_index[:samples]), minlength=len(datasets))
+    return [
+        (int(count) / samples, int(count) / dataset.epoch_samples)
+        for dataset, count in zip(datasets, drawn, strict=True)
+    ]
+
+
+def training_data_summary(reads: list[tuple[float, float]], samples: int, names: list[str]) -> str:
+    """One line: each dataset's share of the run's ``samples`` and how many epochs of it they are.
+
+    A weight that repeats a small corpus many times over is otherwise seen nowhere.
+    """
     parts = [
-        f"{name} {count / samples:.1%} ({count / dataset.epoch_samples:.2f} epochs)"
-        for name, dataset, count in zip(names, datasets, drawn, strict=True)
+        f"{name} {share:.1%} ({epochs:.2f} epochs)"
+        for name, (share, epochs) in zip(names, reads, strict=True)
     ]
     return f"training data, {samples:,} samples: " + ", ".join(parts)
 

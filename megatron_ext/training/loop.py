@@ -43,11 +43,13 @@ from megatron_ext.training.config import (
     resume_changes,
 )
 from megatron_ext.training.data import (
+    DATA_ORDER,
     HELD_OUT_SPLIT,
     Batch,
     DatasetTokenizer,
     build_datasets,
     check_datasets,
+    dataset_reads,
     micro_batches,
     repeated_validation_warnings,
     training_data_summary,
@@ -266,8 +268,10 @@ class Trainer:
             else None
         )
         self.start = LoopState()
+        saved_data_order = None
         if self.resume is not None:
             saved = checkpointing.read_train_state(self.resume)
+            saved_data_order = saved.get("data_order")
             self.start = LoopState(**{k: saved[k] for k in asdict(self.start) if k in saved})
             for warning in resume_changes(saved.get("config", {}), config):
                 self._log_rank0(warning)
@@ -294,8 +298,16 @@ class Trainer:
         train_samples = self.start.consumed_samples + remaining
         self.datasets = build_datasets(config, dataset_tokenizer, train_samples)
         if train_samples:
+            reads = dataset_reads(self.datasets.train, train_samples)
             names = config.dataset_names()
-            self._log_rank0(training_data_summary(self.datasets.train, train_samples, names))
+            self._log_rank0(training_data_summary(reads, train_samples, names))
+            repeated = any(epochs > 1 for _, epochs in reads)
+            if self.resume is not None and repeated and saved_data_order != DATA_ORDER:
+                self._log_rank0(
+                    f"warning: {self.resume.name} was saved by an earlier megatron-ext, which "
+                    "ordered the samples of a dataset read more than once otherwise: from here "
+                    "on some samples the run trained on may be read again"
+                )
         for warning in repeated_validation_warnings(self.datasets.valid, config):
             self._log_rank0(warning)
         self.stages = config.resolved_stages()
@@ -663,7 +675,11 @@ class Trainer:
 
     def _save(self, run: StageRun, state: LoopState) -> Path:
         run.gather_params()
-        train_state = {**asdict(state), "config": config_dict(self.config)}
+        train_state = {
+            **asdict(state),
+            "config": config_dict(self.config),
+            "data_order": DATA_ORDER,
+        }
         path = self.checkpoints.save(
             state.iteration, run.module, run.optimizer, train_state, self.metadata()
         )

@@ -1009,6 +1009,7 @@ def _blend_samples(rank, world_size, config_path, train_samples, read):
     from megatron_ext.training.data import (
         DatasetTokenizer,
         build_datasets,
+        dataset_reads,
         training_data_summary,
     )
 
@@ -1019,7 +1020,8 @@ def _blend_samples(rank, world_size, config_path, train_samples, read):
     train = build_datasets(config, tokenizer, train_samples).train
     samples = [train[i]["tokens"].tolist() for i in read]
     counts = np.bincount(np.asarray(train.dataset_index[:train_samples]), minlength=2)
-    summary = training_data_summary(train, train_samples, config.dataset_names())
+    reads = dataset_reads(train, train_samples)
+    summary = training_data_summary(reads, train_samples, config.dataset_names())
     open_files = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     return samples, (counts / counts.sum()).tolist(), summary, open_files
 
@@ -1063,6 +1065,38 @@ def test_the_blend_order_does_not_depend_on_the_run_length(
     )
     _, shares, _, _ = run_ranks(_blend_samples, 1, bare, longer, range(longer - 4, longer))[0]
     assert shares[0] == pytest.approx(sizes[0] / sum(sizes), abs=0.005)
+
+
+def test_resuming_a_checkpoint_of_the_earlier_data_order_warns(
+    tmp_path, small_tokenizer, training_data
+):
+    """Checkpoints saved before the epoch-by-epoch order read repeated datasets in another order."""
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+
+    small = IndexedDatasetWriter(tmp_path / "small.bin", np.uint16)  # 3 samples per epoch
+    small.add_documents(np.arange(3, 203, dtype=np.uint16), np.full(5, 40), np.ones(5))
+    small.finalize(tmp_path / "small.idx")
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, split="1,0,0", train_iters=2,
+        data_path=[3, str(tmp_path / "small"), 1, training_data["ar"]],
+        valid_data_path=[training_data["en"]],
+    )  # fmt: skip
+    save = tmp_path / "run"
+    args = ("--config", str(config), "--save", str(save), "--load", str(save))
+    proc = _cli(*args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "training data, 8 samples: small 75.0% (2.00 epochs), corpus_ar 25.0%" in out
+    state = save / "iter_0000002" / "train_state.json"
+    saved = json.loads(state.read_text())
+    del saved["data_order"]  # as an earlier version wrote it
+    state.write_text(json.dumps(saved))
+    warning = "was saved by an earlier megatron-ext, which ordered the samples"
+    for iterations, warned in (("4", "iter_0000002"), ("6", None)):  # the second from iter_4
+        proc = _cli(*args, "--train-iters", iterations)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert (f"warning: {warned} {warning}" in out) if warned else (warning not in out), out
 
 
 def _packed_vs_alone(rank, world_size, config_path):
