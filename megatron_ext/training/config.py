@@ -1030,7 +1030,7 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
 
 def _real_paths(data_path: list) -> list:
     """``--data-path`` with each prefix resolved (the weights as they are)."""
-    return [x if _is_number(str(x)) else os.path.realpath(x) for x in data_path]
+    return [x if _is_number(str(x)) else _dataset_file(x) for x in data_path]
 
 
 def _shown(value: Any) -> str:

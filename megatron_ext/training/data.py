@@ -3,7 +3,7 @@
 The training set is megatron-core's ``BlendedDataset`` over each dataset's training part, with
 the ``--data-path`` weights (token shares: every sample has ``seq_length + 1`` tokens; without
 weights, each dataset's share of the tokens, as Megatron-LM blends). Each dataset is read epoch
-after epoch, each epoch one megatron-core ``GPTDataset`` shuffled with its own seed: the order of
+after epoch, its one-epoch megatron-core ``GPTDataset`` in a new order each epoch: the order of
 the samples does not depend on how many the run needs (see :class:`EpochwiseDataset`). Each
 dataset's validation split, and each held-out dataset of ``--valid-data-path`` (whole), is built
 alone, so that validation loss and bits per character are reported per language. Each iteration
