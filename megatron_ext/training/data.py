@@ -3,10 +3,11 @@
 The training set is megatron-core's ``BlendedDataset`` over each dataset's training part, with
 the ``--data-path`` weights (token shares: every sample has ``seq_length + 1`` tokens; without
 weights, each dataset's share of the tokens, as Megatron-LM blends). Each dataset is read epoch
-after epoch, its one-epoch megatron-core ``GPTDataset`` in a new order each epoch: the order of
-the samples does not depend on how many the run needs (see :class:`EpochwiseDataset`). Each
-dataset's validation split, and each held-out dataset of ``--valid-data-path`` (whole), is built
-alone, so that validation loss and bits per character are reported per language. Each iteration
+after epoch, each epoch a one-epoch megatron-core ``GPTDataset`` shuffled and packed with its own
+seed: the order of the samples does not depend on how many the run needs (see
+:class:`EpochwiseDataset`). Each dataset's validation split, and each held-out dataset of
+``--valid-data-path`` (whole), is built alone, so that validation loss and bits per character
+are reported per language. Each iteration
 reads the global batch of samples ``[consumed, consumed + global_batch_size)``, ``consumed``
 being the samples read before it; each data-parallel rank takes its contiguous slice of it
 (megatron's pretraining sampler), so the data position is one number, saved with every
@@ -203,8 +204,9 @@ def _first_other_piece(used: dict, tokenizer: DatasetTokenizer) -> str | None:
 # A held-out dataset is validation data from end to end.
 HELD_OUT_SPLIT = "0,1,0"
 # Saved with each checkpoint: how the samples of a dataset read more than once are ordered.
-# Checkpoints without it used megatron-core's order, which depended on the run's sample count.
-DATA_ORDER = "epochwise"
+# Checkpoints without it used megatron-core's order, which depended on the run's sample count;
+# "epochwise" ones read every epoch in the first epoch's packing.
+DATA_ORDER = "epochwise-repacked"
 
 
 @dataclass
@@ -294,36 +296,58 @@ def build_datasets(
 
 
 class EpochwiseDataset(torch.utils.data.Dataset):
-    """One dataset's training part read epoch after epoch, each epoch in its own order.
+    """One dataset's training part read epoch after epoch, each epoch shuffled and packed anew.
 
     megatron-core's ``GPTDataset`` shuffles the documents of all the epochs a sample count needs
     together, so its order depends on the count: a run resumed with more iterations (or a larger
     batch) would continue its saved position in a reshuffled order, reading again samples it
-    had trained on. Here the first epoch is a one-epoch ``GPTDataset`` in megatron-core's own
-    order, and epoch ``e`` reads its samples again in an order drawn from the seed and ``e``
-    alone: the samples of any count are the first of every larger count, each sample once per
-    epoch. One ``GPTDataset`` whatever the epochs: its files are open once.
+    had trained on. Here each epoch is a one-epoch ``GPTDataset`` of its own: the first in
+    megatron-core's own order, epoch ``e`` with a seed drawn from the run's seed and ``e`` alone,
+    so its documents are shuffled and packed into samples anew. The samples of any count are the
+    first of every larger count, each document once per epoch. The epochs share the dataset's
+    open files, and one epoch besides the first has its indices open at a time.
 
     Args:
-        epoch: The dataset's training part, one epoch (megatron-core's ``num_samples=None``).
+        first: The dataset's training part, one epoch (megatron-core's ``num_samples=None``).
         epochs: How many epochs to read.
         seed: The run's seed.
     """
 
-    def __init__(self, epoch: GPTDataset, epochs: int, seed: int) -> None:
-        self.epoch = epoch
+    def __init__(self, first: GPTDataset, epochs: int, seed: int) -> None:
+        self.first = first
         self.epochs = epochs
         self.seed = seed
-        self.epoch_samples = len(epoch)
-        self.dataset_path = epoch.dataset_path
-        self.index_split = epoch.index_split  # read by megatron-core's BlendedDataset
+        self.epoch_samples = len(first)
+        self.dataset_path = first.dataset_path
+        self.index_split = first.index_split  # read by megatron-core's BlendedDataset
         self.unique_identifiers = {
             "class": type(self).__name__,
-            "epoch": epoch.unique_identifiers,
+            "first": first.unique_identifiers,
             "epochs": epochs,
         }
-        # The order of the epoch last read: the blend reads each dataset's samples in turn.
-        self._order: tuple[int, np.ndarray | None] = (0, None)
+        self._open: tuple[int, GPTDataset] = (0, first)
+
+    def build_epoch_indices(self) -> None:
+        """Build and cache every later epoch's indices: on rank 0 first, as megatron-core's."""
+        for epoch in range(1, self.epochs):
+            BlendedMegatronDatasetBuilder.build_generic_dataset(
+                GPTDataset, lambda: True, True, *self._epoch_args(epoch)
+            )
+
+    def _epoch_args(self, epoch: int) -> tuple:
+        first = self.first
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        config = dataclasses.replace(first.config, random_seed=seed)
+        return first.dataset, first.dataset_path, first.indices, None, first.index_split, config
+
+    def epoch(self, epoch: int) -> GPTDataset:
+        """The one-epoch ``GPTDataset`` of ``epoch`` (counted from 0)."""
+        if not epoch:
+            return self.first
+        if self._open[0] != epoch:
+            # The indices build_epoch_indices cached: loaded on every rank, not built.
+            self._open = epoch, GPTDataset(*self._epoch_args(epoch))
+        return self._open[1]
 
     def __len__(self) -> int:
         return self.epoch_samples * self.epochs
@@ -332,12 +356,7 @@ class EpochwiseDataset(torch.utils.data.Dataset):
         epoch, sample = divmod(int(index), self.epoch_samples)
         if not 0 <= epoch < self.epochs:
             raise IndexError(f"sample {index} of {self.dataset_path}'s {len(self)}")
-        if epoch:
-            if self._order[0] != epoch:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.epoch_samples)
-                self._order = epoch, order.astype(np.int32 if len(order) < 2**31 else np.int64)
-            sample = int(self._order[1][sample])
-        return self.epoch[sample]
+        return self.epoch(epoch)[sample]
 
 
 def _training_blend(
@@ -364,6 +383,9 @@ def _training_blend(
         EpochwiseDataset(first, math.ceil((math.ceil(size * weight) + 1) / len(first)), config.seed)
         for first, weight in zip(first_epochs, weights, strict=True)
     ]
+    with _index_cache_errors(blend_config):
+        for dataset in datasets:
+            dataset.build_epoch_indices()
     if len(datasets) == 1:
         return datasets[0]
     with _index_cache_errors(blend_config):

@@ -1026,6 +1026,22 @@ def _blend_samples(rank, world_size, config_path, train_samples, read):
     return samples, (counts / counts.sum()).tolist(), summary, open_files
 
 
+def _epoch_documents(rank, world_size, config_path, train_samples):
+    """The documents of the first dataset in the order each epoch packs them, and its training
+    part's documents."""
+    from megatron_ext.tokenizer.encoders import SentencePieceEncoder
+    from megatron_ext.training.config import load_config
+    from megatron_ext.training.data import DatasetTokenizer, build_datasets
+
+    config = load_config(config_path)
+    tokenizer = DatasetTokenizer(
+        SentencePieceEncoder(config.tokenizer_model), config.tokenizer_model
+    )
+    first = build_datasets(config, tokenizer, train_samples).train.datasets[0]
+    orders = [first.epoch(e).document_index.tolist() for e in range(first.epochs)]
+    return orders, first.epoch(0).indices.tolist()
+
+
 def _sequence_lengths(prefix: str) -> np.ndarray:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -1048,13 +1064,22 @@ def test_the_blend_order_does_not_depend_on_the_run_length(
     resumed_at = range(short // 2, short, 97)  # samples a resumed run reads next
     before, _, summary, _ = run_ranks(_blend_samples, 1, config, short, resumed_at)[0]
     assert summary.startswith(f"training data, {short:,} samples: en 25.0% (0.50 epochs), ar 75")
-    after, _, summary, open_files = run_ranks(_blend_samples, 1, config, longer, resumed_at)[0]
+    # Read on to the end too: past the first epoch of both datasets.
+    read = [*resumed_at, *range(0, longer, 101)]
+    after, _, summary, open_files = run_ranks(_blend_samples, 1, config, longer, read)[0]
     assert "en 25.0% (3.00 epochs)" in summary
-    assert after == before
+    assert after[: len(resumed_at)] == before
     # Not a dataset's files per epoch (200 epochs reached the usual limit of 1,024).
-    *_, summary, open_at_twice = run_ranks(_blend_samples, 1, config, 2 * longer, [])[0]
+    read = [*resumed_at, *range(0, 2 * longer, 101)]
+    *_, summary, open_at_twice = run_ranks(_blend_samples, 1, config, 2 * longer, read)[0]
     assert "en 25.0% (6.00 epochs)" in summary
     assert open_at_twice == open_files
+    # Each epoch packs every document of the training part once, each in its own order (an
+    # epoch read in the first one's packing repeats its samples, only reordered).
+    orders, documents = run_ranks(_epoch_documents, 1, config, longer)[0]
+    assert len(orders) >= 3  # the greedy draw may take one sample more than 3 epochs hold
+    assert all(sorted(order) == sorted(documents) for order in orders)
+    assert len({tuple(order) for order in orders}) == len(orders)
     # Megatron-LM's form without weights blends by size (it failed past one epoch of a dataset).
     sizes = [int(_sequence_lengths(training_data[lang]).sum()) for lang in ("en", "ar")]
     bare = write_config(
