@@ -86,6 +86,8 @@ class LoopState:
     # The data position: samples of the blend read so far (the global batch size may change
     # between runs, as with a batch-size ramp).
     consumed_samples: int = 0
+    # A stop skipped this iteration's periodic validation to save first: the resumed run runs it.
+    validation_due: bool = False
 
 
 @dataclass
@@ -425,7 +427,7 @@ class Trainer:
             Path(config.save) / "metrics.jsonl" if config.save and self.is_logger else None,
             config.tensorboard_dir if self.is_logger else None,
             resume_step=state.iteration if self.continues_save else None,
-            revalidate=revalidate,
+            revalidate=revalidate or state.validation_due,
         )
         if revalidate:
             self._log_rank0(f"{self.resume.name} ends the run: validating it again")
@@ -487,8 +489,9 @@ class Trainer:
                     + (" (new rows only)" if stage.new_rows_only else "")
                     + f", lr {stage.lr:g}"
                 )
-                if config.eval_at_start and state.iteration == 0:
+                if (config.eval_at_start and state.iteration == 0) or state.validation_due:
                     self._validate(run, state, metrics)
+                    state.validation_due = False
                 if self._train_stage(run, stage, state, metrics, stop, result):
                     result.interrupted = stop.reason
                     break
@@ -618,6 +621,8 @@ class Trainer:
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
                 "skipped": not applied,
+                "skipped_iters": state.skipped_iters,
+                **self._consumed(state),
             }
             if self.is_logger:
                 metrics.write(entry)
@@ -631,8 +636,11 @@ class Trainer:
             interrupted = stop.check() and not last
             # A stopping run saves first: validation could outlast the grace time after SIGTERM.
             validate = config.eval_interval and state.iteration % config.eval_interval == 0
-            if validate and not last and not interrupted:
-                self._validate(run, state, metrics)
+            if validate and not last:
+                if interrupted:  # saved with the checkpoint: the resumed run validates first
+                    state.validation_due = True
+                else:
+                    self._validate(run, state, metrics)
             periodic = config.save_interval and state.iteration % config.save_interval == 0
             if config.save and (periodic or interrupted):
                 self._save(run, state)
@@ -643,6 +651,12 @@ class Trainer:
                 self._log_rank0(f"{stop.reason}: {saved} at iteration {state.iteration}, exiting")
                 return True
         return False
+
+    def _consumed(self, state: LoopState) -> dict[str, int]:
+        return {
+            "consumed_samples": state.consumed_samples,
+            "consumed_tokens": state.consumed_samples * self.config.seq_length,
+        }
 
     def _check_freeze_request(self, checkpoint: str) -> None:
         """Warn when a checkpoint converted with --freeze-base-rows meets no new-rows stage."""
@@ -696,7 +710,15 @@ class Trainer:
         results = self.evaluate(run)
         if self.is_logger:
             for lang, values in results.items():
-                metrics.write({"step": state.iteration, "split": "valid", "lang": lang, **values})
+                metrics.write(
+                    {
+                        "step": state.iteration,
+                        "split": "valid",
+                        "lang": lang,
+                        **values,
+                        **self._consumed(state),
+                    }
+                )
                 print(
                     f"validation {lang}: loss {values['loss']:.4f}, bpc {values['bpc']:.4f}",
                     flush=True,

@@ -1,12 +1,15 @@
 """Run metrics: one JSON line per event in ``<save>/metrics.jsonl``, mirrored to TensorBoard.
 
 Training entries carry ``step``, ``stage``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
-``mfu`` (None where the device peak is unknown) and ``skipped``; validation entries carry
-``"split": "valid"``, ``lang``, ``loss`` and ``bpc`` (bits per character). Only one rank writes.
-A resumed run first drops the entries after the checkpoint it resumes from, so the file reads as
-one uninterrupted run; a run that starts afresh starts the file anew. A finished run's final
-validation comes after its last checkpoint: resuming that checkpoint validates again, and drops
-the validation entries at its step too.
+``mfu`` (None where the device peak is unknown), ``skipped``, ``skipped_iters`` (the run's count
+so far), ``consumed_samples`` and ``consumed_tokens`` (the data read, the x-axis that stays true
+when the global batch changes between resumes); validation entries carry ``"split": "valid"``,
+``lang``, ``loss``, ``bpc`` (bits per character), ``tokens`` and the data consumed. Only one rank
+writes. A resumed run first drops the entries after the checkpoint it resumes from, so the file
+reads as one uninterrupted run; a run that starts afresh starts the file anew, and TensorBoard
+follows both. A validation the checkpoint's run did not finish (its final one, or one a stop
+skipped to save first) is run again on resume, and the validation entries at its step are dropped
+too.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+# How metrics.jsonl writes a non-finite number (JSON has none).
+NON_FINITE = ("nan", "inf", "-inf")
+
 
 class MetricsLog:
     """Appends metric entries to a JSONL file and, optionally, TensorBoard.
 
     ``resume_step``: the iteration a resumed run continues from (the file keeps the entries up to
-    it); None: a new run (the file starts empty). ``revalidate``: the resumed run validates again
-    at ``resume_step``, so the validation entries of that step are dropped as well. Nothing is
+    it); None: a new run (the file, and TensorBoard's view of the directory, start empty).
+    ``revalidate``: the resumed run validates again at ``resume_step``, so the validation entries
+    of that step are dropped as well. Nothing is
     dropped before the first entry is written, so a run that fails while loading its checkpoint
     leaves the earlier entries as they were.
     """
@@ -62,8 +69,9 @@ class MetricsLog:
         if self._tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            # TensorBoard hides every event at and after purge_step: the first step logged anew.
-            purge_step = None
+            # TensorBoard hides every event at and after purge_step: the first step logged anew
+            # (all of an earlier run's in the directory when this one starts afresh).
+            purge_step = 0
             if self._resume_step is not None:
                 purge_step = self._resume_step + (0 if self._revalidate else 1)
             self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge_step)
@@ -85,8 +93,12 @@ class MetricsLog:
     def _add_scalars(self, entry: dict[str, Any]) -> None:
         prefix = f"valid/{entry['lang']}" if entry.get("split") == "valid" else "train"
         for key, value in entry.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
-                self._tensorboard.add_scalar(f"{prefix}/{key}", value, entry["step"])
+            if key == "step":
+                continue
+            if value in NON_FINITE:  # JSON's stand-ins: TensorBoard plots them as such
+                value = float(value)
+            if isinstance(value, int | float):  # a bool as 0 or 1
+                self._tensorboard.add_scalar(f"{prefix}/{key}", float(value), entry["step"])
 
     def close(self) -> None:
         """Flush and close the outputs."""

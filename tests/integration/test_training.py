@@ -1242,7 +1242,8 @@ def test_time_budget_saves_and_exits_for_requeue(tmp_path, small_tokenizer, trai
     """--exit-duration-in-mins (set by the Slurm template from the time limit) stops cleanly."""
     config = write_config(tmp_path, small_tokenizer, training_data, train_iters=1000)
     save = tmp_path / "run"
-    proc = _cli("--config", str(config), "--save", str(save), "--exit-duration-in-mins", "0.0001")
+    stop = ("--exit-duration-in-mins", "0.0001", "--eval-interval", "1")
+    proc = _cli("--config", str(config), "--save", str(save), *stop)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "interrupted (--exit-duration-in-mins) at iteration 1" in out
@@ -1251,6 +1252,13 @@ def test_time_budget_saves_and_exits_for_requeue(tmp_path, small_tokenizer, trai
         "iteration": 1,
     }
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    # The stop came at a validation step and skipped it to save first: the resumed run runs it.
+    assert not [e for e in read_metrics(save / "metrics.jsonl") if "split" in e]
+    again = ["--save", str(save), "--load", str(save), "--train-iters", "2"]
+    run_ranks(_train, 1, config, [*again, "--eval-interval", "1"])
+    entries = read_metrics(save / "metrics.jsonl")
+    validated = [(e["step"], e["lang"]) for e in entries if "split" in e]
+    assert validated == [(1, "en"), (1, "ar"), (2, "en"), (2, "ar")]
 
 
 def _train_after_a_slow_set_up(rank, world_size, config_path, overrides, set_up_seconds):

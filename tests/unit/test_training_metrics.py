@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from megatron_ext.training.metrics import MetricsLog, read_metrics
@@ -76,3 +78,36 @@ def test_a_finished_run_resumed_drops_its_final_validation_only(tmp_path):
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("valid/ar/loss")] == [(1, 1.0), (2, 0.5)]
     assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0)]
+
+
+def test_a_run_started_afresh_hides_an_earlier_runs_tensorboard_points(tmp_path):
+    """metrics.jsonl starts anew; TensorBoard's view of the directory does too (--force, or a
+    re-queued job that failed before its first checkpoint)."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    for losses in ([1.0, 2.0, 3.0], [0.5, 0.25]):
+        log = MetricsLog(tmp_path / "metrics.jsonl", str(tmp_path / "tb"))
+        for step, loss in enumerate(losses, start=1):
+            log.write({"step": step, "loss": loss})
+        log.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.25)]
+
+
+def test_skipped_steps_and_nonfinite_values_reach_tensorboard(tmp_path):
+    """A skipped step's "nan" loss (JSON's stand-in) and its skip show, not a gap in the curve."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    log = MetricsLog(tmp_path / "metrics.jsonl", str(tmp_path / "tb"))
+    for step, loss in ((1, 2.0), (2, "nan"), (3, "inf")):
+        log.write({"step": step, "loss": loss, "skipped": loss != 2.0, "skipped_iters": step - 1})
+    log.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = [s.value for s in events.Scalars("train/loss")]
+    assert losses[0] == 2.0 and math.isnan(losses[1]) and losses[2] == math.inf
+    assert [s.value for s in events.Scalars("train/skipped")] == [0.0, 1.0, 1.0]
+    assert [s.value for s in events.Scalars("train/skipped_iters")] == [0.0, 1.0, 2.0]
