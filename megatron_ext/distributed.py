@@ -164,6 +164,8 @@ def init(
                 int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if world_size == 1:  # alone: any free port (torchrun's default clashes with other jobs)
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size)
     parallel_state.destroy_model_parallel()
@@ -208,5 +210,4 @@ def free_port() -> int:
 
 def init_single_process() -> str:
     """A one-process group (conversion, experiments) on a free local port unless one is set."""
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     return init(1, rank=0, world_size=1)

@@ -113,10 +113,11 @@ def _before_conversion(config):
 def summary(result) -> str:
     """The closing line(s): where the run ended, what it processed, how well it validates."""
     status = f"interrupted ({result.interrupted})" if result.interrupted else "done"
-    speed = result.tokens / result.seconds if result.seconds else 0.0
+    speed = result.tokens / result.step_seconds if result.step_seconds else 0.0
     lines = [
-        f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped; "
-        f"{result.tokens:,} tokens in {result.seconds:.0f} s ({speed:,.0f} tokens/s); "
+        f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped in the "
+        f"whole run; this job trained {result.tokens:,} tokens, {result.step_seconds:.0f} s in "
+        f"iterations ({speed:,.0f} tokens/s), {result.seconds:.0f} s end to end; "
         f"checkpoint {result.checkpoint or '(none: no --save)'}"
     ]
     for lang, values in result.valid.items():

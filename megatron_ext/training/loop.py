@@ -101,7 +101,8 @@ class TrainResult:
     interrupted: str | None = None
     valid: dict[str, dict[str, float]] = field(default_factory=dict)
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # end to end: set-up, checkpoints and validation included
+    step_seconds: float = 0.0  # in the training iterations alone
 
 
 def _forward_step(char_table: torch.Tensor | None, data_iterator, model):
@@ -594,6 +595,7 @@ class Trainer:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
+            result.step_seconds += elapsed
             state.iteration += 1
             state.stage_iteration += 1
             lr = run.optimizer.param_groups[0]["lr"]

@@ -1,5 +1,10 @@
 """megatron_ext.distributed on CPU: gloo, parallel_state, and the CPU stand-ins for CUDA calls."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 from megatron.core import parallel_state
@@ -59,3 +64,20 @@ def test_launch_warning_names_the_queue_setting_tensor_parallelism_needs():
     assert distributed.launch_warning(8, True, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}) is None
     assert distributed.launch_warning(1, True, {}) is None  # no tensor-parallel collectives
     assert distributed.launch_warning(2, False, {}) is None  # gloo: no hardware queues
+
+
+def test_a_lone_process_takes_a_free_port_not_torchruns_default():
+    """``megatron-ext train`` without torchrun ran into any other job on port 29500."""
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 29500))
+            taken.listen()
+        except OSError:
+            pass  # taken by something else already: the case under test all the same
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE")}
+        code = "from megatron_ext import distributed; print(distributed.init(1, 1))"
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("gloo")

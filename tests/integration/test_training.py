@@ -128,6 +128,9 @@ def test_tiny_config_trains_and_reports_per_language(
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "train: done at iteration 30" in out
+    # Throughput over the iterations, apart from the set-up, checkpoints and validation.
+    times = re.search(r"trained 7,680 tokens, (\d+) s in iterations .*, (\d+) s end to end", out)
+    assert times and int(times[1]) <= int(times[2]), out[-500:]
     entries = read_metrics(save / "metrics.jsonl")
     train = [e for e in entries if "split" not in e]
     assert [e["step"] for e in train] == list(range(1, 31))
