@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The repository's root.
+REPO = Path(__file__).resolve().parents[1]
+
 
 def read_texts(path: Path, key: str = "text") -> list[str]:
     """The ``key`` field of every line of a JSON Lines file."""

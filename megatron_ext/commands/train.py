@@ -57,15 +57,22 @@ def dry_run(config, world_size: int | None) -> int:
     from megatron_ext.tokenizer.encoders import SentencePieceEncoder
     from megatron_ext.training.model import plan_warnings, resolve_arch
     from megatron_ext.training.plan import plan_run
+    from megatron_ext.training.stage import new_rows
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     if world_size is not None and world_size < 1:
         raise ConfigError(f"--world-size must be at least 1, got {world_size}")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", tp * pp))
     config.validate(world_size)
-    config = _before_conversion(config)
-    tokenizer = SentencePieceEncoder(config.tokenizer_model)
-    plan = resolve_arch(config, tokenizer.vocab_size, None, tokenizer.pieces_sha256())
+    planned = _before_conversion(config)
+    tokenizer = SentencePieceEncoder(planned.tokenizer_model)
+    plan = resolve_arch(planned, tokenizer.vocab_size, None, tokenizer.pieces_sha256())
+    # The run's refusal of a stage of new rows, here too; before conversion the checkpoint
+    # will record the base vocabulary.
+    if plan.base_vocab_size is not None or planned is config:
+        for stage in config.resolved_stages():
+            new_rows(stage, plan)
+    config = planned
     run = plan_run(config, plan.arch, plan.padded_vocab_size, world_size)
     arch = plan.arch
     print(

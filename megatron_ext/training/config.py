@@ -835,6 +835,26 @@ _ELSEWHERE = {
     "lr_decay_iters": "the learning rate decays until the end of each stage (--train-iters, or "
     "a stage's train_iters)",
     "tokenizer_type": "the tokenizer is a SentencePiece model (--tokenizer-model)",
+    "finetune": "--pretrained-checkpoint starts a new run from a checkpoint's weights (the "
+    "optimizer, schedule and data position start afresh); --load resumes one",
+    **dict.fromkeys(
+        ("train_samples", "lr_warmup_samples", "lr_decay_samples", "lr_warmup_fraction"),
+        "the schedule counts iterations: --train-iters and --lr-warmup-iters (per stage: "
+        "stages: in the YAML config)",
+    ),
+    "rampup_batch_size": "there is no batch-size ramp-up; a resumed run may take another "
+    "--global-batch-size (the data position counts samples, so none are repeated or skipped)",
+    "override_opt_param_scheduler": "not needed: a resumed run takes the new schedule settings "
+    "and warns that they changed",
+    **dict.fromkeys(
+        ("ckpt_fully_parallel_save", "ckpt_format"),
+        "checkpoints are always megatron-core's dist_checkpointing (torch_dist), the writes "
+        "shared by the data-parallel replicas",
+    ),
+    "untie_embeddings_and_output_weights": "the embedding and output layer are always untied "
+    "(as in Llama-2)",
+    "distributed_backend": "the backend follows the device: NCCL on GPUs, gloo on CPUs",
+    "wandb_project": "metrics go to <save>/metrics.jsonl and, with --tensorboard-dir, TensorBoard",
 }  # fmt: skip
 
 
@@ -843,7 +863,8 @@ def _known(name: str, where: str, spelled: str) -> str:
         return name
     if name in _ELSEWHERE:
         raise ConfigError(f"{where}: {spelled} is not a setting here: {_ELSEWHERE[name]}")
-    close = difflib.get_close_matches(name, _FIELDS, n=1)
+    # Close enough to be a typo: a looser match offered unrelated settings.
+    close = difflib.get_close_matches(name, _FIELDS, n=1, cutoff=0.75)
     hint = f" (did you mean {_flag(close[0])}?)" if close else ""
     raise ConfigError(f"{where}: unknown setting {spelled!r}{hint}")
 

@@ -30,7 +30,7 @@ def _trainable(name: str, stage: StageConfig) -> bool:
     return stage.trainable == "all" or name in (EMBEDDING_WEIGHT, OUTPUT_WEIGHT)
 
 
-def _new_rows(stage: StageConfig, plan: ModelPlan) -> tuple[int, int] | None:
+def new_rows(stage: StageConfig, plan: ModelPlan) -> tuple[int, int] | None:
     """Global ids whose embedding/output rows a ``new_rows_only`` stage trains."""
     if not stage.new_rows_only:
         return None
@@ -88,7 +88,7 @@ def build_stage(
     """Freeze what ``stage`` does not train, then wrap ``module`` in DDP and build its optimizer."""
     for name, param in module.named_parameters():
         param.requires_grad = _trainable(name, stage)
-    rows = _new_rows(stage, plan)
+    rows = new_rows(stage, plan)
     if rows is not None and config.kernels == "fused":
         module.set_trainable_rows(rows)  # the embedding then skips the frozen rows outright
     elif config.kernels == "fused":

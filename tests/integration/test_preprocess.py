@@ -17,9 +17,7 @@ from megatron_ext.commands import preprocess as preprocess_cmd
 from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
 from megatron_ext.data.sentences import SentenceSplitter
 from megatron_ext.outputs import OutputExistsError
-from tests.helpers import read_texts
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, read_texts
 
 
 def config(tokenizer, inputs, prefix, **kwargs):

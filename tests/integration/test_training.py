@@ -24,8 +24,7 @@ import yaml
 from megatron_ext.distributed import free_port
 from megatron_ext.training.metrics import read_metrics
 from tests.distributed import run_ranks
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 # A Llama-shaped network small enough for many short runs on two cores.
 MICRO_ARCH = {

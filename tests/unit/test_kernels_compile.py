@@ -16,12 +16,11 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import triton
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 ARCHS = (80, 90)
 DTYPES = ("bf16", "fp32")  # the logits / embedding dtype (bf16: GPU training)

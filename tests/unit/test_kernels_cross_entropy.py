@@ -7,7 +7,6 @@ tests/integration/test_kernels_tp.py.
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 import kernels.cross_entropy as ce
 from kernels.cross_entropy import fused_linear_cross_entropy
-from tests.helpers import CPU_TENSOR_BACKENDS, DEVICE, aliases_main_grad
+from tests.helpers import CPU_TENSOR_BACKENDS, DEVICE, REPO, aliases_main_grad
 
-REPO = Path(__file__).resolve().parents[2]
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 # On a machine without CUDA the Triton cases run in Triton's interpreter (see tests/conftest.py).
 TRITON = pytest.mark.triton_interpreter

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from kernels.rope import fused_apply_rotary_pos_emb, rotary_embedding
-from tests.helpers import DEVICE
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import DEVICE, REPO
 
 # (s, b, heads, dim, rot_dim, freqs batch): odd head counts, partial rotation (channels passed
 # through), one position, per-sequence angles; Llama's 128-wide heads, 40 of them, which take two

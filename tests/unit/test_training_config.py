@@ -55,6 +55,12 @@ def test_dataset_names_strip_the_shared_prefix():
         # --recompute-num-layers?" and "--lr-wsd-decay-iters?").
         (["--num-layers", "4"], "--num-layers is not a setting here: the architecture comes"),
         (["--lr-decay-iters", "9"], "the learning rate decays until the end of each stage"),
+        # Were "did you mean --tensor-model-parallel-size?" and "--overlap-param-gather?".
+        (["--ckpt-fully-parallel-save"], "always megatron-core's dist_checkpointing"),
+        (["--override-opt_param-scheduler"], "not needed: a resumed run takes the new schedule"),
+        (["--finetune"], "--pretrained-checkpoint starts a new run"),
+        (["--train-samples", "9"], "the schedule counts iterations"),
+        (["--use-flash-attn"], r"unknown setting '--use-flash-attn'$"),
     ],
 )
 def test_bad_overrides_name_the_flag(argv, message):

@@ -16,6 +16,7 @@ from megatron_ext.hashing import pieces_sha256
 from megatron_ext.tokenizer.encoders import SentencePieceEncoder
 from megatron_ext.training.config import load_config
 from megatron_ext.training.plan import peak_tflops, plan_run, training_flops_per_token
+from tests.helpers import REPO
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -230,7 +231,12 @@ def test_example_cluster_configs_fit_an_h100(
     _converted_metadata(tmp_path, preset.with_vocab_size(base + 25000), base)
     assert main(argv) == 2
     assert f"vocabulary of {base + 25000} but --tokenizer-model" in capsys.readouterr().err
+    # The examples' first stage trains the new rows: with Llama-2's own tokenizer there are
+    # none, and the run refuses it (the plan too). Planned as if its last 8,000 pieces were new.
     _converted_metadata(tmp_path, preset.with_vocab_size(base), base)
+    assert main(argv) == 2
+    assert "new_rows_only, but there are no new rows" in capsys.readouterr().err
+    _converted_metadata(tmp_path, preset.with_vocab_size(base), base - 8000)
     assert main(argv) == 0
     out = capsys.readouterr().out
     # An H100 80GB holds 79.6 GiB; leave 2.6 GiB for the CUDA context and NCCL's buffers.
@@ -252,3 +258,18 @@ def test_mfu_peak_follows_the_device_name(monkeypatch):
     assert peak_of("NVIDIA A100-SXM4-80GB") == peak_of("NVIDIA A100 80GB PCIe") < sxm
     assert peak_of("Tesla T4") is None  # unknown: no MFU rather than a wrong one
     assert peak_of("NVIDIA H100 PCIe") == 756.0 and peak_tflops(500.0) == 500.0
+
+
+def test_dry_run_refuses_a_stage_of_new_rows_without_any(capsys, llama2_tokenizer):
+    """The run refuses it at start; the plan used to print it (with the base tokenizer)."""
+    argv = [
+        "--config", str(REPO / "examples" / "configs" / "llama2-70b-ar.yaml"), "--dry-run",
+        "--world-size", "64", "--arch", "llama2-70b", "--tokenizer-model", str(llama2_tokenizer),
+    ]  # fmt: skip
+    # Before conversion the checkpoint will record the base vocabulary: nothing to check yet.
+    assert main(argv) == 0
+    assert "(new rows only)" in capsys.readouterr().out
+    assert main([*argv, "--base-vocab-size", "32000"]) == 2
+    assert "new_rows_only, but there are no new rows (base vocabulary 32000, vocabulary 32000)" in (
+        capsys.readouterr().err
+    )
