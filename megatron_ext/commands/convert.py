@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_mc.add_argument("--seed", type=int, default=1234, help="seed of random inits")
     to_mc.add_argument("--force", action="store_true", help="overwrite --output-dir")
     to_hf = sub.add_parser("megatron-to-hf", help="megatron-core checkpoint -> HF Llama")
-    to_hf.add_argument("--megatron-dir", required=True, help="checkpoint written by megatron-ext")
+    to_hf.add_argument(
+        "--megatron-dir",
+        required=True,
+        help="checkpoint written by megatron-ext: a converted one, an iter_* directory, or a "
+        "training run's --save directory (its latest checkpoint)",
+    )
     to_hf.add_argument("--output-dir", required=True, help="HF directory to write")
     to_hf.add_argument("--tokenizer-model", help="tokenizer.model to copy next to the weights")
     to_hf.add_argument("--force", action="store_true", help="overwrite --output-dir")
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.checkpoint.hf import CheckpointError
     from megatron_ext.outputs import OutputExistsError
     from megatron_ext.tokenizer.encoders import TokenizerLoadError
+    from megatron_ext.training.checkpointing import CheckpointLoadError
 
     started = time.perf_counter()
     try:
@@ -111,17 +117,35 @@ def main(argv: list[str] | None = None) -> int:
                 f"(padded {meta['padded_vocab_size']:,}), {meta['dtype']}"
             )
         else:
+            checkpoint = _latest_if_run(args.megatron_dir)
             config = megatron_to_hf(
-                args.megatron_dir, args.output_dir, tokenizer_model=args.tokenizer_model,
+                checkpoint, args.output_dir, tokenizer_model=args.tokenizer_model,
                 force=args.force,
             )  # fmt: skip
             summary = f"vocab {config['vocab_size']:,}, {config['num_hidden_layers']} layers"
-    except (CheckpointError, ArchitectureError, OutputExistsError, TokenizerLoadError) as err:
+    except (
+        CheckpointError,
+        CheckpointLoadError,
+        ArchitectureError,
+        OutputExistsError,
+        TokenizerLoadError,
+    ) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     print(f"convert: done: {args.direction} -> {args.output_dir}: {summary}, "
           f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     return 0
+
+
+def _latest_if_run(directory: str) -> str:
+    """``directory``, or the checkpoint its ``latest`` pointer names if it is a run's --save."""
+    from megatron_ext.training.checkpointing import latest_checkpoint
+
+    latest = latest_checkpoint(directory)
+    if latest is None:
+        return directory
+    print(f"convert: {directory} is a training run: exporting its latest checkpoint, {latest}")
+    return str(latest)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """HF -> megatron-core (dist checkpoint) -> HF, against transformers' own model."""
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megatron_ext.checkpoint.hf import CheckpointError, HFCheckpoint
 from megatron_ext.hashing import pieces_sha256
@@ -241,6 +244,18 @@ def test_cli_round_trip(tmp_path, hf_dir):
     assert result.returncode == 0, result.stderr
     assert transformers.AutoConfig.from_pretrained(back).vocab_size == 300
     assert not list(tmp_path.glob("*.tmp.*"))
+    # A training run's --save directory: the checkpoint its pointer names is exported.
+    run, from_run = tmp_path / "run", tmp_path / "from_run"
+    shutil.copytree(ckpt, run / "iter_0000003")
+    (run / "iter_0000003" / "train_state.json").write_text("{}")
+    (run / "latest_checkpointed_iteration.txt").write_text("3\n")
+    to_hf_run = cli + ["megatron-to-hf", "--megatron-dir", str(run), "--output-dir", str(from_run)]
+    result = subprocess.run(to_hf_run, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"exporting its latest checkpoint, {run / 'iter_0000003'}" in result.stdout
+    for weights in back.glob("*.safetensors"):
+        expected, exported = load_file(weights), load_file(from_run / weights.name)
+        assert all(torch.equal(exported[name], tensor) for name, tensor in expected.items())
     # A checkpoint cut short (an interrupted copy): one line naming it, no traceback.
     for shard in ckpt.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:1000])
