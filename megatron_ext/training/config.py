@@ -596,10 +596,26 @@ class TrainConfig:
                     "(the learning rate decays from lr to min_lr)"
                 )
             if stage.lr_warmup_iters >= stage.train_iters:
-                raise ConfigError(
-                    f"stage {stage.name!r}: {stage.lr_warmup_iters} warm-up iterations leave none "
-                    f"of its {stage.train_iters} to decay (use lr_warmup_iters < train_iters)"
-                )
+                raise ConfigError(self._no_decay_left(stage))
+
+    def _no_decay_left(self, stage: StageConfig) -> str:
+        """Why ``stage`` has no iteration left to decay, and the settings that would leave some."""
+        warmup, iters = stage.lr_warmup_iters, stage.train_iters
+        message = f"stage {stage.name!r}: {warmup} warm-up iterations leave none of its {iters}"
+        given = next((s.train_iters for s in self.stages if s.name == stage.name), None)
+        if given is not None:
+            return f"{message} to decay (give it more train_iters, or lower its lr_warmup_iters)"
+        # The stage runs until --train-iters: its length is what the earlier stages leave.
+        earlier = self.train_iters - iters
+        before = (
+            f" (--train-iters {self.train_iters} less the {earlier} of the stages before it)"
+            if earlier
+            else ""
+        )
+        return (
+            f"{message} to decay{before}: raise --train-iters to at least {earlier + warmup + 1}, "
+            "or lower --lr-warmup-iters (or the stage's lr_warmup_iters)"
+        )
 
     def _check_wsd(self, stage: StageConfig) -> None:
         """The stage's anneal style is known; a WSD stage's anneal is set and fits its length."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from megatron_ext.training.config import (
     parse_overrides,
     resume_changes,
 )
+from tests.helpers import REPO
 
 # The two settings validate() requires; the files need not exist.
 REQUIRED = ["--data-path", "x", "--tokenizer-model", "t.model"]
@@ -75,8 +77,6 @@ def test_flag_equals_value_as_argparse_reads_it():
 
 
 def test_help_lists_every_setting_with_its_description():
-    import dataclasses
-
     from megatron_ext.commands.train import build_parser
     from megatron_ext.training.config import TrainConfig
 
@@ -245,6 +245,12 @@ def test_stage_booleans_read_as_the_run_settings_do(tmp_path):
             "10 warm-up and 95 anneal iterations exceed its 100",
         ),
         (["--lr-wsd-decay-style", "cubic"], "--lr-wsd-decay-style must be one of exponential"),
+        # Was "(use lr_warmup_iters < train_iters)", naming a stage setting no one had set.
+        (
+            ["--lr-warmup-iters", "100"],
+            "100 warm-up iterations leave none of its 100 to decay: raise --train-iters to at "
+            "least 101, or lower --lr-warmup-iters",
+        ),
         # Stages are mappings: they cannot come from the command line.
         (["--stages", "foo"], "command line: stages\\[0\\]: a stage is a mapping"),
     ],
@@ -578,3 +584,21 @@ def test_recompute_settings_are_megatron_lms(argv, expected):
 def test_recompute_mistakes_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*REQUIRED, *argv]).validate(1)
+
+
+def test_a_last_stage_too_short_to_decay_says_what_train_iters_would_do(tmp_path):
+    """tiny.yaml's second stage runs to --train-iters: 12 leave it 2, under its warm-up."""
+    tiny = REPO / "examples" / "configs" / "tiny.yaml"
+    config = load_config(tiny, [*REQUIRED, "--train-iters", "12"])
+    with pytest.raises(ConfigError) as refused:
+        config.validate(1)
+    assert str(refused.value) == (
+        "stage 'full': 5 warm-up iterations leave none of its 2 to decay (--train-iters 12 less "
+        "the 10 of the stages before it): raise --train-iters to at least 16, or lower "
+        "--lr-warmup-iters (or the stage's lr_warmup_iters)"
+    )
+    load_config(tiny, [*REQUIRED, "--train-iters", "16"]).validate(1)
+    stages = [{"name": "a", "train_iters": 3, "lr_warmup_iters": 3}, {"name": "b"}]
+    explicit = dataclasses.replace(config, stages=[StageConfig(**stage) for stage in stages])
+    with pytest.raises(ConfigError, match="give it more train_iters, or lower its lr_warmup"):
+        explicit.validate(1)
