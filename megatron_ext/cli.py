@@ -7,6 +7,8 @@ importing torch or megatron-core.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 # name -> (module with main(argv) -> int, one-line description)
@@ -51,7 +53,19 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; returns its exit code."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _dispatch(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left early (``megatron-ext train --help | head``): stop quietly, as Unix
+        # tools do. Python's advice: point stdout at /dev/null, so the flush at exit cannot fail
+        # again with a second traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
