@@ -12,11 +12,14 @@ under temporary names and renamed only when the whole run succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import multiprocessing
 import os
+import select
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -245,9 +248,33 @@ class _BlockEncoder:
 _WORKER: _BlockEncoder | None = None
 
 
-def _init_worker(factory: Callable[[], _BlockEncoder]) -> None:
+def _init_worker(factory: Callable[[], _BlockEncoder], parent: int) -> None:
     global _WORKER
+    threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
     _WORKER = factory()
+
+
+def _exit_after(pid: int) -> None:
+    """End this worker once process ``pid`` has ended.
+
+    A pool's process killed with -9 cannot stop its workers: they would wait for work forever,
+    and keep the forkserver (which lives while any of its children do) alive with them.
+    """
+    if hasattr(os, "pidfd_open"):  # Linux: woken when it exits, whatever its pid becomes
+        with contextlib.suppress(ProcessLookupError):  # gone already
+            select.select([os.pidfd_open(pid)], [], [])
+    else:
+        while _running(pid):
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _run_worker(block: RawBlock) -> _EncodedBlock:
@@ -276,7 +303,7 @@ def ordered_map(
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(factory,)
+        workers, mp_context=context, initializer=_init_worker, initargs=(factory, os.getpid())
     ) as pool:
         pending: deque = deque()
         for item in items:

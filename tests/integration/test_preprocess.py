@@ -186,16 +186,47 @@ def test_existing_outputs_need_force(tmp_path, corpora, llama2_tokenizer):
     assert files_of(tmp_path / "zh")[0].read_bytes() != before[files_of(tmp_path / "zh")[0]]
 
 
-def _start_and_interrupt(tmp_path, cmd, sig):
-    """Start ``cmd``, wait until it writes temporary outputs, then send ``sig``."""
+def _start_and_interrupt(tmp_path, cmd, sig, processes: int = 0):
+    """Start ``cmd``, wait until it writes temporary outputs and has started ``processes``,
+    then send ``sig``.
+
+    Returns the process and the processes it had started (its workers, the forkserver).
+    """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "out").glob("*.tmp.*")):
         time.sleep(0.01)
+    while time.time() < deadline and len(_descendants(proc.pid)) < processes:
+        time.sleep(0.05)
     time.sleep(0.3)
+    started = _descendants(proc.pid)
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    return proc
+    return proc, started
+
+
+def _running(pid: int) -> bool:
+    """Not ended (a zombie has ended: only its parent's wait is missing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (Linux's /proc; empty elsewhere)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
 
 
 @pytest.fixture
@@ -210,9 +241,17 @@ def big_run(tmp_path, corpora, llama2_tokenizer):
 
 
 def test_sigkill_leaves_no_final_file_and_rerun_succeeds(tmp_path, big_run):
-    _start_and_interrupt(tmp_path, big_run, signal.SIGKILL)
+    # The resource tracker, the forkserver and the two workers.
+    _, started = _start_and_interrupt(tmp_path, big_run, signal.SIGKILL, processes=4)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left and all(".tmp." in name for name in left), left
+    # Nor any of its processes: the workers waited for work forever, and kept the forkserver.
+    if Path("/proc").is_dir():
+        assert len(started) == 4, started
+        deadline = time.time() + 30
+        while time.time() < deadline and any(map(_running, started)):
+            time.sleep(0.1)
+        assert not [pid for pid in started if _running(pid)]
 
     result = subprocess.run(big_run, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -222,7 +261,7 @@ def test_sigkill_leaves_no_final_file_and_rerun_succeeds(tmp_path, big_run):
 
 
 def test_sigterm_exits_cleanly_without_leftovers(tmp_path, big_run):
-    proc = _start_and_interrupt(tmp_path, big_run, signal.SIGTERM)
+    proc, _ = _start_and_interrupt(tmp_path, big_run, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM
     assert list((tmp_path / "out").iterdir()) == []
 
