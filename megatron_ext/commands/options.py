@@ -20,12 +20,22 @@ def add_corpus_reading_options(parser: argparse.ArgumentParser | argparse._Argum
 
 
 def quiet_known_warnings() -> None:
-    """Silence megatron-core's warnings that every CPU run prints and that need no action."""
+    """Silence megatron-core's warnings that every run prints and that need no action."""
     for message in (
         "Transformer Engine and Apex are not installed",
         "Apex is not installed",
         "full scope is deprecated",
         ".*ShardedTensor",
         ".*load_state_dict.*deprecated",
+        # torch's own about the collectives megatron-core's distributed optimizer calls.
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        # train checks CUDA_DEVICE_MAX_CONNECTIONS itself, on GPUs only (launch_warning).
+        "When using sequence parallelism it is recommended to set the environment variable",
     ):
         warnings.filterwarnings("ignore", message=message)
+    # megatron-core's optimizer asks every parameter for .grad, a view's too.
+    warnings.filterwarnings(
+        "ignore",
+        message="The .grad attribute of a Tensor that is not a leaf Tensor",
+        module=r"megatron\.core\.optimizer",
+    )

@@ -499,6 +499,23 @@ def test_a_dataset_rewritten_under_its_prefix_gets_new_indices(tmp_path, small_t
     assert len([p for p in (tmp_path / "index_cache").iterdir() if p.is_dir()]) == 2
 
 
+def test_a_torchrun_run_prints_no_library_warnings(tmp_path, small_tokenizer, training_data):
+    """Each rank of a DP=2 run printed megatron-core's and torch's warnings about their own
+    calls (a .grad of a view, deprecated collectives), among the run's own warning: lines."""
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, train_iters=1, lr_warmup_iters=0
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    run = [*torchrun, "--master-port", str(free_port()), "-m", "megatron_ext.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*run, "--config", str(config)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train: done at iteration 1" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr[-3000:]
+
+
 def test_data_parallel_ranks_share_the_checkpoint_writes(tmp_path, small_tokenizer, training_data):
     config = write_config(
         tmp_path, small_tokenizer, training_data, train_iters=1, lr_warmup_iters=0
