@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -203,6 +204,12 @@ def _run_manifest(args: argparse.Namespace) -> list[dict]:
         )
     if len(args.json_keys) != 1:
         raise ManifestError("--manifest blends one dataset per language: give one --json-keys")
+    for spec in manifest.languages:  # all, before the first language's hours of work
+        expand_inputs(spec.inputs, flag=f"{args.manifest}: language {spec.name}: input")
+    total = sum(s.share for s in manifest.languages)
+    if not math.isclose(total, 1.0):
+        shares = ", ".join(f"{s.name} {s.share / total:.1%}" for s in manifest.languages)
+        print(f"note: the shares add up to {total:g}, read as parts of the whole: {shares}")
     results = []
     for spec in manifest.languages:
         config = dataclasses.replace(

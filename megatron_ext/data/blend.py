@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,10 @@ def load_manifest(path: str | os.PathLike) -> BlendManifest:
         normalize = spec.get("normalize")
         if isinstance(normalize, str):
             normalize = [normalize]
+        for raw in inputs:
+            unset = [v for v in re.findall(r"\$\{?(\w+)", raw) if v not in os.environ]
+            if unset:
+                raise ManifestError(f"{where}: input {raw}: ${unset[0]} is not set")
         languages.append(
             LanguageSpec(
                 name=str(name),

@@ -290,6 +290,35 @@ def test_compressed_and_parquet_inputs_give_identical_bytes(tmp_path, corpora, l
     assert all(o == outputs[0] for o in outputs[1:])
 
 
+def test_manifest_mistakes_are_named_before_any_work(
+    tmp_path, corpora, llama2_tokenizer, capsys, monkeypatch
+):
+    """A missing input of the last language stopped the run only after the first language's
+    dataset, naming a flag no one gave (--input) and leaving an unset $VARIABLE as it was."""
+    monkeypatch.delenv("NOPE_DATA", raising=False)
+    manifest = tmp_path / "blend.yaml"
+    english = corpora / "en" / "valid.jsonl"
+    for arabic, message in (
+        ("$NOPE_DATA/ar.jsonl", "language ar: input $NOPE_DATA/ar.jsonl: $NOPE_DATA is not set"),
+        ("no/ar.jsonl", f"{manifest}: language ar: input {tmp_path}/no/ar.jsonl: no such file"),
+    ):
+        manifest.write_text(
+            f"languages:\n  en: {{inputs: {english}, share: 0.3}}\n"
+            f"  ar: {{inputs: {arabic}, share: 0.3}}\n"
+        )
+        argv = cli_args("--manifest", manifest, tmp_path / "data" / "mix", llama2_tokenizer)
+        assert preprocess_cmd.main(argv) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "data").exists()
+    manifest.write_text(
+        f"languages:\n  en: {{inputs: {english}, share: 0.3}}\n"
+        f"  ar: {{inputs: {corpora / 'ar' / 'valid.jsonl'}, share: 0.3}}\n"
+    )
+    assert preprocess_cmd.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: the shares add up to 0.6, read as parts of the whole: en 50.0%, ar 50.0%" in out
+
+
 def test_manifest_blend_realises_token_shares(tmp_path, corpora, llama2_tokenizer, capsys):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
