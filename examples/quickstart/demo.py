@@ -458,6 +458,8 @@ def cluster_plans(out: Path) -> dict[str, str]:
     """``train --dry-run`` of the Slurm examples' configs with this demo's expanded tokenizer."""
     stage("6. at cluster scale: what the Slurm examples' runs need per GPU (--dry-run)")
     plans = {}
+    # The configs' first stage trains the new rows: those past the base tokenizer's pieces.
+    expansion = json.loads((out / "tokenizer" / "expansion.json").read_text())
     for name, gpus in CLUSTER_RUNS.items():
         # No converted checkpoint of these here: --arch gives the shape it would have.
         cmd = [
@@ -465,6 +467,7 @@ def cluster_plans(out: Path) -> dict[str, str]:
             "--config", str(HERE.parent / "configs" / f"{name}-ar.yaml"),
             "--world-size", str(gpus), "--arch", name, "--pretrained-checkpoint", "",
             "--tokenizer-model", str(out / "tokenizer" / "tokenizer.model"),
+            "--base-vocab-size", str(expansion["base_size"]),
         ]  # fmt: skip
         plans[name] = run(cmd, capture=True)
     return plans
