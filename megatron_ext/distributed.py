@@ -179,6 +179,33 @@ def init(
     return dist.get_backend()
 
 
+# Launchers that start every process of a job themselves: the variable each sets to the count.
+_LAUNCHER_TASKS = {
+    "SLURM_STEP_NUM_TASKS": "srun",
+    "OMPI_COMM_WORLD_SIZE": "mpirun",
+    "PMI_SIZE": "a PMI launcher",
+}
+
+
+def launch_without_torchrun(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why this process would train alone although a launcher started several, or None.
+
+    Without torchrun's ``WORLD_SIZE`` each process takes itself for the whole job, a free port
+    of its own, and the same ``--save`` as all the others.
+    """
+    if "WORLD_SIZE" in environ:
+        return None
+    for variable, launcher in _LAUNCHER_TASKS.items():
+        tasks = environ.get(variable, "")
+        if tasks.isdigit() and int(tasks) > 1:
+            return (
+                f"{tasks} processes started by {launcher} ({variable}={tasks}) without torchrun: "
+                "each would train alone into the same --save. Start one torchrun per node "
+                "(examples/slurm/train.sbatch does)"
+            )
+    return None
+
+
 def launch_warning(
     tensor_model_parallel_size: int, on_gpu: bool, environ: Mapping[str, str] = os.environ
 ) -> str | None:

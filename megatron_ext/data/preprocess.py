@@ -12,7 +12,6 @@ under temporary names and renamed only when the whole run succeeded.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -260,10 +259,11 @@ def _exit_after(pid: int) -> None:
     A pool's process killed with -9 cannot stop its workers: they would wait for work forever,
     and keep the forkserver (which lives while any of its children do) alive with them.
     """
-    if hasattr(os, "pidfd_open"):  # Linux: woken when it exits, whatever its pid becomes
-        with contextlib.suppress(ProcessLookupError):  # gone already
-            select.select([os.pidfd_open(pid)], [], [])
-    else:
+    try:  # Linux 5.3 on: woken when it exits, whatever its pid becomes
+        select.select([os.pidfd_open(pid)], [], [])
+    except ProcessLookupError:
+        pass  # gone already
+    except (AttributeError, OSError):  # no pidfd here (older kernels, macOS, some sandboxes)
         while _running(pid):
             time.sleep(1.0)
     os._exit(1)
@@ -274,6 +274,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        pass  # there, another user's: the pid was reused or signals are fenced; keep working
     return True
 
 

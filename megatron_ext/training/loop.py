@@ -213,6 +213,8 @@ class Trainer:
             raise
 
     def _set_up(self, config: TrainConfig) -> None:
+        if launched_apart := distributed.launch_without_torchrun():
+            raise ConfigError(launched_apart)
         # Before megatron-core splits the processes, which would fail with a bare RuntimeError.
         self.world_size = distributed.job_world_size()
         config.validate(self.world_size)

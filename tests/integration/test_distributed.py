@@ -81,3 +81,25 @@ def test_a_lone_process_takes_a_free_port_not_torchruns_default():
         )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("gloo")
+
+
+def test_processes_a_launcher_started_without_torchrun_are_refused(tmp_path):
+    """``srun -n 8 megatron-ext train`` gives no WORLD_SIZE: each process would train alone."""
+    assert distributed.launch_without_torchrun({}) is None
+    assert distributed.launch_without_torchrun({"SLURM_STEP_NUM_TASKS": "1"}) is None
+    # torchrun's processes, under srun's one task per node.
+    started = {"SLURM_STEP_NUM_TASKS": "2", "WORLD_SIZE": "16"}
+    assert distributed.launch_without_torchrun(started) is None
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "MASTER_PORT")}
+    env["SLURM_STEP_NUM_TASKS"] = "8"
+    command = [sys.executable, "-m", "megatron_ext.cli", "train", "--tokenizer-model", "t.model"]
+    done = subprocess.run(
+        [*command, "--data-path", "x", "--save", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == (
+        "megatron-ext train: 8 processes started by srun (SLURM_STEP_NUM_TASKS=8) without "
+        "torchrun: each would train alone into the same --save. Start one torchrun per node "
+        "(examples/slurm/train.sbatch does)"
+    )

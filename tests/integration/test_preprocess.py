@@ -482,3 +482,30 @@ def test_memory_does_not_grow_with_input_size(tmp_path, corpora, llama2_tokenize
     grown = peaks[4] - peaks[1]
     # 48 MB more input (and ~24 MB more token ids) must not show up in memory.
     assert grown < 16, f"peak RSS grew by {grown:.0f} MB ({peaks})"
+
+
+@pytest.mark.parametrize("pidfd", ["refused", "available"])
+def test_a_worker_follows_its_parent_out_without_pidfd(monkeypatch, pidfd):
+    """Kernels before 5.3 and some sandboxes refuse pidfd_open: the watch polls instead (it
+    used to end its thread with a traceback, leaving the worker to outlive a killed parent)."""
+    import errno
+    import threading
+
+    from megatron_ext.data import preprocess
+
+    if pidfd == "refused":
+
+        def refused(pid):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+        monkeypatch.setattr(preprocess.os, "pidfd_open", refused, raising=False)
+    exits = []
+    monkeypatch.setattr(preprocess.os, "_exit", exits.append)
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    watch = threading.Thread(target=preprocess._exit_after, args=(parent.pid,))
+    watch.start()
+    watch.join(0.5)
+    assert watch.is_alive() and not exits  # the parent still runs: keep working
+    parent.wait()
+    watch.join(10)
+    assert exits == [1]
