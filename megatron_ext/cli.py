@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
+import select
 import sys
 
 # name -> (module with main(argv) -> int, one-line description)
@@ -57,12 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         code = _dispatch(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()
     except BrokenPipeError:
-        # The reader left early (``megatron-ext train --help | head``): stop quietly, as Unix
-        # tools do. Python's advice: point stdout at /dev/null, so the flush at exit cannot fail
+        if not _stdout_reader_gone():
+            raise  # another pipe's (a socket, a worker's): a failure to report
+        # The reader left early (``megatron-ext --help | head``): stop quietly, as Unix tools
+        # do. Python's advice: point stdout at /dev/null, so the flush at exit cannot fail
         # again with a second traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+        return 141  # 128 + SIGPIPE, as a shell reports a tool whose reader left
     return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (an error to poll)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real stdout
+        return False
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -95,7 +95,7 @@ def load_manifest(path: str | os.PathLike) -> BlendManifest:
         if isinstance(normalize, str):
             normalize = [normalize]
         for raw in inputs:
-            unset = [v for v in re.findall(r"\$\{?(\w+)", raw) if v not in os.environ]
+            unset = [v for v in re.findall(r"\$\{?(\w+)", raw, re.ASCII) if v not in os.environ]
             if unset:
                 raise ManifestError(f"{where}: input {raw}: ${unset[0]} is not set")
         languages.append(

@@ -602,19 +602,22 @@ class TrainConfig:
         """Why ``stage`` has no iteration left to decay, and the settings that would leave some."""
         warmup, iters = stage.lr_warmup_iters, stage.train_iters
         message = f"stage {stage.name!r}: {warmup} warm-up iterations leave none of its {iters}"
-        given = next((s.train_iters for s in self.stages if s.name == stage.name), None)
-        if given is not None:
-            return f"{message} to decay (give it more train_iters, or lower its lr_warmup_iters)"
-        # The stage runs until --train-iters: its length is what the earlier stages leave.
+        if not self.stages:
+            return (
+                f"--lr-warmup-iters {warmup} leaves none of --train-iters {iters} to decay: "
+                f"raise --train-iters to at least {warmup + 1}, or lower --lr-warmup-iters"
+            )
+        warmup_setting = "its lr_warmup_iters (or --lr-warmup-iters, which it inherits)"
+        given = next(s.train_iters for s in self.stages if s.name == stage.name)
+        if stage.name != self.stages[-1].name:
+            return f"{message} to decay: give it more train_iters, or lower {warmup_setting}"
+        # The last stage: its length is what --train-iters leaves after the stages before it.
         earlier = self.train_iters - iters
-        before = (
-            f" (--train-iters {self.train_iters} less the {earlier} of the stages before it)"
-            if earlier
-            else ""
-        )
+        also = " (and its train_iters with it)" if given is not None else ""
         return (
-            f"{message} to decay{before}: raise --train-iters to at least {earlier + warmup + 1}, "
-            "or lower --lr-warmup-iters (or the stage's lr_warmup_iters)"
+            f"{message} to decay (--train-iters {self.train_iters} less the {earlier} of the "
+            f"stages before it): raise --train-iters{also} to at least {earlier + warmup + 1}, "
+            f"or lower {warmup_setting}"
         )
 
     def _check_wsd(self, stage: StageConfig) -> None:

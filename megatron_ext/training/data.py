@@ -346,7 +346,15 @@ class EpochwiseDataset(torch.utils.data.Dataset):
             return self.first
         if self._open[0] != epoch:
             # The indices build_epoch_indices cached: loaded on every rank, not built.
-            self._open = epoch, GPTDataset(*self._epoch_args(epoch))
+            dataset = GPTDataset(*self._epoch_args(epoch))
+            # Samples are counted from the tokens, whatever their order: a megatron-core that
+            # counted otherwise would shift every later sample of the blend.
+            if len(dataset) != self.epoch_samples:
+                raise RuntimeError(
+                    f"{self.dataset_path}: epoch {epoch} holds {len(dataset)} samples, the "
+                    f"first {self.epoch_samples}"
+                )
+            self._open = epoch, dataset
         return self._open[1]
 
     def __len__(self) -> int:

@@ -431,6 +431,7 @@ class Trainer:
             config.tensorboard_dir if self.is_logger else None,
             resume_step=state.iteration if self.continues_save else None,
             revalidate=revalidate or state.validation_due,
+            start_step=state.iteration,
         )
         if revalidate:
             self._log_rank0(f"{self.resume.name} ends the run: validating it again")
@@ -642,7 +643,7 @@ class Trainer:
             validate = config.eval_interval and state.iteration % config.eval_interval == 0
             if validate and not last:
                 if interrupted:  # saved with the checkpoint: the resumed run validates first
-                    state.validation_due = True
+                    state.validation_due = config.eval_iters > 0
                 else:
                     self._validate(run, state, metrics)
             periodic = config.save_interval and state.iteration % config.save_interval == 0

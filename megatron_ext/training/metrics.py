@@ -21,13 +21,17 @@ from typing import Any
 
 # How metrics.jsonl writes a non-finite number (JSON has none).
 NON_FINITE = ("nan", "inf", "-inf")
+# Keys that say what an entry is, never a value to plot (a language may be named "nan").
+LABELS = ("step", "stage", "split", "lang")
 
 
 class MetricsLog:
     """Appends metric entries to a JSONL file and, optionally, TensorBoard.
 
     ``resume_step``: the iteration a resumed run continues from (the file keeps the entries up to
-    it); None: a new run (the file, and TensorBoard's view of the directory, start empty).
+    it); None: a new file. ``start_step``: where a new file's run starts, 0 for a new run (then
+    TensorBoard's view of the directory starts empty too), a checkpoint's iteration for a run
+    branched from another's (whose TensorBoard points up to it stay).
     ``revalidate``: the resumed run validates again at ``resume_step``, so the validation entries
     of that step are dropped as well. Nothing is
     dropped before the first entry is written, so a run that fails while loading its checkpoint
@@ -40,9 +44,11 @@ class MetricsLog:
         tensorboard_dir: str | None = None,
         resume_step: int | None = None,
         revalidate: bool = False,
+        start_step: int = 0,
     ) -> None:
         self.path = Path(path) if path else None
         self._resume_step = resume_step
+        self._start_step = start_step
         self._revalidate = revalidate
         self._tensorboard_dir = tensorboard_dir
         self._file = None
@@ -71,7 +77,7 @@ class MetricsLog:
 
             # TensorBoard hides every event at and after purge_step: the first step logged anew
             # (all of an earlier run's in the directory when this one starts afresh).
-            purge_step = 0
+            purge_step = self._start_step + 1 if self._start_step else 0
             if self._resume_step is not None:
                 purge_step = self._resume_step + (0 if self._revalidate else 1)
             self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge_step)
@@ -93,7 +99,7 @@ class MetricsLog:
     def _add_scalars(self, entry: dict[str, Any]) -> None:
         prefix = f"valid/{entry['lang']}" if entry.get("split") == "valid" else "train"
         for key, value in entry.items():
-            if key == "step":
+            if key in LABELS:
                 continue
             if value in NON_FINITE:  # JSON's stand-ins: TensorBoard plots them as such
                 value = float(value)

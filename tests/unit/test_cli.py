@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from megatron_ext.cli import COMMANDS, main
 from tests.helpers import REPO
 
@@ -30,3 +32,15 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141, err  # 128 + SIGPIPE, as a shell reports a tool so ended
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_broken_pipe_other_than_the_readers_is_reported(monkeypatch):
+    """Only standard output's reader leaving is quiet; a worker's or a socket's pipe is a
+    failure (stdout is a file here, so its reader cannot have left)."""
+
+    def breaks(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("megatron_ext.cli._dispatch", breaks)
+    with pytest.raises(BrokenPipeError):
+        main(["train"])

@@ -248,8 +248,8 @@ def test_stage_booleans_read_as_the_run_settings_do(tmp_path):
         # Was "(use lr_warmup_iters < train_iters)", naming a stage setting no one had set.
         (
             ["--lr-warmup-iters", "100"],
-            "100 warm-up iterations leave none of its 100 to decay: raise --train-iters to at "
-            "least 101, or lower --lr-warmup-iters",
+            "^--lr-warmup-iters 100 leaves none of --train-iters 100 to decay: raise "
+            "--train-iters to at least 101, or lower --lr-warmup-iters$",
         ),
         # Stages are mappings: they cannot come from the command line.
         (["--stages", "foo"], "command line: stages\\[0\\]: a stage is a mapping"),
@@ -594,11 +594,16 @@ def test_a_last_stage_too_short_to_decay_says_what_train_iters_would_do(tmp_path
         config.validate(1)
     assert str(refused.value) == (
         "stage 'full': 5 warm-up iterations leave none of its 2 to decay (--train-iters 12 less "
-        "the 10 of the stages before it): raise --train-iters to at least 16, or lower "
-        "--lr-warmup-iters (or the stage's lr_warmup_iters)"
+        "the 10 of the stages before it): raise --train-iters to at least 16, or lower its "
+        "lr_warmup_iters (or --lr-warmup-iters, which it inherits)"
     )
     load_config(tiny, [*REQUIRED, "--train-iters", "16"]).validate(1)
     stages = [{"name": "a", "train_iters": 3, "lr_warmup_iters": 3}, {"name": "b"}]
     explicit = dataclasses.replace(config, stages=[StageConfig(**stage) for stage in stages])
-    with pytest.raises(ConfigError, match="give it more train_iters, or lower its lr_warmup"):
+    with pytest.raises(ConfigError, match="'a': .* give it more train_iters, or lower its lr_w"):
+        explicit.validate(1)
+    # A last stage of given length must add up to --train-iters: both are raised together.
+    stages = [{"name": "a", "train_iters": 10}, {"name": "b", "train_iters": 2}]
+    explicit = dataclasses.replace(config, stages=[StageConfig(**stage) for stage in stages])
+    with pytest.raises(ConfigError, match=r"raise --train-iters \(and its train_iters with it\)"):
         explicit.validate(1)

@@ -94,6 +94,13 @@ def test_a_run_started_afresh_hides_an_earlier_runs_tensorboard_points(tmp_path)
     events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.25)]
+    # A run branched from that one's step 1 (another --save, one TensorBoard directory) keeps
+    # the history it grew from.
+    log = MetricsLog(tmp_path / "branch.jsonl", str(tmp_path / "tb"), start_step=1)
+    log.write({"step": 2, "loss": 0.125})
+    log.close()
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.125)]
 
 
 def test_skipped_steps_and_nonfinite_values_reach_tensorboard(tmp_path):
@@ -103,10 +110,13 @@ def test_skipped_steps_and_nonfinite_values_reach_tensorboard(tmp_path):
     )
     log = MetricsLog(tmp_path / "metrics.jsonl", str(tmp_path / "tb"))
     for step, loss in ((1, 2.0), (2, "nan"), (3, "inf")):
-        log.write({"step": step, "loss": loss, "skipped": loss != 2.0, "skipped_iters": step - 1})
+        # A stage (or language) may be named like a stand-in: it is a label all the same.
+        entry = {"step": step, "stage": "nan", "loss": loss, "skipped": loss != 2.0}
+        log.write({**entry, "skipped_iters": step - 1})
     log.close()
     events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
+    assert "train/stage" not in events.Tags()["scalars"]
     losses = [s.value for s in events.Scalars("train/loss")]
     assert losses[0] == 2.0 and math.isnan(losses[1]) and losses[2] == math.inf
     assert [s.value for s in events.Scalars("train/skipped")] == [0.0, 1.0, 1.0]
