@@ -20,7 +20,8 @@ class OutputExistsError(FileExistsError):
     """An output file exists and ``force`` was not given."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one of another user's counts: it cannot be signalled)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,7 +106,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """
     removed = []
     for candidate, pid in _temporaries(Path(path)):
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
@@ -127,7 +128,7 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     for candidate, pid in _temporaries(path):
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(candidate, ignore_errors=True)
     tmp = path.with_name(f"{path.name}{_TMP_MARKER}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -48,7 +48,7 @@ from megatron_ext.data.sentences import (
     train_punkt,
 )
 from megatron_ext.hashing import sha256_path
-from megatron_ext.outputs import AtomicOutputs
+from megatron_ext.outputs import AtomicOutputs, pid_alive
 from megatron_ext.tokenizer.encoders import TextEncoder, build_encoder
 from megatron_ext.tokenizer.normalize import build_normalizer
 
@@ -264,19 +264,9 @@ def _exit_after(pid: int) -> None:
     except ProcessLookupError:
         pass  # gone already
     except (AttributeError, OSError):  # no pidfd here (older kernels, macOS, some sandboxes)
-        while _running(pid):
+        while pid_alive(pid):
             time.sleep(1.0)
     os._exit(1)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # there, another user's: the pid was reused or signals are fenced; keep working
-    return True
 
 
 def _run_worker(block: RawBlock) -> _EncodedBlock:
