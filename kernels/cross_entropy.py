@@ -1,7 +1,8 @@
 """Fused linear + cross-entropy over a vocab-parallel output layer, without the [N, V] logits.
 
 The loss of token ``n`` with label ``y`` over the global vocabulary of ``V`` classes (all TP
-ranks; padding rows included, as in megatron-core) is, with ``s = label_smoothing * V / (V - 1)``::
+ranks; with ``vocab_size``, the rows that pad the weight past it are no classes) is, with
+``s = label_smoothing * V / (V - 1)``::
 
     z_v  = h_n . w_v                       logits, fp32 accumulation
     z_v <- cap * tanh(z_v / cap)           only with softcap, before everything else
@@ -12,6 +13,10 @@ This is megatron-core's ``vocab_parallel_cross_entropy`` (its smoothing puts ``l
 of the mass on the ``V - 1`` wrong classes, i.e. ``F.cross_entropy(label_smoothing=s)``), with its
 smoothing term taken over the whole vocabulary under TP where megatron-core uses only the local
 partition; z-loss is PaLM's ``z_loss * lse^2`` per token; soft-capping is Gemma-2's.
+Megatron-core also counts the rows that pad the vocabulary to a multiple of 128 x TP as classes
+(each with a logit, 0 for the zero rows of a converted checkpoint); given ``vocab_size``, these
+rows take no probability and get no gradient, so the loss is the unpadded (exported) model's at
+any TP size.
 
 Tokens whose label is ``ignore_index`` or whose ``loss_mask`` is 0 get loss 0 and no gradient.
 ``reduction="none"`` returns the per-token losses (what megatron-core's
@@ -242,7 +247,8 @@ class _Config:
     z_loss: float
     softcap: float | None
     smoothing: float  # s in the module docstring (megatron-core's rescaled label smoothing)
-    vocab_size: int  # global
+    vocab_size: int  # global, without padding
+    shard_classes: int  # leading rows of this rank's shard below vocab_size (the rest: padding)
     reduction: str
     tp_group: dist.ProcessGroup | None
     triton: bool
@@ -474,14 +480,19 @@ def _backprop_chunks(
     grad_weight: torch.Tensor | None,
     cfg: _Config,
 ) -> None:
-    """Recompute each chunk's logits and accumulate dH (local to this shard) and fp32 dW."""
+    """Recompute each chunk's logits and accumulate dH (local to this shard) and fp32 dW.
+
+    ``weight`` and ``grad_weight`` are the whole shard; its padding rows are left alone.
+    """
+    classes = weight[: cfg.shard_classes]
+    grad_classes = None if grad_weight is None else grad_weight[: cfg.shard_classes]
     chunk = _chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.is_cuda)
-    buffer = _LogitsBuffer(chunk, hidden, weight)
+    buffer = _LogitsBuffer(chunk, hidden, classes)
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        logits = buffer.logits(hidden[rows], weight)
+        logits = buffer.logits(hidden[rows], classes)
         _logits_grad_(logits, target[rows], lse[rows], scale[rows], cfg)
-        _apply_logits_grad(logits, hidden[rows], weight, grad_hidden, grad_weight, rows, False)
+        _apply_logits_grad(logits, hidden[rows], classes, grad_hidden, grad_classes, rows, False)
 
 
 def _apply_logits_grad(
@@ -513,6 +524,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         """Loss; with mean/sum reduction also the gradients, kept until backward scales them."""
         n = hidden.shape[0]
+        classes = weight[: cfg.shard_classes]
         if cfg.reduction == "mean":
             scale = token_weight / token_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
         else:
@@ -534,21 +546,24 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         if dw_in_main_grad:
             grad_weight = weight.main_grad
         elif grads_now and need_dw:
-            # Chunk 0 overwrites it (saving a memset); with no tokens there is no chunk 0.
-            make = torch.empty if n else torch.zeros
+            # Chunk 0 overwrites the classes' rows (saving a memset); with no tokens there is no
+            # chunk 0, and padding rows are never written.
+            make = torch.empty if n and len(classes) == len(weight) else torch.zeros
             grad_weight = make(weight.shape, dtype=acc, device=weight.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         loss = torch.empty(n, dtype=acc, device=hidden.device)
+        # The whole shard's rows: every TP rank then has the same chunks (and collectives).
         chunk = _chunk_rows(n, hidden.shape[1], weight.shape[0], hidden.is_cuda)
-        buffer = _LogitsBuffer(chunk, hidden, weight)
+        buffer = _LogitsBuffer(chunk, hidden, classes)
+        grad_classes = None if grad_weight is None else grad_weight[: len(classes)]
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logits = buffer.logits(hidden[rows], weight)
+            logits = buffer.logits(hidden[rows], classes)
             _chunk_loss_(logits, target[rows], scale[rows], grads_now, lse[rows], loss[rows], cfg)
             if grads_now:
                 overwrite = start == 0 and not dw_in_main_grad
                 _apply_logits_grad(
-                    logits, hidden[rows], weight, grad_hidden, grad_weight, rows, overwrite
+                    logits, hidden[rows], classes, grad_hidden, grad_classes, rows, overwrite
                 )
         if grads_now:
             _reduce_grad_hidden(grad_hidden, cfg)
@@ -615,6 +630,32 @@ def _reduce_grad_hidden(grad_hidden: torch.Tensor | None, cfg: _Config) -> None:
         dist.all_reduce(grad_hidden, group=cfg.tp_group)
 
 
+def shard_rows_in_vocab(shard_rows: int, rank: int, world: int, vocab_size: int) -> int:
+    """How many leading rows of a TP rank's vocab shard are real ids, the rest being padding.
+
+    Args:
+        shard_rows: Rows of each rank's shard (megatron-core splits the padded vocabulary evenly).
+        rank: This rank in the tensor-parallel group, whose shard starts at ``rank * shard_rows``.
+        world: The group's size.
+        vocab_size: The true vocabulary size.
+
+    Raises:
+        ValueError: ``vocab_size`` leaves the last rank's shard only padding (that rank would
+            have no classes), or exceeds the padded vocabulary. Every rank raises alike, so
+            none is left waiting in a collective.
+    """
+    if vocab_size > shard_rows * world:
+        raise ValueError(
+            f"a vocabulary of {vocab_size:,} ids does not fit in {world} x {shard_rows:,} rows"
+        )
+    if vocab_size <= (world - 1) * shard_rows:
+        raise ValueError(
+            f"a vocabulary of {vocab_size:,} ids leaves the last of {world} tensor-parallel "
+            f"ranks ({shard_rows:,} rows each) only padding rows"
+        )
+    return min(shard_rows, vocab_size - rank * shard_rows)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -627,6 +668,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     tp_group: dist.ProcessGroup | None = None,
     loss_mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels``, never materialising the logits.
@@ -649,15 +691,19 @@ def fused_linear_cross_entropy(
         tp_group: Tensor-parallel group the vocabulary is split over; None: megatron-core's TP
             group if ``parallel_state`` is initialised, else no parallelism.
         loss_mask: Optional per-token weights shaped like ``labels`` (e.g. megatron's loss mask).
+        vocab_size: The vocabulary's true size when ``weight`` is padded past it (megatron pads
+            it to a multiple of 128 x TP): rows from this global id on are no classes and get a
+            zero gradient. None: every row is a class.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
 
     Returns:
         The fp32 loss: a scalar, or per-token losses for ``reduction="none"``.
 
     Raises:
-        ValueError: Bad arguments, labels that are not int64/int32, or shapes that do not
-            match; on CPU tensors also a label outside the vocabulary that is not
-            ``ignore_index`` (CUDA: a device-side assertion).
+        ValueError: Bad arguments, labels that are not int64/int32, shapes that do not match,
+            or a ``vocab_size`` that leaves the last rank's shard only padding; on CPU tensors
+            also a label outside the vocabulary that is not ``ignore_index`` (CUDA: a
+            device-side assertion).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -694,7 +740,8 @@ def fused_linear_cross_entropy(
     group = resolve_tp_group(tp_group)
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)
     shard = weight.shape[0]
-    vocab = shard * world
+    vocab = shard * world if vocab_size is None else vocab_size
+    shard_classes = shard_rows_in_vocab(shard, rank, world, vocab)
     if label_smoothing and vocab < 2:
         raise ValueError(f"label_smoothing needs at least 2 classes, the vocabulary has {vocab}")
     valid = flat_labels != ignore_index
@@ -709,6 +756,7 @@ def fused_linear_cross_entropy(
         softcap=softcap,
         smoothing=label_smoothing * vocab / (vocab - 1) if label_smoothing else 0.0,
         vocab_size=vocab,
+        shard_classes=shard_classes,
         reduction=reduction,
         tp_group=group,
         triton=use_triton(hidden, backend),

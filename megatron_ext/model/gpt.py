@@ -22,8 +22,9 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.utils import get_pg_rank, get_pg_size
 
-from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.cross_entropy import fused_linear_cross_entropy, shard_rows_in_vocab
 from kernels.embedding import FusedVocabParallelEmbedding
 from megatron_ext.arch import LlamaArch
 from megatron_ext.model.attention import FusedDotProductAttention
@@ -102,6 +103,7 @@ def build_gpt_model(
     """
     return LlamaGPTModel(
         fused_kernels=fused_kernels,
+        unpadded_vocab_size=arch.vocab_size,
         config=config,
         transformer_layer_spec=layer_spec(
             config, use_transformer_engine, fused_attention=fused_kernels
@@ -125,11 +127,17 @@ class LlamaGPTModel(GPTModel):
     ``sum(loss_mask * per-token loss)`` (fp32), with megatron-core's output layer and
     cross-entropy or, with ``fused_kernels``, the fused linear cross-entropy, which then costs
     the three lm-head GEMMs and no ``[tokens, vocab]`` logits. With ``labels`` only, per-token
-    losses ``[b, s]`` as in megatron-core; without labels, logits.
+    losses ``[b, s]`` as in megatron-core; without labels, logits (padding columns included).
+    Either loss is a softmax over the ``unpadded_vocab_size`` real ids, unlike megatron-core's,
+    which gives the rows padding the vocabulary to a multiple of 128 x TP probability too: the
+    loss is the exported model's, whatever the TP size.
     """
 
-    def __init__(self, *args, fused_kernels: bool = False, **kwargs) -> None:
+    def __init__(
+        self, *args, unpadded_vocab_size: int, fused_kernels: bool = False, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.unpadded_vocab_size = unpadded_vocab_size
         self.fused_kernels = fused_kernels
         if fused_kernels and self.pre_process:
             self.embedding.word_embeddings = _fused_embedding(
@@ -171,7 +179,19 @@ class LlamaGPTModel(GPTModel):
             reduction="none" if loss_mask is None else "sum",
             loss_mask=loss_mask,
             tp_group=self.output_layer.tp_group,
+            vocab_size=self.unpadded_vocab_size,
         )
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        """megatron-core's loss, with the padding rows' logits set to -inf (no probability)."""
+        group = self.output_layer.tp_group
+        classes = shard_rows_in_vocab(
+            logits.shape[-1], get_pg_rank(group), get_pg_size(group), self.unpadded_vocab_size
+        )
+        if classes < logits.shape[-1]:
+            # In place: the output layer's backward does not read its output.
+            logits[..., classes:] = float("-inf")
+        return super().compute_language_model_loss(labels, logits)
 
     def set_trainable_rows(self, rows: tuple[int, int] | None) -> None:
         """Only embedding rows in ``[start, end)`` get gradients (fused embedding only)."""

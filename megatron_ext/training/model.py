@@ -12,6 +12,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
 
+from kernels.cross_entropy import shard_rows_in_vocab
 from megatron_ext.arch import PRESETS, LlamaArch
 from megatron_ext.checkpoint.convert import read_metadata
 from megatron_ext.model.fusions import (
@@ -81,7 +82,7 @@ def resolve_arch(
 
     Raises:
         ConfigError: The tokenizer does not match the checkpoint, or the padded vocabulary
-            cannot be split over the tensor-parallel ranks.
+            cannot be split over the tensor-parallel ranks with real ids on each.
     """
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     tp = config.tensor_model_parallel_size
@@ -118,6 +119,13 @@ def resolve_arch(
             f"{where}: padded vocabulary {padded} cannot be split over "
             f"--tensor-model-parallel-size {tp}"
         )
+    try:
+        shard_rows_in_vocab(padded // tp, tp - 1, tp, vocab_size)
+    except ValueError as err:
+        fix = "a smaller --tensor-model-parallel-size"
+        if source is None:
+            fix += " or --make-vocab-size-divisible-by"
+        raise ConfigError(f"{where}: padded to {padded:,} rows, {err} (try {fix})") from err
     arch.check_parallel(tp, config.pipeline_model_parallel_size)
     stage_layers = arch.num_layers // config.pipeline_model_parallel_size
     if (config.recompute_num_layers or 0) > stage_layers:

@@ -57,15 +57,18 @@ def megatron_loss_and_grads(hidden, weight_shard, labels, label_smoothing=0.0):
 
 
 def torch_loss_and_grads(
-    hidden, weight, labels, rank, world, label_smoothing=0.0, z_loss=0.0, softcap=None
+    hidden, weight, labels, rank, world, label_smoothing=0.0, z_loss=0.0, softcap=None, vocab=V
 ):
-    """Global truth on the full fp32 logits with torch's ops; this rank's weight-grad shard."""
+    """Global truth on the full fp32 logits with torch's ops; this rank's weight-grad shard.
+
+    ``vocab``: only the weight's first rows are classes (the rest: padding, no gradient).
+    """
     hidden = hidden.detach().float().requires_grad_()
     weight = weight.detach().float().requires_grad_()
-    logits = hidden @ weight.t()
+    logits = hidden @ weight[:vocab].t()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    eps = label_smoothing * V / (V - 1)
+    eps = label_smoothing * vocab / (vocab - 1)
     per_token = F.cross_entropy(logits, labels, reduction="none", label_smoothing=eps)
     valid = labels != -100
     per_token = per_token + z_loss * torch.logsumexp(logits, -1).square() * valid
@@ -118,6 +121,23 @@ def _cross_entropy_rank(rank, world):
         fused = fused_loss_and_grads(hidden, mine, labels, backend, z_loss=1e-3, softcap=2.0)
         truth = torch_loss_and_grads(hidden, weight, labels, rank, world, z_loss=1e-3, softcap=2.0)
         assert_all_close(fused, truth, 1e-5, f"{backend} z-loss+softcap vs torch")
+
+        # Megatron's padded vocabulary: the last shard's tail rows are no classes, 7 of them at
+        # TP=1, all but 5 at TP>1.
+        vocab = V - 7 if world == 1 else (world - 1) * (V // world) + 5
+        padded_labels = labels.where(labels < vocab, labels % vocab)
+        opts = dict(label_smoothing=0.1, z_loss=1e-3)
+        fused = fused_loss_and_grads(hidden, mine, padded_labels, backend, vocab_size=vocab, **opts)
+        truth = torch_loss_and_grads(
+            hidden, weight, padded_labels, rank, world, vocab=vocab, **opts
+        )
+        assert_all_close(fused, truth, 1e-5, f"{backend} padded vocabulary vs torch")
+        assert not fused[2][vocab - rank * (V // world) :].any()
+        # A vocabulary that leaves the last rank only padding: every rank refuses alike.
+        with pytest.raises(ValueError, match="only padding rows"):
+            fused_loss_and_grads(
+                hidden, mine, labels.clamp(max=0), backend, vocab_size=(world - 1) * (V // world)
+            )
 
         # Per-token losses: backward recomputes the chunks and all-reduces dH itself.
         hid = hidden.detach().clone().requires_grad_()

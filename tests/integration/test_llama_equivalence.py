@@ -49,11 +49,21 @@ def megatron_shard(hf_model, arch: LlamaArch, tp: int, rank: int) -> dict:
     return {name: tensor_parallel_shards(name, t, tp)[rank] for name, t in full.items()}
 
 
+def load_megatron_model(hf_model, arch, world_size, rank, **kwargs):
+    """Our model at this TP rank with ``hf_model``'s weights (vocabulary padded for TP)."""
+    from megatron_ext.model.gpt import build_gpt_model
+
+    model = build_gpt_model(arch, **kwargs)
+    missing, unexpected = model.load_state_dict(
+        megatron_shard(hf_model, arch, world_size, rank), strict=False
+    )
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+    return model
+
+
 def compare_logits(rank, world_size, kv_heads, rope_backend=None):
     """``rope_backend``: None for megatron-core's unfused RoPE, else ``kernels/rope.py`` forced
     onto that backend through megatron-core's fused-RoPE slot (``use_fused_rope``)."""
-    from megatron_ext.model.gpt import build_gpt_model
-
     hf_model = tiny_llama(kv_heads)
     arch = LlamaArch.from_hf_config(hf_model.config.to_dict())
     if rope_backend is not None:
@@ -66,16 +76,15 @@ def compare_logits(rank, world_size, kv_heads, rope_backend=None):
         rope_utils.fused_apply_rotary_pos_emb = lambda t, freqs, interleaved: rotary_embedding(
             t, freqs, backend=rope_backend
         )
-    model = build_gpt_model(
+    model = load_megatron_model(
+        hf_model,
         arch,
-        arch.transformer_config(world_size, 1, apply_rope_fusion=rope_backend is not None),
-        arch.padded_vocab_size(world_size),
+        world_size,
+        rank,
+        config=arch.transformer_config(world_size, 1, apply_rope_fusion=rope_backend is not None),
+        padded_vocab_size=arch.padded_vocab_size(world_size),
         parallel_output=False,
     ).eval()
-    missing, unexpected = model.load_state_dict(
-        megatron_shard(hf_model, arch, world_size, rank), strict=False
-    )
-    assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
     tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
@@ -96,3 +105,49 @@ def test_fused_rope_logits_match_transformers(backend):
     """kernels/rope.py in the model (both paths; Triton under the interpreter on a CPU) against
     transformers' own rotary embedding, with GQA: queries and keys of different head counts."""
     run_ranks(compare_logits, 1, 2, backend)
+
+
+def compare_losses(rank, world_size, fused_kernels):
+    """Per-token and masked-sum losses against cross-entropy on transformers' logits.
+
+    transformers' model has no padding rows: ours must give them no probability (and so no
+    gradient), whatever the TP size makes of the padding (84 rows at TP=1, 212 at TP=2, all on
+    the last rank).
+    """
+    hf_model = tiny_llama(2)
+    arch = LlamaArch.from_hf_config(hf_model.config.to_dict())
+    padded = arch.padded_vocab_size(world_size)
+    model = load_megatron_model(
+        hf_model,
+        arch,
+        world_size,
+        rank,
+        config=arch.transformer_config(world_size, 1),
+        padded_vocab_size=padded,
+        fused_kernels=fused_kernels,
+    )
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=gen)
+    labels = torch.randint(0, arch.vocab_size, (2, 24), generator=gen)
+    loss_mask = (torch.rand(2, 24, generator=gen) < 0.8).float()
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    reference = functional.cross_entropy(
+        hf_model(tokens).logits.transpose(1, 2), labels, reduction="none"
+    ).detach()
+    with torch.no_grad():
+        per_token = model(tokens, positions, attention_mask=None, labels=labels)
+    torch.testing.assert_close(per_token, reference, rtol=0, atol=1e-4)
+    total = model(tokens, positions, attention_mask=None, labels=labels, loss_mask=loss_mask)
+    torch.testing.assert_close(total, (reference * loss_mask).sum(), rtol=1e-5, atol=1e-4)
+    total.backward()
+    shard = padded // world_size
+    first_padding_row = max(arch.vocab_size - rank * shard, 0)
+    grad = model.output_layer.weight.grad
+    assert grad[:first_padding_row].abs().max() > 0
+    assert not grad[first_padding_row:].any()
+
+
+@pytest.mark.parametrize("fused_kernels", [False, True], ids=["megatron", "fused"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_loss_matches_transformers_without_padding_rows(tp, fused_kernels):
+    run_ranks(compare_losses, tp, fused_kernels)

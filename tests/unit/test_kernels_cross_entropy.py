@@ -159,6 +159,10 @@ def random_case(seed):
         weight = weight.t().contiguous().t()
     upstream = torch.randn(lead, generator=gen) if options["reduction"] == "none" else None
     grads = rng.choice([(True, True), (True, False), (False, True)])
+    padding = rng.choice([0, 0, 1, 7])  # megatron's padding rows: no classes
+    if padding:
+        options["vocab_size"] = v
+        weight = torch.cat([weight, torch.randn(padding, h, generator=gen)])
     hidden, weight = hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype)
     return hidden, weight, labels.to(DEVICE), upstream, grads, options
 
@@ -187,9 +191,10 @@ def test_random_cases_match_unfused(backend, seed):
     ref_hidden = hidden.detach().float().requires_grad_(grads[0])
     ref_weight = weight.detach().float().requires_grad_(grads[1])
     mask = options.pop("loss_mask", None)
+    vocab = options.pop("vocab_size", weight.shape[0])
     ref_loss = unfused_loss(
         ref_hidden.reshape(-1, ref_hidden.shape[-1]),
-        ref_weight,
+        ref_weight[:vocab],
         labels.flatten(),
         loss_mask=None if mask is None else mask.flatten(),
         **options,
@@ -205,6 +210,8 @@ def test_random_cases_match_unfused(backend, seed):
         if mine.requires_grad:
             assert mine.grad.dtype == mine.dtype
             assert_close_at_scale(mine.grad.float(), ref.grad, tol)
+    if weight.requires_grad:
+        assert not weight.grad[vocab:].any()  # padding rows: exactly no gradient
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -356,32 +363,37 @@ def test_frozen_output_layer_gets_no_weight_gradient():
     assert weight.grad is None
 
 
+@pytest.mark.parametrize("padding", [0, 5])
 @pytest.mark.parametrize("factor", [1.0, 3.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_accumulates_into_megatron_main_grad(reduction, factor):
+def test_accumulates_into_megatron_main_grad(reduction, factor, padding):
     """Under megatron-core's DDP the fp32 gradient is added to ``main_grad``.
 
     On the mean/sum path it is added during the forward pass; an upstream gradient other than 1
-    (loss scaling) is then corrected for in backward.
+    (loss scaling) is then corrected for in backward. Padding rows' ``main_grad`` is untouched.
     """
-    hidden, weight, labels = make_inputs(8, 8, 203, dtype=torch.bfloat16)
+    hidden, weight, labels = make_inputs(8, 8, 203 + padding, dtype=torch.bfloat16)
+    vocab = 203
+    labels = labels.where(labels < vocab, labels - vocab)
     weight.requires_grad_()
     weight.main_grad = torch.randn(weight.shape, device=DEVICE)
     weight.grad_added_to_main_grad = False
     before = weight.main_grad.clone()
+    opts = dict(reduction=reduction, vocab_size=vocab)
     with torch.no_grad():
-        fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+        fused_linear_cross_entropy(hidden, weight, labels, **opts)
     assert torch.equal(weight.main_grad, before)  # no gradients asked for: nothing added
-    loss = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, **opts)
     (loss.sum() * factor).backward()
     expected = loss_and_grads(
-        unfused_loss, hidden.float(), weight.float(), labels, reduction=reduction
+        unfused_loss, hidden.float(), weight[:vocab].float(), labels, reduction=reduction
     )[2]
     assert weight.grad_added_to_main_grad
     assert aliases_main_grad(weight)  # DDP's hook drops it; it costs no memory
     torch.testing.assert_close(
-        weight.main_grad - before, factor * expected, atol=1e-2 * factor, rtol=1e-2
+        weight.main_grad[:vocab] - before[:vocab], factor * expected, atol=1e-2 * factor, rtol=1e-2
     )
+    assert torch.equal(weight.main_grad[vocab:], before[vocab:])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -488,6 +500,10 @@ def test_rejects_bad_arguments():
             fused_linear_cross_entropy(hidden, weight, labels, z_loss=bad)
         with pytest.raises(ValueError, match="softcap must be positive"):
             fused_linear_cross_entropy(hidden, weight, labels, softcap=bad)
+    with pytest.raises(ValueError, match="a vocabulary of 17 ids does not fit in 1 x 16 rows"):
+        fused_linear_cross_entropy(hidden, weight, labels, vocab_size=17)
+    with pytest.raises(ValueError, match="leaves the last of 1 tensor-parallel ranks"):
+        fused_linear_cross_entropy(hidden, weight, labels, vocab_size=0)
 
 
 @pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
@@ -507,6 +523,13 @@ def test_rejects_labels_outside_the_vocabulary(backend, bad):
         ValueError, match=rf"labels\[1, 2\] = {bad} is outside the vocabulary \[0, 16\)"
     ):
         fused_linear_cross_entropy(hidden.reshape(2, 3, 8), weight, labels, backend=backend)
+    # A padding row is no class either.
+    labels = labels.where(labels < 12, 0)
+    labels[1, 2] = 12
+    with pytest.raises(
+        ValueError, match=r"labels\[1, 2\] = 12 is outside the vocabulary \[0, 12\)"
+    ):
+        fused_linear_cross_entropy(hidden.reshape(2, 3, 8), weight, labels, vocab_size=12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device-side check needs CUDA")

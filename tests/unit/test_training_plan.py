@@ -130,6 +130,21 @@ def test_dry_run_warns_of_a_sequence_beyond_the_models_positions(capsys, llama2_
     assert "warning: --seq-length 8192 is beyond the 4096 positions" in capsys.readouterr().out
 
 
+def test_dry_run_refuses_a_tensor_parallel_rank_of_padding_only(capsys, llama2_tokenizer):
+    """The loss has no classes on such a rank (its output rows are all past the vocabulary)."""
+    argv = [
+        "--dry-run", "--arch", "llama2-7b", "--world-size", "8",
+        "--tensor-model-parallel-size", "8", "--tokenizer-model", str(llama2_tokenizer),
+        "--data-path", "no/such/data",
+    ]  # fmt: skip
+    # 32,000 ids padded to 65,536 rows: ranks 4 to 7 hold 8,192 rows of padding each.
+    assert main([*argv, "--make-vocab-size-divisible-by", "8192"]) == 2
+    err = capsys.readouterr().err
+    assert "config: padded to 65,536 rows, a vocabulary of 32,000 ids leaves the last" in err
+    assert "try a smaller --tensor-model-parallel-size or --make-vocab-size-divisible-by" in err
+    assert main([*argv, "--make-vocab-size-divisible-by", "128"]) == 0
+
+
 def test_dry_run_sizes_each_recomputation(capsys, llama2_tokenizer):
     """Llama-2 70B at TP=8, PP=4 with SP: each choice moves the activations as it should."""
     argv = [
