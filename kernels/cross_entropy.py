@@ -72,6 +72,9 @@ MAX_BLOCK_V = 8192
 # GPU, logits (rows x vocab shard) on a CPU.
 MIN_GPU_CHUNK_ROWS = 2048
 MIN_CPU_CHUNK_LOGITS = 512 * 32000
+# Row stride of the logits, in elements (see _LogitsBuffer); megatron pads the vocabulary to
+# multiples of 128 for the same reason.
+LOGITS_ROW_ALIGN = 128
 # Without TP, the Triton path takes each row's loss and gradient in one launch
 # (_ce_whole_row_kernel); benchmarks turn this off to measure what that saves over the two
 # kernels TP needs, and tests to run those at TP=1.
@@ -458,16 +461,21 @@ class _LogitsBuffer:
 
     Reusing it matters on a CPU, where a fresh tensor of this size is fresh memory from the
     operating system (page faults cost about as much as the arithmetic on it). On a GPU the
-    caching allocator reuses memory anyway.
+    caching allocator reuses memory anyway. Its rows are ``LOGITS_ROW_ALIGN``-aligned: a shard
+    whose padding rows are left out has any number of classes (the vocabulary's own size at
+    TP=1), and the GEMMs and row kernels keep aligned accesses only with an aligned row stride,
+    which megatron's padding of the vocabulary was for.
     """
 
     def __init__(self, chunk: int, hidden: torch.Tensor, weight: torch.Tensor):
-        shape = (min(chunk, hidden.shape[0]), weight.shape[0])
+        width = -(-weight.shape[0] // LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN
+        shape = (min(chunk, hidden.shape[0]), width)
         self._logits = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
 
     def logits(self, hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``hidden_rows @ weight.T`` in the reused buffer."""
-        return torch.mm(hidden_rows, weight.t(), out=self._logits[: hidden_rows.shape[0]])
+        """``hidden_rows @ weight.T`` in the reused buffer (a view of it, rows padded)."""
+        out = self._logits[: hidden_rows.shape[0], : weight.shape[0]]
+        return torch.mm(hidden_rows, weight.t(), out=out)
 
 
 def _backprop_chunks(

@@ -75,6 +75,20 @@ class LlamaArch:
         multiple = divisible_by * tensor_model_parallel_size
         return math.ceil(self.vocab_size / multiple) * multiple
 
+    def check_vocab_split(self, padded_vocab_size: int, tensor_model_parallel_size: int) -> None:
+        """Raise if the last tensor-parallel rank's share of the padded vocabulary is all padding.
+
+        The loss leaves padding rows out of its softmax, so that rank would have no classes.
+        """
+        shard = padded_vocab_size // tensor_model_parallel_size
+        if self.vocab_size <= padded_vocab_size - shard:
+            raise ArchitectureError(
+                f"a vocabulary of {self.vocab_size:,} ids padded to {padded_vocab_size:,} rows "
+                f"leaves the last of {tensor_model_parallel_size} tensor-parallel ranks only "
+                "padding rows (pad less, with a smaller make-vocab-size-divisible-by, or use "
+                "fewer tensor-parallel ranks)"
+            )
+
     def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int):
         """Raise if the model cannot be split this way."""
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size

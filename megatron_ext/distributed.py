@@ -233,8 +233,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def init_single_process() -> str:
-    """A one-process group (conversion, experiments) on a free local port unless one is set."""
-    return init(1, rank=0, world_size=1)

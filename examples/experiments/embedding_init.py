@@ -131,7 +131,7 @@ def main() -> None:
         bpc = ar_total / math.log(2) / ar_chars
         return {"english_loss": en_total / en_count, "arabic_bpc": bpc}
 
-    distributed.init_single_process()
+    distributed.init(rank=0, world_size=1)
     rows = {"base (no expansion)": evaluate(english_dir, ar_base)}
     for method in INIT_METHODS:
         ckpt, hf_dir = args.output_dir / f"mcore_{method}", args.output_dir / f"hf_{method}"

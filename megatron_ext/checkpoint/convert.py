@@ -207,6 +207,7 @@ def hf_to_megatron(
 
     Raises:
         CheckpointError: Bad inputs (the message names the file or tensor).
+        ArchitectureError: The model or its padded vocabulary cannot be split over these ranks.
         OutputExistsError: ``output_dir`` exists and ``force`` is false.
     """
     from megatron.core import dist_checkpointing
@@ -219,6 +220,7 @@ def hf_to_megatron(
     vocab_size, new_pieces, base_path = _vocabulary_plan(hf, tokenizer_model, base_tokenizer_model)
     arch = hf.arch.with_vocab_size(vocab_size)
     padded = arch.padded_vocab_size(tensor_model_parallel_size, make_vocab_size_divisible_by)
+    arch.check_vocab_split(padded, tensor_model_parallel_size)
     torch_dtype = DTYPES[dtype]
 
     decomposition = None

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from megatron_ext import distributed
 
-        distributed.init_single_process()
+        distributed.init(rank=0, world_size=1)  # this process alone
         if args.direction == "hf-to-megatron":
             meta = hf_to_megatron(
                 args.hf_dir,

@@ -184,6 +184,10 @@ class LlamaGPTModel(GPTModel):
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
         """megatron-core's loss, with the padding rows' logits set to -inf (no probability)."""
+        if logits.shape[-1] != self.output_layer.output_size_per_partition:
+            # Gathered logits (parallel_output=False): megatron-core's loss reads them as this
+            # rank's shard.
+            raise ValueError("the loss needs this rank's logits: build with parallel_output=True")
         group = self.output_layer.tp_group
         classes = shard_rows_in_vocab(
             logits.shape[-1], get_pg_rank(group), get_pg_size(group), self.unpadded_vocab_size

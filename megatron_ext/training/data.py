@@ -7,9 +7,9 @@ after epoch, each epoch a one-epoch megatron-core ``GPTDataset`` shuffled and pa
 seed: the order of the samples does not depend on how many the run needs (see
 :class:`EpochwiseDataset`). Each dataset's validation split, and each held-out dataset of
 ``--valid-data-path`` (whole), is built alone, so that validation loss and bits per character
-are reported per language. Each iteration
-reads the global batch of samples ``[consumed, consumed + global_batch_size)``, ``consumed``
-being the samples read before it; each data-parallel rank takes its contiguous slice of it
+are reported per language. Each iteration reads the global batch of samples
+``[consumed, consumed + global_batch_size)``, ``consumed`` being the samples read before it;
+each data-parallel rank takes its contiguous slice of it
 (megatron's pretraining sampler), so the data position is one number, saved with every
 checkpoint, and a resumed run reads exactly the batches an uninterrupted one would, even with
 another global batch size or more iterations.
@@ -394,9 +394,8 @@ def _training_blend(
     with _index_cache_errors(blend_config):
         for dataset in datasets:
             dataset.build_epoch_indices()
-    if len(datasets) == 1:
-        return datasets[0]
-    with _index_cache_errors(blend_config):
+        if len(datasets) == 1:
+            return datasets[0]
         # On rank 0 first, which writes the index cache, as megatron-core's builder does.
         return BlendedMegatronDatasetBuilder.build_generic_dataset(
             BlendedDataset, lambda: True, True, datasets, weights, size, blend_config

@@ -12,8 +12,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
 
-from kernels.cross_entropy import shard_rows_in_vocab
-from megatron_ext.arch import PRESETS, LlamaArch
+from megatron_ext.arch import PRESETS, ArchitectureError, LlamaArch
 from megatron_ext.checkpoint.convert import read_metadata
 from megatron_ext.model.fusions import (
     apex_weight_gradient,
@@ -120,12 +119,9 @@ def resolve_arch(
             f"--tensor-model-parallel-size {tp}"
         )
     try:
-        shard_rows_in_vocab(padded // tp, tp - 1, tp, vocab_size)
-    except ValueError as err:
-        fix = "a smaller --tensor-model-parallel-size"
-        if source is None:
-            fix += " or --make-vocab-size-divisible-by"
-        raise ConfigError(f"{where}: padded to {padded:,} rows, {err} (try {fix})") from err
+        arch.check_vocab_split(padded, tp)
+    except ArchitectureError as err:
+        raise ConfigError(f"{where}: {err}") from err
     arch.check_parallel(tp, config.pipeline_model_parallel_size)
     stage_layers = arch.num_layers // config.pipeline_model_parallel_size
     if (config.recompute_num_layers or 0) > stage_layers:

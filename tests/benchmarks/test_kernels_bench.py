@@ -30,6 +30,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
+import kernels.cross_entropy as ce
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.embedding import vocab_parallel_embedding
 from tests.benchmarks.conftest import GEMM_KERNELS, kernel_breakdown
@@ -101,6 +102,33 @@ def test_cpu_loss_memory_and_time(benchmark, impl):
             f"({fused['seconds'] / base['seconds']:.2f}x)"
         )
         assert fused["peak_bytes"] <= base["peak_bytes"] / 8
+
+
+_ALIGNMENT_SECONDS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("row_align", [128, 1], ids=["aligned", "unaligned"])
+def test_cpu_loss_over_a_vocabulary_of_any_size(benchmark, monkeypatch, row_align):
+    """The loss leaves megatron's padding rows out, so a shard's classes are any number: 32,001
+    here (Llama-2 and one new piece; 32,128 rows with the padding). The logits' rows at a
+    128-aligned stride (the default) against rows exactly as long as the classes."""
+    monkeypatch.setattr(ce, "LOGITS_ROW_ALIGN", row_align)
+    n, h, v, rows = 1024, 1024, 32001, 32128
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = (torch.randn(rows, h, generator=gen) / h**0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen)
+
+    def step():
+        hidden.grad = weight.grad = None
+        fused_linear_cross_entropy(hidden, weight, labels, vocab_size=v).backward()
+
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    _ALIGNMENT_SECONDS[str(row_align)] = benchmark.stats.stats.median
+    if len(_ALIGNMENT_SECONDS) == 2:
+        ratio = _ALIGNMENT_SECONDS["1"] / _ALIGNMENT_SECONDS["128"]
+        benchmark.extra_info.update(unaligned_over_aligned=ratio)
+        print(f"\nCPU N={n} H={h} V={v} fp32 fwd+bwd: unaligned rows take {ratio:.2f}x aligned")
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -221,7 +249,7 @@ def _ce_step(impl, hidden, weight, labels):
     return step
 
 
-def _ddp_step(hidden, weight, labels):
+def _ddp_step(hidden, weight, labels, **kwargs):
     """As in training under megatron-core's DDP: the weight's fp32 main_grad exists before the
     step (it is the gradient buffer, whatever the loss), and dW goes straight into it."""
     weight.main_grad = torch.zeros(weight.shape, device="cuda")
@@ -229,7 +257,7 @@ def _ddp_step(hidden, weight, labels):
 
     def step():
         hidden.grad = weight.grad = None
-        fused_linear_cross_entropy(hidden, weight, labels).backward()
+        fused_linear_cross_entropy(hidden, weight, labels, **kwargs).backward()
 
     return step
 
@@ -284,6 +312,25 @@ def test_gpu_linear_cross_entropy_breakdown(benchmark, monkeypatch, impl, v):
             note=kernel_breakdown(step, _CE_KERNEL_KINDS),
         )
     )
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["padding-as-classes", "aligned", "unaligned"])
+def test_gpu_loss_without_padding_rows(benchmark, monkeypatch, variant):
+    """The training path at an expanded vocabulary of 57,003 ids (57,088 rows at TP=1): every
+    row a class, as in megatron-core; the ids alone, the logits' rows at a 128-aligned stride
+    (the default); and the ids alone in rows exactly 57,003 long."""
+    n, h, v, rows = 8192, 4096, 57003, 57088
+    hidden, weight, labels = _ce_inputs(n, h, rows)
+    labels = labels % v
+    if variant == "unaligned":
+        monkeypatch.setattr(ce, "LOGITS_ROW_ALIGN", 1)
+    vocab = None if variant == "padding-as-classes" else v
+    ms, peak = _measure(benchmark, _ddp_step(hidden, weight, labels, vocab_size=vocab), rounds=10)
+    _GPU_ROWS.append(
+        dict(bench="linear CE, padding", shape=f"N={n} H={h} V={v}", impl=variant, ms=ms,
+             peak_mib=peak)
+    )  # fmt: skip
 
 
 FLOOR_SHAPES = [(4096, 32000), (4096, 57344), (4096, 64000)]

@@ -145,6 +145,19 @@ def compare_losses(rank, world_size, fused_kernels):
     grad = model.output_layer.weight.grad
     assert grad[:first_padding_row].abs().max() > 0
     assert not grad[first_padding_row:].any()
+    if world_size > 1 and not fused_kernels:
+        # megatron-core's loss would read gathered logits as this rank's shard.
+        gathered = load_megatron_model(
+            hf_model,
+            arch,
+            world_size,
+            rank,
+            config=arch.transformer_config(world_size, 1),
+            padded_vocab_size=padded,
+            parallel_output=False,
+        )
+        with pytest.raises(ValueError, match="build with parallel_output=True"):
+            gathered(tokens, positions, attention_mask=None, labels=labels)
 
 
 @pytest.mark.parametrize("fused_kernels", [False, True], ids=["megatron", "fused"])

@@ -62,3 +62,23 @@ def test_parallel_sizes_must_divide_heads_groups_and_layers():
         arch.check_parallel(0, 1)
     with pytest.raises(ArchitectureError, match=r"divisible-by \(0\).*must be at least 1"):
         arch.padded_vocab_size(1, 0)
+
+
+def test_every_tensor_parallel_rank_must_hold_a_real_id(tmp_path, model):
+    """The loss leaves padding rows out: a rank of padding alone would have no classes."""
+    arch = LlamaArch(64, 4, 8, 2, 128, 300)
+    arch.check_vocab_split(arch.padded_vocab_size(2), 2)  # 512 rows: 256 + 44 ids, 212 padding
+    with pytest.raises(ArchitectureError, match="300 ids padded to 512 rows leaves the last of 4"):
+        arch.check_vocab_split(512, 4)  # 3 x 128 rows before the last rank's
+    # Refused by conversion too, before anything is written: 100 ids padded to 512 at TP=2.
+    from megatron_ext.checkpoint.convert import hf_to_megatron
+
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ArchitectureError, match="100 ids padded to 512 rows leaves the last of 2"):
+        hf_to_megatron(
+            tmp_path / "hf",
+            tmp_path / "out",
+            tensor_model_parallel_size=2,
+            make_vocab_size_divisible_by=256,
+        )
+    assert not (tmp_path / "out").exists()

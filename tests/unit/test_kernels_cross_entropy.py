@@ -155,14 +155,15 @@ def random_case(seed):
     # Same values, other strides.
     if rng.random() < 0.3 and hidden.dim() > 2:
         hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
-    if rng.random() < 0.3:
-        weight = weight.t().contiguous().t()
+    column_major_weight = rng.random() < 0.3
     upstream = torch.randn(lead, generator=gen) if options["reduction"] == "none" else None
     grads = rng.choice([(True, True), (True, False), (False, True)])
     padding = rng.choice([0, 0, 1, 7])  # megatron's padding rows: no classes
     if padding:
         options["vocab_size"] = v
         weight = torch.cat([weight, torch.randn(padding, h, generator=gen)])
+    if column_major_weight:
+        weight = weight.t().contiguous().t()
     hidden, weight = hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype)
     return hidden, weight, labels.to(DEVICE), upstream, grads, options
 
