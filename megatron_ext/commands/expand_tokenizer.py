@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         f"expand-tokenizer: {summary['base_size']:,} -> {summary['new_size']:,} pieces "
         f"(+{summary['added']:,}) in {summary['training']['seconds']:.1f} s -> {args.output_dir}"
     )
+    if args.method == "append":
+        print(
+            "expand-tokenizer: no Hugging Face files: --method append gives the new pieces one "
+            "score, and SentencePiece breaks such ties by position in the text, which "
+            "tokenizer.json's merge ranks cannot express"
+        )
     return 0
 
 
@@ -154,7 +160,8 @@ def run(args: argparse.Namespace) -> dict:
     summary["sentencepiece_version"] = sentencepiece.__version__
     with atomic_directory(output, force=args.force) as tmp:
         (tmp / "tokenizer.model").write_bytes(expansion.model.serialize())
-        save_hf_files(expansion.model, tmp)
+        if args.method == "gain":
+            save_hf_files(expansion.model, tmp)
         (tmp / "expansion.json").write_text(
             json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )

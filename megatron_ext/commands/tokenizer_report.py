@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 
 from megatron_ext.commands.options import add_corpus_reading_options
-from megatron_ext.data.readers import InputError
+from megatron_ext.data.readers import (
+    BAD_LINE_REASONS,
+    BadField,
+    InputError,
+    expand_inputs,
+    iter_blocks,
+    parse_block,
+)
 from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
 
@@ -85,20 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _parallel_texts(path: str, reference: str) -> dict[str, str]:
+def _parallel_texts(pattern: str, reference: str, skip_bad_lines: bool) -> dict[str, str]:
+    """Each language's text in the ``{"lang", "text"}`` lines of ``pattern``'s files, joined.
+
+    Read as ``--corpus`` is (globs, compression, malformed lines named by file and line).
+    """
     texts: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                texts.setdefault(record["lang"], []).append(record["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise InputError(f"{path}:{number}: need an object with lang and text") from err
-    if reference not in texts:
-        raise InputError(f"{path}: no text in the reference language '{reference}'")
-    return {lang: "\n".join(parts) for lang, parts in texts.items()}
+    for path in expand_inputs([pattern], flag="--parallel"):
+        for block in iter_blocks(path):
+            for line, fields in parse_block(block, ["lang", "text"]):
+                bad = next((f for f in fields if isinstance(f, BadField)), None)
+                if bad is None:
+                    lang, text = fields
+                    texts.setdefault(lang, []).append(text)
+                elif bad.reason in BAD_LINE_REASONS and not skip_bad_lines:
+                    raise InputError(
+                        f"{path}:{line}: {bad.message} (pass --on-bad-line skip to skip)"
+                    )
+    joined = {lang: "\n".join(parts) for lang, parts in texts.items()}
+    # Parity divides by the reference's tokens.
+    if not joined.get(reference, "").strip():
+        raise InputError(f"--parallel {pattern}: no text in the reference language '{reference}'")
+    return joined
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -119,11 +134,17 @@ def run(args: argparse.Namespace) -> dict:
         if repeated:
             raise InputError(f"{flag}: the name {repeated[0]!r} is given twice")
     processors = {name: load_sentencepiece(path) for name, path in args.tokenizer}
+    skip_bad_lines = args.on_bad_line == "skip"
     corpora = {
-        name: list(iter_documents([path], args.json_key, args.on_bad_line == "skip"))
+        name: list(iter_documents([path], args.json_key, skip_bad_lines))
         for name, path in args.corpus
     }
-    parallel = _parallel_texts(args.parallel, args.reference_lang) if args.parallel else {}
+    for (name, path), documents in zip(args.corpus, corpora.values(), strict=True):
+        if not documents:  # its fertility would read 0, as if perfectly compressed
+            raise InputError(f"--corpus {name}={path}: no text")
+    parallel = (
+        _parallel_texts(args.parallel, args.reference_lang, skip_bad_lines) if args.parallel else {}
+    )
     report: dict = {
         "word_rule": WORD_RULE,
         "reference_lang": args.reference_lang,

@@ -293,12 +293,14 @@ def select_pieces(
         if not _buildable(piece, vocab | set(chars)):
             continue
         if len(chosen) + len(chars) + 1 > config.num_new_tokens:
-            break
+            continue  # its new characters overrun the budget: a later piece may still fit
         for c in chars:
             chosen.append((c, built.get(c, 0)))
             vocab.add(c)
         chosen.append((piece, built[piece]))
         vocab.add(piece)
+        if len(chosen) == config.num_new_tokens:
+            break
     return chosen
 
 

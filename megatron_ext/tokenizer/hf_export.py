@@ -51,6 +51,14 @@ def check_exportable(model: ModelProto) -> None:
             f"normalisation '{norm['name']}' is not reproduced; only 'identity' models "
             "(Llama, Mistral) can be exported"
         )
+    user_defined = [p.piece for p in model.pieces if p.type == USER_DEFINED]
+    if user_defined:
+        # Hugging Face cuts the text at each added token and prepends "▁" to every part.
+        raise HFExportError(
+            f"user-defined pieces ({', '.join(map(repr, user_defined[:3]))}"
+            f"{', ...' if len(user_defined) > 3 else ''}) are not reproduced: Hugging Face "
+            "would add a space after each"
+        )
 
 
 def build_tokenizer(model: ModelProto):
@@ -84,7 +92,7 @@ def build_tokenizer(model: ModelProto):
     if norm["add_dummy_prefix"]:
         decode.append(decoders.Strip(" ", 1, 0))
     tokenizer.decoder = decoders.Sequence(decode)
-    specials = [p.piece for p in model.pieces if p.type in (UNKNOWN, CONTROL, USER_DEFINED)]
+    specials = [p.piece for p in model.pieces if p.type in (UNKNOWN, CONTROL)]
     tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     bos = spec["bos_piece"]
     if bos in vocab:

@@ -212,3 +212,44 @@ def test_report_names_the_flag_of_a_bad_input(llama2_tokenizer, corpora, tmp_pat
     assert report("--tokenizer", twice[0], "--corpus", f"ar={tmp_path / 'nope.jsonl'}") == 1
     assert f"--corpus {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_report_refuses_bad_parallel_lines_and_empty_text(llama2_tokenizer, tmp_path, capsys):
+    """Read as --corpus is: file:line for a malformed line, not a traceback; and no fertility
+    or parity from no text (they would read 0, or divide by it)."""
+
+    def report(*args):
+        argv = ["--tokenizer", f"base={llama2_tokenizer}", *args, "--force"]
+        return tokenizer_report.main([*argv, "--output-dir", str(tmp_path / "report")])
+
+    parallel = tmp_path / "parallel.jsonl"
+    good = ['{"lang": "eng", "text": "All human beings"}', '{"lang": "arb", "text": "يولد"}']
+    for bad_line, message in (
+        ('{"lang": "arb", "text": 123}', '"text" is a int, not a string'),
+        ('["arb", "text"]', "a JSON list, not an object"),
+        ('{"text": "x"}', 'no "lang" key'),
+    ):
+        parallel.write_text("\n".join([*good, bad_line]) + "\n", encoding="utf-8")
+        assert report("--parallel", str(parallel)) == 1
+        assert f"{parallel}:3: {message} (pass --on-bad-line skip" in capsys.readouterr().err
+        assert report("--parallel", str(parallel), "--on-bad-line", "skip") == 0
+        capsys.readouterr()
+    parallel.write_bytes(b'{"lang": "eng", "text": "a"}\n{"lang": "arb", "text": "\xff"}\n')
+    assert report("--parallel", str(parallel)) == 1
+    assert f"{parallel}:2: invalid UTF-8" in capsys.readouterr().err
+    parallel.write_text('{"lang": "eng", "text": " "}\n{"lang": "arb", "text": "x"}\n')
+    assert report("--parallel", str(parallel)) == 1
+    assert "no text in the reference language 'eng'" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert report("--corpus", f"ar={empty}") == 1
+    assert f"--corpus ar={empty}: no text" in capsys.readouterr().err
+
+
+def test_append_method_writes_no_hugging_face_files(llama2_tokenizer, small_corpus, tmp_path):
+    """Its new pieces share one score: tokenizer.json's merges would break the ties otherwise
+    than sentencepiece does (a reviewer counted 301 of 368 texts tokenized differently)."""
+    out = tmp_path / "append"
+    assert _expand(llama2_tokenizer, small_corpus, out, "--method", "append") == 0
+    assert (out / "tokenizer.model").exists() and (out / "expansion.json").exists()
+    assert not (out / "tokenizer.json").exists()

@@ -199,3 +199,20 @@ def test_corpus_reader_accepts_compressed_text_files(corpora, tmp_path):
 def test_settings_out_of_range_name_the_flag(settings, message):
     with pytest.raises(ExpansionError, match=message):
         ExpansionConfig(**{"num_new_tokens": 10, **settings}).validate()
+
+
+def test_a_piece_whose_new_characters_overrun_the_budget_is_passed_over():
+    """The budget is filled exactly: a piece that needs a new character too many is skipped, and
+    a later one that fits is taken (the selection used to stop there, one piece short, and the
+    expansion failed after retraining larger three times)."""
+    from megatron_ext.tokenizer.expand import select_pieces
+    from megatron_ext.tokenizer.sp_proto import ModelProto, Piece
+
+    base = ModelProto([Piece("▁", 0.0), Piece("ب", -1.0), Piece("ل", -2.0), Piece("ا", -3.0)])
+    merges = {"بل": -1.0, "لٍ": -2.0, "با": -3.0}  # "لٍ" needs the new character "ٍ"
+    aux = ModelProto([*base.pieces, Piece("ٍ", -4.0), *(Piece(p, s) for p, s in merges.items())])
+    built = dict.fromkeys([*merges, "ٍ"], 100)
+    chosen = select_pieces(base, aux, built, ExpansionConfig(num_new_tokens=2))
+    assert [piece for piece, _ in chosen] == ["بل", "با"]
+    chosen = select_pieces(base, aux, built, ExpansionConfig(num_new_tokens=3))
+    assert [piece for piece, _ in chosen] == ["بل", "ٍ", "لٍ"]

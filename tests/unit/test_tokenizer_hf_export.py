@@ -58,3 +58,15 @@ def test_unsupported_normalisation_is_refused(llama2_tokenizer):
     assert model.normalizer_spec()["name"] == "nmt_nfkc"
     with pytest.raises(HFExportError, match="nmt_nfkc"):
         check_exportable(model)
+
+
+def test_user_defined_pieces_are_refused(llama2_tokenizer):
+    """Hugging Face cuts the text at added tokens and prepends "▁" to each part: 'a<sep>b'
+    would become ▁a <sep> ▁b where sentencepiece gives ▁a <sep> b."""
+    from megatron_ext.tokenizer.sp_proto import USER_DEFINED
+
+    model = parse_model(llama2_tokenizer.read_bytes())
+    check_exportable(model)
+    model.pieces[-1].type = USER_DEFINED
+    with pytest.raises(HFExportError, match="user-defined pieces .* not reproduced"):
+        check_exportable(model)
