@@ -117,15 +117,14 @@ def compare_losses(rank, world_size, fused_kernels):
     hf_model = tiny_llama(2)
     arch = LlamaArch.from_hf_config(hf_model.config.to_dict())
     padded = arch.padded_vocab_size(world_size)
-    model = load_megatron_model(
-        hf_model,
-        arch,
-        world_size,
-        rank,
-        config=arch.transformer_config(world_size, 1),
-        padded_vocab_size=padded,
-        fused_kernels=fused_kernels,
-    )
+
+    def build(**kwargs):
+        config = arch.transformer_config(world_size, 1)
+        return load_megatron_model(
+            hf_model, arch, world_size, rank, config=config, padded_vocab_size=padded, **kwargs
+        )
+
+    model = build(fused_kernels=fused_kernels)
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=gen)
     labels = torch.randint(0, arch.vocab_size, (2, 24), generator=gen)
@@ -147,15 +146,7 @@ def compare_losses(rank, world_size, fused_kernels):
     assert not grad[first_padding_row:].any()
     if world_size > 1 and not fused_kernels:
         # megatron-core's loss would read gathered logits as this rank's shard.
-        gathered = load_megatron_model(
-            hf_model,
-            arch,
-            world_size,
-            rank,
-            config=arch.transformer_config(world_size, 1),
-            padded_vocab_size=padded,
-            parallel_output=False,
-        )
+        gathered = build(parallel_output=False)
         with pytest.raises(ValueError, match="build with parallel_output=True"):
             gathered(tokens, positions, attention_mask=None, labels=labels)
 
