@@ -15,14 +15,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.commands.options import add_corpus_reading_options
-from megatron_ext.data.readers import (
-    BAD_LINE_REASONS,
-    BadField,
-    InputError,
-    expand_inputs,
-    iter_blocks,
-    parse_block,
-)
+from megatron_ext.data.readers import InputError
 from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
 
@@ -97,18 +90,11 @@ def _parallel_texts(pattern: str, reference: str, skip_bad_lines: bool) -> dict[
 
     Read as ``--corpus`` is (globs, compression, malformed lines named by file and line).
     """
+    from megatron_ext.tokenizer.corpus import iter_records
+
     texts: dict[str, list[str]] = {}
-    for path in expand_inputs([pattern], flag="--parallel"):
-        for block in iter_blocks(path):
-            for line, fields in parse_block(block, ["lang", "text"]):
-                bad = next((f for f in fields if isinstance(f, BadField)), None)
-                if bad is None:
-                    lang, text = fields
-                    texts.setdefault(lang, []).append(text)
-                elif bad.reason in BAD_LINE_REASONS and not skip_bad_lines:
-                    raise InputError(
-                        f"{path}:{line}: {bad.message} (pass --on-bad-line skip to skip)"
-                    )
+    for lang, text in iter_records([pattern], ["lang", "text"], skip_bad_lines, "--parallel"):
+        texts.setdefault(lang, []).append(text)
     joined = {lang: "\n".join(parts) for lang, parts in texts.items()}
     # Parity divides by the reference's tokens.
     if not joined.get(reference, "").strip():

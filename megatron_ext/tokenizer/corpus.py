@@ -36,15 +36,28 @@ def iter_documents(
     Raises:
         InputError: A missing or unreadable file, or a malformed line unless skipping.
     """
-    for path in expand_inputs(patterns, flag="--corpus"):
+    for (field,) in iter_records(patterns, [key], skip_bad_lines, flag="--corpus"):
+        text = normalize(field) if normalize else field
+        if text.strip():
+            yield text
+
+
+def iter_records(
+    patterns: Sequence[str], keys: Sequence[str], skip_bad_lines: bool, flag: str
+) -> Iterator[list[str]]:
+    """The string fields ``keys`` of every usable record of the files named by ``patterns``.
+
+    Raises:
+        InputError: A missing or unreadable file (named with ``flag``), or a malformed line
+            (a field missing or not a string) unless skipping; blank lines are skipped.
+    """
+    for path in expand_inputs(patterns, flag=flag):
         for block in iter_blocks(path):
-            for line, (field,) in parse_block(block, [key]):
-                if isinstance(field, BadField):
-                    if field.reason in BAD_LINE_REASONS and not skip_bad_lines:
-                        raise InputError(
-                            f"{path}:{line}: {field.message} (pass --on-bad-line skip to skip)"
-                        )
-                    continue
-                text = normalize(field) if normalize else field
-                if text.strip():
-                    yield text
+            for line, fields in parse_block(block, keys):
+                bad = next((f for f in fields if isinstance(f, BadField)), None)
+                if bad is None:
+                    yield fields
+                elif bad.reason in BAD_LINE_REASONS and not skip_bad_lines:
+                    raise InputError(
+                        f"{path}:{line}: {bad.message} (pass --on-bad-line skip to skip)"
+                    )
