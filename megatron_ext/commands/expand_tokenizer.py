@@ -13,12 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
-from megatron_ext.commands.options import add_corpus_reading_options
+from megatron_ext.commands.options import add_corpus_reading_options, add_normalize_option
 from megatron_ext.data.readers import InputError
 from megatron_ext.hashing import sha256_file
 from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
-from megatron_ext.tokenizer.normalize import NORMALIZERS, build_normalizer
+from megatron_ext.tokenizer.normalize import build_normalizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,13 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of pieces to add (budget), e.g. 25000",
     )
     parser.add_argument("--output-dir", required=True, help="directory to create")
-    parser.add_argument(
-        "--normalize",
-        nargs="*",
-        default=[],
-        choices=list(NORMALIZERS),
-        help="normalise the corpus before learning pieces (use the same option when "
-        "preprocessing); default: none",
+    add_normalize_option(
+        parser,
+        "normalise the corpus before learning pieces (give the same to preprocess and "
+        "tokenizer-report)",
     )
     parser.add_argument(
         "--min-frequency",

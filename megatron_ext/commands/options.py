@@ -6,6 +6,7 @@ import argparse
 import warnings
 
 from megatron_ext.data.preprocess import ON_BAD_LINE
+from megatron_ext.tokenizer.normalize import NORMALIZERS
 
 
 def add_corpus_reading_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -16,6 +17,24 @@ def add_corpus_reading_options(parser: argparse.ArgumentParser | argparse._Argum
         choices=ON_BAD_LINE,
         default="error",
         help="malformed input lines: stop with file:line (default) or skip them",
+    )
+
+
+def add_normalize_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, purpose: str
+) -> None:
+    """``--normalize``: normalisers from ``tokenizer.normalize``, applied in the order given.
+
+    Args:
+        parser: Where to add the option.
+        purpose: What the tool normalises, the start of the help text.
+    """
+    parser.add_argument(
+        "--normalize",
+        nargs="+",
+        choices=sorted(NORMALIZERS),
+        default=[],
+        help=f"{purpose} (default: none)",
     )
 
 

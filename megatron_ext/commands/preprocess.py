@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 
+from megatron_ext.commands.options import add_normalize_option
 from megatron_ext.data.blend import (
     ManifestError,
     blend_weights,
@@ -42,7 +43,6 @@ from megatron_ext.data.readers import InputError, expand_inputs
 from megatron_ext.hashing import sha256_path
 from megatron_ext.outputs import AtomicOutputs, OutputExistsError
 from megatron_ext.tokenizer.encoders import TOKENIZER_TYPES, TokenizerLoadError
-from megatron_ext.tokenizer.normalize import NORMALIZERS
 
 PROG = "megatron-ext preprocess"
 
@@ -88,13 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Punkt parameters: '{PUNKT_TRAIN}' (learn from the input, offline), "
         f"'{PUNKT_UNTRAINED}', or a JSON file; never downloaded (default: {PUNKT_TRAIN})",
     )
-    data.add_argument(
-        "--normalize",
-        nargs="+",
-        choices=sorted(NORMALIZERS),
-        default=[],
-        help="text normalisation before tokenizing (default: none)",
-    )
+    add_normalize_option(data, "text normalisation before tokenizing")
     data.add_argument(
         "--on-bad-line",
         choices=ON_BAD_LINE,

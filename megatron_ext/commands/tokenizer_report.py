@@ -4,7 +4,8 @@ For every SentencePiece tokenizer and corpus: tokens per word (fertility), chara
 per token, share of byte-fallback tokens; on a parallel file (``{"lang", "text"}`` per line, such
 as the UDHR sample) the same per language plus parity, the tokens a language needs over the tokens
 of the reference language's version of the same text. Writes ``report.json``, ``report.md`` and
-``report.png`` into ``--output-dir``.
+``report.png`` into ``--output-dir``. ``--normalize`` measures every tokenizer on the text as
+``preprocess --normalize`` gives it to training.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from megatron_ext.commands.options import add_corpus_reading_options
+from megatron_ext.commands.options import add_corpus_reading_options, add_normalize_option
 from megatron_ext.data.readers import InputError
 from megatron_ext.outputs import OutputExistsError, atomic_directory
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="language parity is measured against (default eng)",
     )
     add_corpus_reading_options(parser)
+    add_normalize_option(
+        parser, "normalise every corpus and parallel text before measuring (as preprocess does)"
+    )
     parser.add_argument("--output-dir", required=True, help="directory to create")
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     return parser
@@ -85,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _parallel_texts(pattern: str, reference: str, skip_bad_lines: bool) -> dict[str, str]:
+def _parallel_texts(
+    pattern: str,
+    reference: str,
+    skip_bad_lines: bool,
+    normalize: Callable[[str], str] | None,
+) -> dict[str, str]:
     """Each language's text in the ``{"lang", "text"}`` lines of ``pattern``'s files, joined.
 
     Read as ``--corpus`` is (globs, compression, malformed lines named by file and line).
@@ -94,12 +104,34 @@ def _parallel_texts(pattern: str, reference: str, skip_bad_lines: bool) -> dict[
 
     texts: dict[str, list[str]] = {}
     for lang, text in iter_records([pattern], ["lang", "text"], skip_bad_lines, "--parallel"):
-        texts.setdefault(lang, []).append(text)
+        texts.setdefault(lang, []).append(normalize(text) if normalize else text)
     joined = {lang: "\n".join(parts) for lang, parts in texts.items()}
     # Parity divides by the reference's tokens.
     if not joined.get(reference, "").strip():
         raise InputError(f"--parallel {pattern}: no text in the reference language '{reference}'")
     return joined
+
+
+def _warn_on_other_normalization(tokenizers: list[tuple[str, str]], normalize: list[str]) -> None:
+    """Warn for each expanded tokenizer whose ``expansion.json`` names another ``--normalize``.
+
+    Its pieces were learnt from text normalised that way, so on other text its fertility reads
+    worse than what training will see.
+    """
+    for name, path in tokenizers:
+        try:
+            settings = json.loads((Path(path).parent / "expansion.json").read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours: nothing to compare with
+        learnt_on = settings.get("normalize") or []
+        if learnt_on != normalize:
+            print(
+                f"tokenizer-report: warning: --tokenizer {name} was expanded with --normalize "
+                f"{' '.join(learnt_on) or '(none)'} but this report measures text normalised "
+                f"with {' '.join(normalize) or '(none)'}; pass the --normalize preprocessing "
+                "uses to measure the text training sees",
+                file=sys.stderr,
+            )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -110,6 +142,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_ext.tokenizer.corpus import iter_documents
     from megatron_ext.tokenizer.encoders import load_sentencepiece
     from megatron_ext.tokenizer.metrics import WORD_RULE, measure, parity
+    from megatron_ext.tokenizer.normalize import build_normalizer
 
     output = Path(args.output_dir)
     if output.exists() and not args.force:
@@ -120,19 +153,24 @@ def run(args: argparse.Namespace) -> dict:
         if repeated:
             raise InputError(f"{flag}: the name {repeated[0]!r} is given twice")
     processors = {name: load_sentencepiece(path) for name, path in args.tokenizer}
+    _warn_on_other_normalization(args.tokenizer, args.normalize)
     skip_bad_lines = args.on_bad_line == "skip"
+    normalize = build_normalizer(args.normalize)
     corpora = {
-        name: list(iter_documents([path], args.json_key, skip_bad_lines))
+        name: list(iter_documents([path], args.json_key, skip_bad_lines, normalize))
         for name, path in args.corpus
     }
     for (name, path), documents in zip(args.corpus, corpora.values(), strict=True):
         if not documents:  # its fertility would read 0, as if perfectly compressed
             raise InputError(f"--corpus {name}={path}: no text")
     parallel = (
-        _parallel_texts(args.parallel, args.reference_lang, skip_bad_lines) if args.parallel else {}
+        _parallel_texts(args.parallel, args.reference_lang, skip_bad_lines, normalize)
+        if args.parallel
+        else {}
     )
     report: dict = {
         "word_rule": WORD_RULE,
+        "normalize": args.normalize,
         "reference_lang": args.reference_lang,
         "tokenizers": {
             name: {"path": path, "sha256": sha256_file(path), "size": processors[name].vocab_size()}
@@ -170,6 +208,8 @@ def markdown(report: dict) -> str:
         f"| {n} | {t['size']:,} | `{t['sha256'][:12]}` |" for n, t in report["tokenizers"].items()
     ]
     lines += ["", f"Words: {report['word_rule']}.", ""]
+    if report["normalize"]:
+        lines += [f"Text normalised before measuring: {', '.join(report['normalize'])}.", ""]
     if report["corpora"]:
         lines += [
             "## Corpora",

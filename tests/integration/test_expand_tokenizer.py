@@ -198,6 +198,52 @@ def test_report(expanded, llama2_tokenizer, corpora, tmp_path):
     )
 
 
+def test_report_normalizes_as_preprocess_does(expanded, corpora, tmp_path, capsys):
+    """--normalize counts the tokens preprocess --normalize writes, and a tokenizer expanded
+    with another normalisation than the report's is named."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.commands import preprocess
+
+    model, valid = expanded / "tokenizer.model", corpora / "ar" / "valid.jsonl"
+    preprocess_argv = ["--input", str(valid), "--tokenizer-type", "Llama2Tokenizer"]
+    preprocess_argv += ["--tokenizer-model", str(model), "--no-progress", "--normalize", "arabic"]
+    assert preprocess.main([*preprocess_argv, "--output-prefix", str(tmp_path / "ar")]) == 0
+    dataset = IndexedDataset(str(tmp_path / "ar_text_document"))  # its arrays view its mmap
+    written = int(dataset.sequence_lengths.sum())
+
+    def report(out: str, *normalize: str) -> dict:
+        argv = ["--tokenizer", f"ours={model}", "--corpus", f"ar={valid}", *normalize]
+        argv += ["--parallel", str(corpora / "parallel" / "udhr.jsonl")]
+        assert tokenizer_report.main([*argv, "--output-dir", str(tmp_path / out)]) == 0
+        return json.loads((tmp_path / out / "report.json").read_text())
+
+    normalized = report("normalized", "--normalize", "arabic")
+    assert normalized["normalize"] == ["arabic"]
+    assert normalized["corpora"]["ar"]["ours"]["tokens"] == written  # preprocess adds no EOD here
+    assert (
+        "--tokenizer ours was expanded with --normalize (none) but this report measures text "
+        "normalised with arabic" in capsys.readouterr().err
+    )
+    raw = report("raw")
+    assert "warning" not in capsys.readouterr().err  # as expanded
+    # The sample's Arabic has alef variants and harakat that the normalisation removes.
+    assert raw["corpora"]["ar"]["ours"]["tokens"] != written
+    assert raw["parallel"]["eng"] == normalized["parallel"]["eng"]
+
+    learnt_normalized = tmp_path / "learnt_normalized"
+    shutil.copytree(expanded, learnt_normalized)
+    summary = json.loads((learnt_normalized / "expansion.json").read_text())
+    summary["settings"]["normalize"] = ["nfkc", "arabic"]
+    (learnt_normalized / "expansion.json").write_text(json.dumps(summary))
+    model = learnt_normalized / "tokenizer.model"
+    report("raw2")
+    assert (
+        "--tokenizer ours was expanded with --normalize nfkc arabic but this report measures text "
+        "normalised with (none)" in capsys.readouterr().err
+    )
+
+
 def test_report_names_the_flag_of_a_bad_input(llama2_tokenizer, corpora, tmp_path, capsys):
     corpus = f"ar={corpora / 'ar' / 'valid.jsonl'}"
 
