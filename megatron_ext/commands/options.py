@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 
 from megatron_ext.data.preprocess import ON_BAD_LINE
@@ -36,6 +37,13 @@ def add_normalize_option(
         default=[],
         help=f"{purpose} (default: none)",
     )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a Slurm job's or ``taskset``'s, not the machine's."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def quiet_known_warnings() -> None:

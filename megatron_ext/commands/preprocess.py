@@ -18,12 +18,11 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
 
-from megatron_ext.commands.options import add_normalize_option
+from megatron_ext.commands.options import add_normalize_option, usable_cores
 from megatron_ext.data.blend import (
     ManifestError,
     blend_weights,
@@ -36,11 +35,12 @@ from megatron_ext.data.preprocess import (
     PUNKT_TRAIN,
     PUNKT_UNTRAINED,
     PreprocessConfig,
-    output_paths,
+    WorkerDiedError,
+    reusable_outputs,
     run_preprocess,
 )
 from megatron_ext.data.readers import InputError, expand_inputs
-from megatron_ext.hashing import sha256_path
+from megatron_ext.data.sentences import check_language
 from megatron_ext.outputs import AtomicOutputs, OutputExistsError
 from megatron_ext.tokenizer.encoders import TOKENIZER_TYPES, TokenizerLoadError
 
@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
-        help="worker processes (default: all cores)",
+        default=usable_cores(),
+        help="worker processes (default: the cores this process may use, e.g. those Slurm "
+        "gave the job)",
     )
     run.add_argument(
         "--progress",
@@ -168,27 +169,6 @@ def _summary_line(stats: dict) -> str:
     )
 
 
-def _up_to_date(config: PreprocessConfig) -> dict | None:
-    """The stats of complete outputs made from the same inputs and settings, else None."""
-    paths = output_paths(config)
-    key = config.json_keys[0]
-    if not all(p.exists() for p in paths[key]):
-        return None
-    stats = json.loads(paths[key][2].read_text(encoding="utf-8"))
-    expected_inputs = [
-        {"path": f, "bytes": os.path.getsize(f)} for f in expand_inputs(config.inputs)
-    ]
-    same = (
-        stats.get("inputs") == expected_inputs
-        and stats.get("tokenizer", {}).get("sha256") == sha256_path(config.tokenizer_model)
-        and stats.get("tokenizer", {}).get("type") == config.tokenizer_type
-        and stats.get("settings", {}).get("normalize") == list(config.normalize)
-        and stats.get("settings", {}).get("append_eod") == config.append_eod
-        and stats.get("settings", {}).get("split_sentences") == config.split_sentences
-    )
-    return stats if same else None
-
-
 def _run_manifest(args: argparse.Namespace) -> list[dict]:
     manifest = load_manifest(args.manifest)
     prefix = args.output_prefix or manifest.output_prefix
@@ -200,6 +180,13 @@ def _run_manifest(args: argparse.Namespace) -> list[dict]:
         raise ManifestError("--manifest blends one dataset per language: give one --json-keys")
     for spec in manifest.languages:  # all, before the first language's hours of work
         expand_inputs(spec.inputs, flag=f"{args.manifest}: language {spec.name}: input")
+        if args.split_sentences:
+            try:
+                check_language(spec.lang or spec.name)
+            except ValueError as err:
+                raise ManifestError(
+                    f"{args.manifest}: language {spec.name}: {err}; set its lang"
+                ) from err
     total = sum(s.share for s in manifest.languages)
     if not math.isclose(total, 1.0):
         shares = ", ".join(f"{s.name} {s.share / total:.1%}" for s in manifest.languages)
@@ -211,11 +198,18 @@ def _run_manifest(args: argparse.Namespace) -> list[dict]:
             lang=spec.lang or spec.name,
             normalize=args.normalize if spec.normalize is None else spec.normalize,
         )
-        reused = None if args.force else _up_to_date(config)
-        if reused is not None:
-            print(f"{spec.name}: outputs are up to date, kept ({reused['dataset']})")
-            results.append(reused)
-            continue
+        if not args.force:
+            reused, why_not = reusable_outputs(config)
+            if reused is not None:
+                stats = reused[args.json_keys[0]]
+                print(f"{spec.name}: outputs are up to date, kept ({stats['dataset']})")
+                results.append(stats)
+                continue
+            if why_not:
+                raise OutputExistsError(
+                    f"{spec.name}: {config.output_stem(args.json_keys[0])} exists, but "
+                    f"{why_not}; pass --force to rebuild it"
+                )
         print(f"{spec.name}: {len(expand_inputs(spec.inputs))} input file(s)")
         stats = run_preprocess(config, progress=args.progress)[args.json_keys[0]]
         print(_summary_line(stats))
@@ -280,7 +274,17 @@ def main(argv: list[str] | None = None) -> int:
             results = list(report.values())
             for stats in results:
                 print(_summary_line(stats))
-    except (InputError, OutputExistsError, TokenizerLoadError, ManifestError, ValueError) as err:
+            for stats in results:
+                print(f"--data-path {stats['dataset']}")
+    except (
+        InputError,
+        OutputExistsError,
+        TokenizerLoadError,
+        ManifestError,
+        ValueError,
+        WorkerDiedError,
+        OSError,
+    ) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     tokens = sum(s["tokens"] for s in results)

@@ -111,6 +111,7 @@ class IndexedDatasetWriter:
         if dtype not in DTYPE_CODES:
             raise ValueError(f"unsupported token dtype {dtype}")
         self.dtype = np.dtype(dtype)
+        self._bin_path = os.fspath(bin_path)
         self._bin = open(bin_path, "wb")  # noqa: SIM115 - closed in finalize()/close()
         self._sequence_lengths: list[np.ndarray] = []
         self._sequences_per_document: list[np.ndarray] = []
@@ -134,9 +135,15 @@ class IndexedDatasetWriter:
             raise ValueError("sequence lengths do not add up to the number of tokens")
         if int(sequences_per_document.sum()) != sequence_lengths.size:
             raise ValueError("sequences per document do not add up to the number of sequences")
-        self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        try:
+            self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        except OSError as err:  # a write names no file: ENOSPC would not say which disk
+            raise OSError(err.errno, err.strerror, self._bin_path) from err
+        # Kept per block, 4 bytes per sequence and per document: the index is written from them
+        # block by block, never whole in memory (it takes 12 bytes per sequence and 8 per
+        # document: GBs for a corpus split into sentences).
         self._sequence_lengths.append(sequence_lengths.astype(np.int32, copy=False))
-        self._sequences_per_document.append(sequences_per_document.astype(np.int64, copy=False))
+        self._sequences_per_document.append(sequences_per_document.astype(np.int32, copy=False))
 
     def finalize(self, idx_path: str | os.PathLike) -> tuple[int, int]:
         """Close the ``.bin`` and write the ``.idx``.
@@ -144,29 +151,36 @@ class IndexedDatasetWriter:
         Returns:
             The number of documents and of tokens written.
         """
-        self._bin.close()
-        lengths = _concat(self._sequence_lengths, np.int32)
-        per_doc = _concat(self._sequences_per_document, np.int64)
-        pointers = np.zeros(lengths.size, dtype=np.int64)
-        if lengths.size:
-            np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
-            pointers *= self.dtype.itemsize
-        document_indices = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64)
-        with open(idx_path, "wb") as idx:
-            idx.write(INDEX_HEADER)
-            idx.write(struct.pack("<Q", INDEX_VERSION))
-            idx.write(struct.pack("<B", DTYPE_CODES[self.dtype.type]))
-            idx.write(struct.pack("<Q", lengths.size))
-            idx.write(struct.pack("<Q", document_indices.size))
-            idx.write(lengths.tobytes(order="C"))
-            idx.write(pointers.tobytes(order="C"))
-            idx.write(document_indices.tobytes(order="C"))
-        return per_doc.size, int(lengths.sum(dtype=np.int64))
+        self.close()
+        sequences = sum(part.size for part in self._sequence_lengths)
+        documents = sum(part.size for part in self._sequences_per_document)
+        tokens = 0  # the running sequence pointer, in tokens
+        try:
+            with open(idx_path, "wb") as idx:
+                idx.write(INDEX_HEADER)
+                idx.write(struct.pack("<Q", INDEX_VERSION))
+                idx.write(struct.pack("<B", DTYPE_CODES[self.dtype.type]))
+                idx.write(struct.pack("<Q", sequences))
+                idx.write(struct.pack("<Q", documents + 1))
+                for part in self._sequence_lengths:
+                    idx.write(part.tobytes())
+                for part in self._sequence_lengths:
+                    ends = np.cumsum(part, dtype=np.int64) + tokens
+                    idx.write(((ends - part) * self.dtype.itemsize).tobytes())
+                    tokens = int(ends[-1]) if part.size else tokens
+                idx.write(np.zeros(1, np.int64).tobytes())
+                first = 0  # the running document index
+                for part in self._sequences_per_document:
+                    ends = np.cumsum(part, dtype=np.int64) + first
+                    idx.write(ends.tobytes())
+                    first = int(ends[-1]) if part.size else first
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, os.fspath(idx_path)) from err
+        return documents, tokens
 
     def close(self) -> None:
-        """Close the ``.bin`` without writing an index (used when a run is aborted)."""
-        self._bin.close()
-
-
-def _concat(parts: list[np.ndarray], dtype: type[np.number]) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+        """Close the ``.bin`` (``finalize`` does; alone when a run is aborted)."""
+        try:
+            self._bin.close()  # flushes the last write
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, self._bin_path) from err

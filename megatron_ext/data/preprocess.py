@@ -23,12 +23,18 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_ext.data.indexed import (
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    check_indexed_files,
+    token_dtype,
+)
 from megatron_ext.data.readers import (
     BAD_LINE_REASONS,
     DEFAULT_BLOCK_BYTES,
@@ -43,6 +49,7 @@ from megatron_ext.data.readers import (
 )
 from megatron_ext.data.sentences import (
     SentenceSplitter,
+    check_language,
     language_code,
     load_punkt_params,
     train_punkt,
@@ -131,6 +138,10 @@ class DatasetStats:
 
 class BadLineError(InputError):
     """A malformed input line while ``on_bad_line`` is ``error``."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process ended without a result (killed, most often for lack of memory)."""
 
 
 @dataclass
@@ -298,12 +309,18 @@ def ordered_map(
         workers, mp_context=context, initializer=_init_worker, initargs=(factory, os.getpid())
     ) as pool:
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(_run_worker, item))
-            if len(pending) >= ahead * workers:
+        try:
+            for item in items:
+                pending.append(pool.submit(_run_worker, item))
+                if len(pending) >= ahead * workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        except BrokenProcessPool as err:
+            raise WorkerDiedError(
+                f"a worker process died ({err}); when the kernel ends processes for lack of "
+                f"memory (see dmesg), run with fewer than --workers {workers}"
+            ) from err
 
 
 def _build_encoder(config: PreprocessConfig, num_threads: int = -1) -> TextEncoder:
@@ -350,6 +367,11 @@ def _validate(config: PreprocessConfig, files: list[str], encoder: TextEncoder) 
     text_files = [f for f in files if input_format(f)[0] == "txt"]
     if text_files and len(config.json_keys) > 1:
         raise InputError(f"{text_files[0]}: plain-text input has one field; give one --json-keys")
+    if config.split_sentences:
+        try:
+            check_language(config.lang)
+        except ValueError as err:
+            raise ValueError(f"--lang: {err}") from err
     if config.append_eod and encoder.eod < 0:
         raise ValueError(f"{config.tokenizer_model}: the tokenizer has no end-of-document token")
     build_normalizer(config.normalize)
@@ -422,6 +444,14 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
         finally:
             for writer in writers.values():
                 writer.close()
+        for key, counts in stats.items():
+            if not counts.documents:  # megatron-core cannot even open such a dataset
+                skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.skipped.items()))
+                named = files[0] if len(files) == 1 else f"{files[0]} and {len(files) - 1} more"
+                raise InputError(
+                    f"{named}: no document for --json-keys {key} in {counts.lines:,} lines "
+                    f"(skipped: {skipped or 'none'}); nothing written"
+                )
         seconds = time.perf_counter() - started
         report = {}
         for key, (_bin, idx_path, stats_path) in paths.items():
@@ -445,6 +475,7 @@ def _stats_record(
 ) -> dict:
     record = asdict(stats)
     record["skipped"] = dict(sorted(stats.skipped.items()))
+    made_from = _made_from(config, files)
     return {
         "dataset": config.output_stem(key),
         "json_key": key,
@@ -453,14 +484,34 @@ def _stats_record(
         "skipped_total": sum(stats.skipped.values()),
         "dtype": np.dtype(dtype).name,
         "tokenizer": {
-            "type": config.tokenizer_type,
+            **made_from["tokenizer"],
             "model": str(config.tokenizer_model),
-            "sha256": sha256_path(config.tokenizer_model),
-            "hf_include_special_tokens": config.tokenizer_hf_include_special_tokens,
             "vocab_size": encoder.vocab_size,
             "eod": encoder.eod,
         },
-        "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
+        "inputs": made_from["inputs"],
+        "settings": made_from["settings"],
+        "workers": config.workers,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _made_from(config: PreprocessConfig, files: list[str]) -> dict:
+    """What decides the outputs' bytes, as ``.stats.json`` records it.
+
+    The inputs (by size and modification time: hashing hundreds of GB would take minutes), the
+    tokenizer and the settings.
+    """
+    return {
+        "inputs": [
+            {"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
+            for f in files
+        ],
+        "tokenizer": {
+            "type": config.tokenizer_type,
+            "sha256": sha256_path(config.tokenizer_model),
+            "hf_include_special_tokens": config.tokenizer_hf_include_special_tokens,
+        },
         "settings": {
             "append_eod": config.append_eod,
             "split_sentences": config.split_sentences,
@@ -470,6 +521,55 @@ def _stats_record(
             "normalize": list(config.normalize),
             "on_bad_line": config.on_bad_line,
         },
-        "workers": config.workers,
-        "seconds": round(seconds, 3),
     }
+
+
+def reusable_outputs(config: PreprocessConfig) -> tuple[dict[str, dict] | None, str]:
+    """Whether a run's outputs are already there, whole, and made from the same inputs.
+
+    Returns:
+        ``({key: stats}, "")`` when every output exists, is whole (``check_indexed_files``) and
+        its ``.stats.json`` records the same inputs (path, size, modification time), tokenizer
+        and settings; ``(None, why)`` when outputs exist but cannot be reused; ``(None, "")``
+        when none exist.
+    """
+    paths = output_paths(config)
+    if not any(p.exists() for group in paths.values() for p in group):
+        return None, ""
+    made_from = _made_from(config, expand_inputs(config.inputs))
+    found = {}
+    for key, (bin_path, _idx, stats_path) in paths.items():
+        try:
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+            sequences, documents = check_indexed_files(config.output_stem(key))
+        except (OSError, ValueError, IndexedDatasetError) as err:  # JSONDecodeError: ValueError
+            return None, f"they are incomplete or damaged ({err})"
+        if (sequences, documents) != (stats.get("sequences"), stats.get("documents")):
+            return None, f"{bin_path} does not hold what {stats_path} counts"
+        for part, expected in made_from.items():
+            recorded = stats.get(part)
+            if part == "tokenizer" and isinstance(recorded, dict):
+                recorded = {k: recorded.get(k) for k in expected}
+            if recorded != expected:
+                return None, f"{stats_path} records other {part}: {_difference(recorded, expected)}"
+        found[key] = stats
+    return found, ""
+
+
+def _difference(recorded: object, expected: object) -> str:
+    """The first difference between a recorded ``_made_from`` part and the current one."""
+    if isinstance(recorded, dict) and isinstance(expected, dict):
+        for name, value in expected.items():
+            if recorded.get(name) != value:
+                return f"{name} {recorded.get(name)!r}, now {value!r}"
+    if isinstance(recorded, list) and isinstance(expected, list):
+        for old, new in itertools.zip_longest(recorded, expected):
+            if old != new:
+                if not isinstance(new, dict):
+                    return (
+                        f"{old.get('path') if isinstance(old, dict) else old} is not an input now"
+                    )
+                if not isinstance(old, dict) or old.get("path") != new["path"]:
+                    return f"{new['path']} is a new input"
+                return f"{new['path']} has changed since (size or modification time)"
+    return f"{recorded!r}, now {expected!r}"

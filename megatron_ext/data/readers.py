@@ -27,9 +27,17 @@ INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_KEY = "missing_key"
 NOT_A_STRING = "not_a_string"
+LONE_SURROGATE = "lone_surrogate"
 BLANK_LINE = "blank_line"
 EMPTY_DOCUMENT = "empty_document"
-BAD_LINE_REASONS = (INVALID_UTF8, INVALID_JSON, NOT_AN_OBJECT, MISSING_KEY, NOT_A_STRING)
+BAD_LINE_REASONS = (
+    INVALID_UTF8,
+    INVALID_JSON,
+    NOT_AN_OBJECT,
+    MISSING_KEY,
+    NOT_A_STRING,
+    LONE_SURROGATE,
+)
 
 _FORMATS = {
     ".jsonl": "jsonl",
@@ -277,6 +285,25 @@ def _field(value: object, key: str) -> str | BadField:
     return value
 
 
+def _without_lone_surrogate(value: str | BadField, key: str) -> str | BadField:
+    r"""``value``, or why not: JSON's ``\ud800`` escapes decode to a code point UTF-8 cannot hold.
+
+    A surrogate pair (an emoji) decodes to one character; half of one is left as a surrogate,
+    which every tokenizer rejects.
+    """
+    if isinstance(value, BadField):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return BadField(
+            LONE_SURROGATE,
+            f'"{key}" has a lone surrogate \\u{ord(value[err.start]):04x} (half of a JSON '
+            f"surrogate-pair escape) at character {err.start}",
+        )
+    return value
+
+
 def _parse_json_line(line: str, keys: Sequence[str]) -> list[str | BadField]:
     try:
         obj = json.loads(line)
@@ -286,7 +313,12 @@ def _parse_json_line(line: str, keys: Sequence[str]) -> list[str | BadField]:
     if not isinstance(obj, dict):
         bad = BadField(NOT_AN_OBJECT, f"a JSON {type(obj).__name__}, not an object")
         return [bad] * len(keys)
-    return [_field(obj[k], k) if k in obj else BadField(MISSING_KEY, f'no "{k}" key') for k in keys]
+    fields = [
+        _field(obj[k], k) if k in obj else BadField(MISSING_KEY, f'no "{k}" key') for k in keys
+    ]
+    if "\\u" in line:  # only an escape makes a surrogate: other lines skip the check
+        fields = [_without_lone_surrogate(f, k) for f, k in zip(fields, keys, strict=True)]
+    return fields
 
 
 def parse_block(block: RawBlock, keys: Sequence[str]) -> Iterator[tuple[int, list[str | BadField]]]:

@@ -49,6 +49,44 @@ _NLTK_NAMES = {
     "chinese": "zh",
     "japanese": "ja",
     "english": "en",
+    # NLTK's other Punkt languages (Latin sentence ends).
+    "czech": "cs",
+    "danish": "da",
+    "dutch": "nl",
+    "estonian": "et",
+    "finnish": "fi",
+    "french": "fr",
+    "german": "de",
+    "greek": "el",
+    "italian": "it",
+    "malayalam": "ml",
+    "norwegian": "no",
+    "polish": "pl",
+    "portuguese": "pt",
+    "russian": "ru",
+    "slovene": "sl",
+    "spanish": "es",
+    "swedish": "sv",
+    "turkish": "tr",
+    # ISO 639-3 codes of the languages with their own rules (the UDHR sample names them so).
+    "ara": "ar",
+    "arb": "ar",
+    "fas": "fa",
+    "pes": "fa",
+    "urd": "ur",
+    "hin": "hi",
+    "mar": "mr",
+    "nep": "ne",
+    "npi": "ne",
+    "ben": "bn",
+    "san": "sa",
+    "amh": "am",
+    "hye": "hy",
+    "mya": "my",
+    "zho": "zh",
+    "cmn": "zh",
+    "jpn": "ja",
+    "eng": "en",
 }
 _UNSPACED = {"zh", "ja"}
 _CJK_END = "。！？!?"
@@ -59,6 +97,22 @@ def language_code(lang: str) -> str:
     """ISO 639-1 code for an NLTK-style language name or a code (``english`` -> ``en``)."""
     lang = lang.strip().lower()
     return _NLTK_NAMES.get(lang, lang)
+
+
+def check_language(lang: str) -> None:
+    """Refuse what is neither an ISO 639 code nor a known language name.
+
+    A typo (``arabc``) or a corpus name (``ar_web``) would otherwise split with the Latin rules
+    only, missing Arabic's ``؟``, without a word.
+
+    Raises:
+        ValueError: Naming ``lang`` and what is accepted.
+    """
+    if not re.fullmatch(r"[a-z]{2,3}", language_code(lang)):
+        raise ValueError(
+            f"{lang!r} is not a language: give an ISO 639 code (en, ar, zh; arb) or an NLTK name "
+            "(english, arabic)"
+        )
 
 
 # Right-to-left text often wraps punctuation in direction marks ("\u200f.\u200f"), which Punkt

@@ -1,6 +1,7 @@
 """End-to-end preprocessing, checked against sentencepiece and megatron-core's readers."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -171,6 +172,63 @@ def test_edge_file_default_mode_names_file_and_line(tmp_path, corpora, llama2_to
     err = capsys.readouterr().err
     assert f"{source}:4: invalid JSON" in err
     assert list(tmp_path.iterdir()) == []  # nothing final, nothing temporary
+
+
+def test_a_lone_surrogate_escape_is_a_bad_line_not_a_crash(tmp_path, llama2_tokenizer, capsys):
+    """json.loads accepts "\\ud800"; sentencepiece then failed with a TypeError that named no
+    file or line, and --on-bad-line skip could not skip it."""
+    source = tmp_path / "web.jsonl"
+    source.write_text(
+        '{"text": "first"}\n{"text": "bad \\ud800 half"}\n{"text": "emoji \\ud83d\\ude00"}\n'
+    )
+    argv = cli_args("--input", source, tmp_path / "out" / "web", llama2_tokenizer)
+    assert preprocess_cmd.main(argv) == 1
+    assert f'{source}:2: "text" has a lone surrogate \\ud800' in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # nothing final, nothing temporary
+    assert preprocess_cmd.main([*argv, "--on-bad-line", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: lone_surrogate 1" in out
+    # A plain run prints what to train on, as a manifest run does.
+    assert f"--data-path {tmp_path / 'out' / 'web'}_text_document\n" in out
+    reference = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+    dataset = IndexedDataset(str(tmp_path / "out" / "web_text_document"))
+    expected = reference.encode(["first", "emoji \U0001f600"])
+    assert [d.tolist() for d in dataset] == [ids + [2] for ids in expected]
+
+
+def test_a_run_that_writes_no_document_fails(tmp_path, corpora, llama2_tokenizer, capsys):
+    """A typo in --json-keys under --on-bad-line skip wrote an empty dataset, which
+    megatron-core cannot open, and exited 0."""
+    source = corpora / "ar" / "valid.jsonl"
+    argv = cli_args("--input", source, tmp_path / "ar", llama2_tokenizer, "--on-bad-line", "skip")
+    assert preprocess_cmd.main([*argv, "--json-keys", "txt"]) == 1
+    lines = len(source.read_bytes().splitlines())
+    assert (
+        f"{source}: no document for --json-keys txt in {lines:,} lines (skipped: missing_key "
+        f"{lines:,}); nothing written"
+    ) in capsys.readouterr().err
+    assert list(tmp_path.glob("ar*")) == []
+
+
+def test_splitting_refuses_an_unknown_language(tmp_path, corpora, llama2_tokenizer, capsys):
+    """A typo, or a manifest language named after its corpus, split with the Latin rules only
+    (missing Arabic's question mark) without a word."""
+    source = corpora / "ar" / "valid.jsonl"
+    argv = cli_args("--input", source, tmp_path / "ar", llama2_tokenizer, "--split-sentences")
+    assert preprocess_cmd.main([*argv, "--lang", "arabc"]) == 1
+    assert "--lang: 'arabc' is not a language: give an ISO 639 code" in capsys.readouterr().err
+    assert list(tmp_path.glob("ar*")) == []
+    manifest = tmp_path / "blend.yaml"
+    manifest.write_text(
+        f"languages:\n  ar_web: {{inputs: {source}, share: 1}}\n"
+        f"  en: {{inputs: {corpora / 'en' / 'valid.jsonl'}, share: 1}}\n"
+    )
+    argv = cli_args("--manifest", manifest, tmp_path / "mix", llama2_tokenizer, "--split-sentences")
+    assert preprocess_cmd.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{manifest}: language ar_web: 'ar_web' is not a language" in err
+    assert err.rstrip().endswith("; set its lang")
+    assert list(tmp_path.glob("mix*")) == []
 
 
 def test_existing_outputs_need_force(tmp_path, corpora, llama2_tokenizer):
@@ -388,6 +446,77 @@ def test_manifest_blend_realises_token_shares(tmp_path, corpora, llama2_tokenize
     # Re-running keeps complete, matching outputs instead of redoing (or clobbering) them.
     assert preprocess_cmd.main(argv) == 0
     assert capsys.readouterr().out.count("outputs are up to date") == 2
+
+
+def test_manifest_rerun_rebuilds_nothing_stale_or_damaged(
+    tmp_path, corpora, llama2_tokenizer, capsys
+):
+    """A re-run kept outputs made from an input changed in place (same size), with other
+    settings, or cut short, and printed a --data-path to them."""
+    english = tmp_path / "en.jsonl"
+    english.write_bytes((corpora / "en" / "valid.jsonl").read_bytes())
+    manifest = tmp_path / "blend.yaml"
+    manifest.write_text(
+        f"languages:\n  en: {{inputs: {english}, share: 1}}\n"
+        f"  ar: {{inputs: {corpora / 'ar' / 'valid.jsonl'}, share: 3}}\n"
+    )
+    argv = cli_args("--manifest", manifest, tmp_path / "mix", llama2_tokenizer)
+    assert preprocess_cmd.main(argv) == 0
+    capsys.readouterr()
+    stem = tmp_path / "mix_en_text_document"
+    kept = {p: p.read_bytes() for p in files_of(tmp_path / "mix_en")}
+
+    def refused(*extra: str) -> str:
+        assert preprocess_cmd.main([*argv, *extra]) == 1
+        assert {p: p.read_bytes() for p in kept} == kept  # nothing touched
+        err = capsys.readouterr().err
+        assert f"en: {stem} exists, but " in err and err.rstrip().endswith("to rebuild it")
+        return err
+
+    assert "records other settings: on_bad_line 'error', now 'skip'" in refused(
+        "--on-bad-line", "skip"
+    )
+    # The same bytes in another order: same size, newer modification time.
+    lines = english.read_bytes().splitlines(keepends=True)
+    english.write_bytes(b"".join(reversed(lines)))
+    os.utime(english, ns=(os.stat(english).st_atime_ns, os.stat(english).st_mtime_ns + 10**9))
+    assert f"records other inputs: {english} has changed since" in refused()
+    assert preprocess_cmd.main([*argv, "--force"]) == 0
+    assert files_of(tmp_path / "mix_en")[0].read_bytes() != kept[files_of(tmp_path / "mix_en")[0]]
+    kept = {p: p.read_bytes() for p in kept}
+    with open(f"{stem}.bin", "r+b") as damaged:
+        damaged.truncate(1000)
+    kept[Path(f"{stem}.bin")] = Path(f"{stem}.bin").read_bytes()
+    assert "they are incomplete or damaged" in refused()
+    assert preprocess_cmd.main([*argv, "--force"]) == 0
+    assert preprocess_cmd.main(argv) == 0
+    assert capsys.readouterr().out.count("outputs are up to date") == 2
+
+
+def test_workers_default_to_the_cores_this_process_may_use():
+    """os.cpu_count() is the machine's: hundreds of workers in a Slurm job given a few cores."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two usable cores to tell a one-core affinity from the default")
+    probe = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from megatron_ext.commands.preprocess import build_parser\n"
+        "print(build_parser().parse_args(['--input', 'x', '--tokenizer-type', "
+        "'Llama2Tokenizer', '--tokenizer-model', 'm']).workers)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.strip() == "1", result.stderr
+
+
+def test_a_worker_that_dies_is_reported_as_such():
+    """A worker killed (by the kernel, for memory) ended the run in a BrokenProcessPool
+    traceback."""
+    import functools
+
+    from megatron_ext.data.preprocess import WorkerDiedError, ordered_map
+
+    dies = functools.partial(os._exit, 9)  # in the worker, where it builds its function
+    with pytest.raises(WorkerDiedError, match="run with fewer than --workers 2"):
+        list(ordered_map(dies, [1, 2, 3], workers=2))
 
 
 def test_clear_errors_for_missing_input_and_bad_tokenizer(tmp_path, corpora, capsys):

@@ -1,5 +1,7 @@
 """Our indexed-dataset writer against megatron-core's builder and reader."""
 
+import os
+
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
@@ -61,6 +63,31 @@ def test_bytes_match_megatron_builder_and_read_back(tmp_path, vocab, max_sentenc
         np.testing.assert_array_equal(dataset[i], expected)
     expected_doc_index = np.concatenate([[0], np.cumsum([len(n) for _, n in docs])])
     np.testing.assert_array_equal(dataset.document_indices, expected_doc_index)
+
+
+def test_blocks_without_documents_change_no_byte(tmp_path):
+    """The index is written block by block: empty blocks (all lines skipped) must not shift
+    the pointers or document indices."""
+    docs = _random_documents(np.random.default_rng(0), 32000, 20, 3)
+    _write_ours(tmp_path / "ours", docs, np.uint16, blocks=64)  # 44 of them empty
+    _write_megatron(tmp_path / "ref", docs, np.uint16)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_named(tmp_path):
+    """A write names no file, so ENOSPC said "No space left on device" without saying where."""
+    writer = IndexedDatasetWriter("/dev/full", np.uint16)
+    tokens = np.zeros(1 << 20, np.uint16)  # past any write buffer
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        writer.add_documents(tokens, np.array([tokens.size]), np.array([1]))
+        writer.close()
+    assert caught.value.filename == "/dev/full"
+    writer = IndexedDatasetWriter(tmp_path / "ok.bin", np.uint16)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        writer.finalize("/dev/full")
+    assert caught.value.filename == "/dev/full"
 
 
 def test_empty_dataset_matches_megatron(tmp_path):

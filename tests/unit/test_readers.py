@@ -10,6 +10,7 @@ from megatron_ext.data.readers import (
     BLANK_LINE,
     INVALID_JSON,
     INVALID_UTF8,
+    LONE_SURROGATE,
     MISSING_KEY,
     NOT_A_STRING,
     NOT_AN_OBJECT,
@@ -36,6 +37,26 @@ def records_of_bytes(path, data, **kwargs):
 
 def reasons(recs):
     return {line: (f[0].reason if isinstance(f[0], BadField) else "text") for line, f in recs}
+
+
+def test_a_lone_surrogate_escape_is_a_bad_line_and_a_pair_is_a_character(tmp_path):
+    """json.loads accepts "\\ud800" and gives a str that no tokenizer takes (UTF-8 cannot hold
+    it): the line is classified here, where file:line is known, not in the tokenizer."""
+    data = (
+        '{"text": "pair \\ud83d\\ude00", "src": "a"}\n'
+        '{"text": "half \\ud800 of one", "src": "b"}\n'
+        '{"text": "ok", "src": "low \\uDC00"}\n'
+        '{"text": "backslash u \\\\ud800 is text"}\n'
+    )
+    recs = records_of_bytes(tmp_path / "s.jsonl", data.encode(), keys=("text", "src"))
+    assert recs[0][1] == ["pair \U0001f600", "a"]
+    assert recs[1][1][0] == BadField(
+        LONE_SURROGATE,
+        '"text" has a lone surrogate \\ud800 (half of a JSON surrogate-pair escape) at character 5',
+    )
+    assert recs[1][1][1] == "b"
+    assert recs[2][1][0] == "ok" and recs[2][1][1].reason == LONE_SURROGATE
+    assert recs[3][1][0] == "backslash u \\ud800 is text"
 
 
 def test_edge_file_lines_classified_as_documented(corpora):

@@ -5,6 +5,7 @@ import pytest
 
 from megatron_ext.data.sentences import (
     SentenceSplitter,
+    check_language,
     load_punkt_params,
     save_punkt_params,
     train_punkt,
@@ -33,6 +34,16 @@ def test_arabic_question_mark_and_urdu_full_stop():
     ]
     # English rules alone would not split at the Arabic question mark.
     assert len(SentenceSplitter("en", False, None).split("هل ذهبت؟ نعم ذهبت.")) == 1
+
+
+def test_iso_639_3_codes_get_their_languages_rules_and_unknown_names_are_refused():
+    text = "هل ذهبت؟ نعم ذهبت."
+    assert SentenceSplitter("arb", False, None).split(text) == ["هل ذهبت؟", "نعم ذهبت."]
+    for lang in ("ar", "Arabic", "arb", "sw", "french"):
+        check_language(lang)
+    for lang in ("arabc", "ar_web", "", "en-US"):
+        with pytest.raises(ValueError, match="is not a language"):
+            check_language(lang)
 
 
 def test_chinese_ends_without_spaces_and_closing_quotes():
