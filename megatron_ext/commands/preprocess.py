@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--punkt-params",
         default=PUNKT_TRAIN,
-        help=f"Punkt parameters: '{PUNKT_TRAIN}' (learn from the input, offline), "
-        f"'{PUNKT_UNTRAINED}', or a JSON file; never downloaded (default: {PUNKT_TRAIN})",
+        help=f"Punkt parameters: '{PUNKT_TRAIN}' (learn from the input, offline, and save them "
+        f"as PREFIX_punkt.json for other shards), '{PUNKT_UNTRAINED}', or such a JSON file; "
+        f"never downloaded (default: {PUNKT_TRAIN})",
     )
     add_normalize_option(data, "text normalisation before tokenizing")
     data.add_argument(
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             results = list(report.values())
             for stats in results:
                 print(_summary_line(stats))
+            saved = results[0]["settings"]["punkt_params_saved"]
+            if saved:
+                print(f"Punkt parameters learnt: {saved} (--punkt-params for other shards)")
             for stats in results:
                 print(f"--data-path {stats['dataset']}")
     except (

@@ -52,6 +52,7 @@ from megatron_ext.data.sentences import (
     check_language,
     language_code,
     load_punkt_params,
+    save_punkt_params,
     train_punkt,
 )
 from megatron_ext.hashing import sha256_path
@@ -377,6 +378,18 @@ def _validate(config: PreprocessConfig, files: list[str], encoder: TextEncoder) 
     build_normalizer(config.normalize)
 
 
+def punkt_output_path(config: PreprocessConfig) -> Path | None:
+    """``{prefix}_punkt.json``, where a run saves the Punkt parameters it learns.
+
+    Another shard's run given them (``--punkt-params``) splits as this one did. None when the run
+    learns none.
+    """
+    learns = config.split_sentences and config.punkt_params == PUNKT_TRAIN
+    if not learns or language_code(config.lang) in ("zh", "ja"):
+        return None
+    return Path(f"{config.output_prefix}_punkt.json")
+
+
 def output_paths(config: PreprocessConfig) -> dict[str, tuple[Path, Path, Path]]:
     """``{key: (.bin, .idx, .stats.json)}`` for a run."""
     return {
@@ -410,12 +423,14 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
     dtype = token_dtype(encoder.vocab_size)
     paths = output_paths(config)
     ordered = [p for group in zip(*paths.values(), strict=True) for p in group]
-    with AtomicOutputs(ordered, force=config.force) as outputs:
+    punkt_path = punkt_output_path(config)
+    with AtomicOutputs([punkt_path, *ordered] if punkt_path else ordered, config.force) as outputs:
         splitter = None
         if config.split_sentences:
-            splitter = SentenceSplitter(
-                config.lang, config.keep_newlines, _punkt_params(config, files)
-            )
+            params = _punkt_params(config, files)
+            if punkt_path:
+                save_punkt_params(params, outputs.temp(punkt_path))
+            splitter = SentenceSplitter(config.lang, config.keep_newlines, params)
         writers = {k: IndexedDatasetWriter(outputs.temp(p[0]), dtype) for k, p in paths.items()}
         stats = {k: DatasetStats() for k in paths}
         blocks = itertools.chain.from_iterable(iter_blocks(f, config.block_bytes) for f in files)
@@ -518,6 +533,7 @@ def _made_from(config: PreprocessConfig, files: list[str]) -> dict:
             "lang": config.lang,
             "keep_newlines": config.keep_newlines,
             "punkt_params": config.punkt_params if config.split_sentences else None,
+            "punkt_params_saved": str(punkt) if (punkt := punkt_output_path(config)) else None,
             "normalize": list(config.normalize),
             "on_bad_line": config.on_bad_line,
         },

@@ -125,6 +125,31 @@ def test_sentence_level_output(tmp_path, corpora, llama2_tokenizer):
     np.testing.assert_array_equal(dataset.document_indices, doc_index)
 
 
+def test_learnt_punkt_parameters_are_saved_for_other_shards(
+    tmp_path, corpora, llama2_tokenizer, capsys
+):
+    """Each shard's run learnt its own Punkt parameters from its own first 2 M characters, so
+    shards of one corpus split differently, and the learnt ones could not be passed on."""
+    source = corpora / "en" / "valid.jsonl"
+    argv = cli_args("--input", source, tmp_path / "learnt", llama2_tokenizer)
+    assert preprocess_cmd.main([*argv, "--split-sentences", "--lang", "en"]) == 0
+    saved = tmp_path / "learnt_punkt.json"
+    assert f"Punkt parameters learnt: {saved} " in capsys.readouterr().out
+    assert json.loads(files_of(tmp_path / "learnt", "sentence")[2].read_text())["settings"][
+        "punkt_params_saved"
+    ] == str(saved)
+    argv = cli_args("--input", source, tmp_path / "given", llama2_tokenizer, "--split-sentences")
+    assert preprocess_cmd.main([*argv, "--lang", "en", "--punkt-params", str(saved)]) == 0
+    assert not (tmp_path / "given_punkt.json").exists()
+    learnt = files_of(tmp_path / "learnt", "sentence")
+    given = files_of(tmp_path / "given", "sentence")
+    for a, b in zip(learnt[:2], given[:2], strict=True):
+        assert a.read_bytes() == b.read_bytes(), f"{b.name} splits otherwise"
+    untrained = cli_args("--input", source, tmp_path / "u", llama2_tokenizer, "--split-sentences")
+    assert preprocess_cmd.main([*untrained, "--punkt-params", "untrained"]) == 0
+    assert learnt[0].read_bytes() != files_of(tmp_path / "u", "sentence")[0].read_bytes()
+
+
 def _usable_edge_texts(path):
     """What edge/README.md calls usable, computed here with strict UTF-8 and strict JSON."""
     texts = []
