@@ -125,15 +125,15 @@ class LlamaArch:
             raise ArchitectureError(f"{source}: model_type is {model_type!r}, expected 'llama'")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise ArchitectureError(f"{source}: attention/MLP biases are not supported")
-        if config.get("rope_scaling"):
-            raise ArchitectureError(f"{source}: rope_scaling is not supported (Llama-2 has none)")
         if config.get("hidden_act", "silu") != "silu":
             raise ArchitectureError(f"{source}: hidden_act {config['hidden_act']} is not silu")
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        if head_dim * heads != config["hidden_size"]:
-            raise ArchitectureError(f"{source}: head_dim {head_dim} x {heads} heads != hidden_size")
         try:
+            heads = config["num_attention_heads"]
+            head_dim = config.get("head_dim") or config["hidden_size"] // heads
+            if head_dim * heads != config["hidden_size"]:
+                raise ArchitectureError(
+                    f"{source}: head_dim {head_dim} x {heads} heads != hidden_size"
+                )
             return cls(
                 hidden_size=config["hidden_size"],
                 num_layers=config["num_hidden_layers"],
@@ -142,7 +142,7 @@ class LlamaArch:
                 ffn_hidden_size=config["intermediate_size"],
                 vocab_size=config["vocab_size"],
                 max_position_embeddings=config.get("max_position_embeddings", 4096),
-                rope_theta=float(config.get("rope_theta", 10000.0)),
+                rope_theta=_rope_theta(config, source),
                 norm_eps=float(config.get("rms_norm_eps", 1e-5)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             )
@@ -162,6 +162,8 @@ class LlamaArch:
             "vocab_size": self.vocab_size,
             "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta,
+            # transformers 5's form, which it reads before the top-level one.
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "rms_norm_eps": self.norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
@@ -207,6 +209,30 @@ class LlamaArch:
         }
         settings.update(overrides)
         return TransformerConfig(**settings)
+
+
+def _rope_theta(config: dict[str, Any], source: str) -> float:
+    """The RoPE base of a ``LlamaConfig``, refusing any RoPE scaling.
+
+    transformers 5 writes ``rope_parameters`` (``rope_theta``, ``rope_type``) and no top-level
+    ``rope_theta``; earlier versions write ``rope_theta`` and ``rope_scaling``.
+    """
+    parameters = config.get("rope_parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ArchitectureError(f"{source}: rope_parameters is not an object")
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if config.get("rope_scaling") or rope_type != "default":
+        scaling = config.get("rope_scaling") or parameters
+        raise ArchitectureError(
+            f"{source}: RoPE scaling ({scaling}) is not supported (Llama-2 has none)"
+        )
+    theta = config.get("rope_theta")
+    if theta is not None and "rope_theta" in parameters and parameters["rope_theta"] != theta:
+        raise ArchitectureError(
+            f"{source}: rope_theta {theta} and rope_parameters.rope_theta "
+            f"{parameters['rope_theta']} disagree"
+        )
+    return float(parameters.get("rope_theta", 10000.0 if theta is None else theta))
 
 
 PRESETS: dict[str, LlamaArch] = {

@@ -20,6 +20,38 @@ class OutputExistsError(FileExistsError):
     """An output file exists and ``force`` was not given."""
 
 
+class OutputHoldsInputError(ValueError):
+    """An output directory that is, or holds, one of the run's inputs."""
+
+
+def refuse_output_holding_inputs(
+    output_dir: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]
+) -> None:
+    """Refuse an output directory that is, or contains, an input.
+
+    Replacing it (``--force``) would delete the input: a checkpoint or a training run gone for
+    a mistyped path.
+
+    Args:
+        output_dir: The directory a tool will create or replace.
+        inputs: The inputs by the flag that named them (None: not given).
+
+    Raises:
+        OutputHoldsInputError: Naming the flag and the path.
+    """
+    output = Path(output_dir).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == output or output in source.parents:
+            relation = "is" if source == output else "holds"
+            raise OutputHoldsInputError(
+                f"--output-dir {output_dir} {relation} the input {flag} {path}: choose another "
+                "output directory (replacing it would delete the input)"
+            )
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (one of another user's counts: it cannot be signalled)."""
     try:

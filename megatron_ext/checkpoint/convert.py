@@ -1,9 +1,11 @@
 """Hugging Face Llama <-> megatron-core distributed checkpoints, with vocabulary expansion.
 
-``hf_to_megatron`` streams the HF tensors one at a time into megatron-core's layout (bf16 or
+``hf_to_megatron`` reads the HF tensors one at a time into megatron-core's layout (bf16, fp16 or
 fp32) and saves them with ``dist_checkpointing`` (torch_dist). The sharded state dict comes from a
-model built on the *meta* device, so no memory is spent on a model copy: the peak is the converted
-tensors themselves. Keys and global shapes are megatron-core's own, so the checkpoint loads at any
+model built on the *meta* device, so no memory is spent on a model copy, but every converted tensor
+is held until the save: the peak is about the model's size in the stored dtype (1.2x measured,
+beside 0.4 GB of imports; ``megatron_to_hf`` 1.6x), so a 70B model needs some 170 GB of host
+memory in bf16. Keys and global shapes are megatron-core's own, so the checkpoint loads at any
 TP/PP (``load_into``); only the vocabulary padding (a multiple of 128 x TP) depends on the TP
 given at conversion, and it is recorded in ``megatron_ext.json`` with the true vocabulary size.
 """
@@ -23,6 +25,7 @@ from megatron_ext.arch import LlamaArch
 from megatron_ext.checkpoint.hf import (
     CheckpointError,
     HFCheckpoint,
+    expected_shapes,
     read_json_file,
     save_hf_checkpoint,
 )
@@ -36,7 +39,11 @@ from megatron_ext.checkpoint.layout import (
 )
 from megatron_ext.embeddings.init import init_new_rows, subword_decomposition
 from megatron_ext.hashing import sha256_file
-from megatron_ext.outputs import OutputExistsError, atomic_directory
+from megatron_ext.outputs import (
+    OutputExistsError,
+    atomic_directory,
+    refuse_output_holding_inputs,
+)
 from megatron_ext.tokenizer.encoders import (
     SentencePieceEncoder,
     TokenizerLoadError,
@@ -173,6 +180,23 @@ def _vocab_rows(
     return torch.cat(parts)
 
 
+def _finite(name: str, tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (``source`` cast), refused when it holds a NaN or an infinity.
+
+    Names the tensor, and whether the values were already so in ``source`` or the cast made them
+    (bf16 weights above fp16's 65,504 become infinities).
+    """
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        cause = (
+            "already in the source"
+            if not torch.isfinite(source).all()
+            else f"from casting {source.dtype} to {tensor.dtype} (out of its range)"
+        )
+        raise CheckpointError(f"{name}: {bad:,} values are NaN or infinite, {cause}")
+    return tensor
+
+
 def _meta_model(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype):
     from megatron_ext.model.gpt import build_gpt_model
 
@@ -213,6 +237,14 @@ def hf_to_megatron(
     from megatron.core import dist_checkpointing
 
     output_dir = Path(output_dir)
+    refuse_output_holding_inputs(
+        output_dir,
+        {
+            "--hf-dir": hf_dir,
+            "--tokenizer-model": tokenizer_model,
+            "--base-tokenizer-model": base_tokenizer_model,
+        },
+    )
     if output_dir.exists() and not force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
     hf = HFCheckpoint(hf_dir)
@@ -239,12 +271,15 @@ def hf_to_megatron(
         for layer in range(arch.num_layers):
             yield from hf_layer_to_megatron(hf.get, layer, arch)
 
+    from tqdm import tqdm
+
     sharded = _meta_model(arch, padded, torch_dtype).sharded_state_dict()
-    for name, tensor in converted():
+    sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
+    progress = tqdm(converted(), "converting", len(sharded), unit=" tensors", disable=None)
+    for name, tensor in progress:
         if name not in sharded:
             raise CheckpointError(f"no megatron-core weight {name} for this architecture")
-        sharded[name].data = tensor.to(torch_dtype).contiguous()
-    sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
+        sharded[name].data = _finite(name, tensor.to(torch_dtype).contiguous(), tensor)
 
     with atomic_directory(output_dir, force=force) as staging:
         dist_checkpointing.save(sharded, str(staging))
@@ -258,6 +293,7 @@ def hf_to_megatron(
             "tensor_model_parallel_size": tensor_model_parallel_size,
             "pipeline_model_parallel_size": pipeline_model_parallel_size,
             "dtype": dtype,
+            "source_dtype": str(hf.get(hf_name(FINAL_NORM)).dtype).removeprefix("torch."),
             "embedding_init": embedding_init if new_pieces else None,
             "freeze_base_rows": freeze_base_rows,
             "trainable_rows": [hf.arch.vocab_size, vocab_size] if freeze_base_rows else None,
@@ -266,7 +302,7 @@ def hf_to_megatron(
                 tokenizer_model or base_tokenizer_model or str(hf.directory / "tokenizer.model"),
                 vocab_size,
             ),
-            "source": str(hf.directory),
+            "source": str(hf.directory.resolve()),
         }
         (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
@@ -312,38 +348,93 @@ def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
     apply_model_state(model, {k: v for k, v in state.items() if k in sharded}, checkpoint_dir)
 
 
+def _check_export_tokenizer(tokenizer_model: str, checkpoint_dir: str, metadata: dict) -> None:
+    """Refuse a tokenizer other than the one the checkpoint's rows follow."""
+    encoder = SentencePieceEncoder(tokenizer_model)
+    vocab_size = metadata["arch"]["vocab_size"]
+    if encoder.vocab_size != vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_model}: {encoder.vocab_size:,} pieces, but {checkpoint_dir} has a "
+            f"vocabulary of {vocab_size:,}: export with the tokenizer it was trained with"
+        )
+    recorded = metadata.get("tokenizer_pieces_sha256")
+    if recorded and encoder.pieces_sha256() != recorded:
+        raise CheckpointError(
+            f"{tokenizer_model}: as many pieces as {checkpoint_dir}'s vocabulary, but other ones "
+            f"(pieces sha256 {encoder.pieces_sha256()[:12]}, the checkpoint's {recorded[:12]}): "
+            "its ids would name other tokens; export with the tokenizer it was trained with"
+        )
+
+
+def _hf_tokenizer_files(tokenizer_model: str, directory: Path) -> str | None:
+    """Write Hugging Face tokenizer files beside the copied ``tokenizer.model``.
+
+    Returns:
+        None, or why none were written (the model cannot be reproduced by them).
+    """
+    from megatron_ext.tokenizer.hf_export import HFExportError, check_exportable, save_hf_files
+    from megatron_ext.tokenizer.sp_proto import parse_model
+
+    expansion = Path(tokenizer_model).parent / "expansion.json"
+    if expansion.is_file():
+        settings = read_json_file(expansion).get("settings", {})
+        if settings.get("method") == "append":
+            return "an --method append expansion (its tied scores cannot be expressed)"
+    model = parse_model(Path(tokenizer_model).read_bytes())
+    try:
+        check_exportable(model)
+    except HFExportError as err:
+        return str(err)
+    save_hf_files(model, directory)
+    return None
+
+
 def megatron_to_hf(
     checkpoint_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
     tokenizer_model: str | None = None,
+    dtype: str | None = None,
     force: bool = False,
 ) -> dict:
     """Export a converted (or trained) checkpoint back to a Hugging Face directory.
 
-    Padding rows are stripped, so ``config.json``'s ``vocab_size`` is the tokenizer's size.
+    Padding rows are stripped, so ``config.json``'s ``vocab_size`` is the tokenizer's size. With
+    ``tokenizer_model``, the tokenizer goes along: ``tokenizer.model`` and, when they can
+    reproduce it, ``tokenizer.json`` and its configuration (which add ``<s>`` as Llama does).
     Needs ``torch.distributed`` initialised (one process).
 
+    Args:
+        checkpoint_dir: A converted or training checkpoint written by megatron-ext.
+        output_dir: The Hugging Face directory to write.
+        tokenizer_model: The tokenizer the checkpoint was made with.
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (None: as stored).
+        force: Replace an existing ``output_dir``.
+
+    Returns:
+        The ``config.json`` written, with ``tokenizer_files_skipped`` (why no Hugging Face
+        tokenizer files were written; None when they were, or without ``tokenizer_model``).
+
     Raises:
-        CheckpointError: Not a megatron-ext checkpoint, or ``tokenizer_model`` has another
-            vocabulary size than the checkpoint.
+        CheckpointError: Not a megatron-ext checkpoint, ``tokenizer_model`` is not the
+            checkpoint's tokenizer, or a tensor holds NaN or infinite values (after the cast).
         TokenizerLoadError: ``tokenizer_model`` is missing or not a SentencePiece model.
         OutputExistsError: ``output_dir`` exists and ``force`` is false.
+        OutputHoldsInputError: ``output_dir`` is or holds ``checkpoint_dir`` or the tokenizer.
     """
     output_dir = Path(output_dir)
+    refuse_output_holding_inputs(
+        output_dir, {"--megatron-dir": checkpoint_dir, "--tokenizer-model": tokenizer_model}
+    )
     if output_dir.exists() and not force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
     metadata = read_metadata(checkpoint_dir)
     arch = LlamaArch(**metadata["arch"])
     if tokenizer_model:
-        pieces = len(load_sentencepiece(tokenizer_model))
-        if pieces != arch.vocab_size:
-            raise CheckpointError(
-                f"{tokenizer_model}: {pieces:,} pieces, but {checkpoint_dir} has a vocabulary "
-                f"of {arch.vocab_size:,}: export with the tokenizer it was trained with"
-            )
-    dtype = DTYPES[metadata["dtype"]]
-    model = _meta_model(arch, metadata["padded_vocab_size"], dtype)
+        _check_export_tokenizer(tokenizer_model, str(checkpoint_dir), metadata)
+    stored = DTYPES[metadata["dtype"]]
+    export_dtype = DTYPES[dtype] if dtype else stored
+    model = _meta_model(arch, metadata["padded_vocab_size"], stored)
     sharded = model_sharded_state(model)
     for value in sharded.values():
         if hasattr(value, "data") and isinstance(value.data, torch.Tensor):
@@ -359,10 +450,22 @@ def megatron_to_hf(
         for layer in range(arch.num_layers):
             yield from megatron_layer_to_hf(state.__getitem__, layer, arch)
 
+    def cast():
+        for name, tensor in tensors():
+            yield name, _finite(name, tensor.to(export_dtype), tensor)
+
     with atomic_directory(output_dir, force=force) as staging:
-        config = arch.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=1,
-                                   eos_token_id=2)  # fmt: skip
-        save_hf_checkpoint(tensors(), staging, config)
+        config = arch.to_hf_config(
+            torch_dtype=str(export_dtype).removeprefix("torch."), bos_token_id=1, eos_token_id=2
+        )
+        from tqdm import tqdm
+
+        total = len(expected_shapes(arch))
+        save_hf_checkpoint(
+            tqdm(cast(), "exporting", total, unit=" tensors", disable=None), staging, config
+        )
+        skipped = None
         if tokenizer_model:
             shutil.copy(tokenizer_model, staging / "tokenizer.model")
-    return config
+            skipped = _hf_tokenizer_files(tokenizer_model, staging)
+    return {**config, "tokenizer_files_skipped": skipped}

@@ -7,9 +7,11 @@ Every problem names the file or the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +29,27 @@ def read_json_file(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: damaged, not JSON ({err})") from err
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a weight file's read errors into a CheckpointError naming it.
+
+    safetensors' messages (``incomplete metadata``, ``header too large``) and torch's for an old
+    or foreign ``.bin`` name no file.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused, it holds objects other than tensors (loaded with "
+            f"weights_only=True; code in a pickle is never run): {str(err).splitlines()[0]}"
+        ) from err
+    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read, damaged or cut short? ({cause})") from err
 
 
 def expected_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
@@ -76,10 +99,10 @@ class HFCheckpoint:
         config_path = self.directory / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{config_path}: not found")
+        self.config = read_json_file(config_path)
         try:
-            self.config = json.loads(config_path.read_text(encoding="utf-8"))
             self.arch = LlamaArch.from_hf_config(self.config, str(config_path))
-        except (json.JSONDecodeError, ArchitectureError) as err:
+        except ArchitectureError as err:
             raise CheckpointError(str(err)) from err
         self.files = self._weight_map()
         self._open: dict[Path, object] = {}
@@ -89,7 +112,9 @@ class HFCheckpoint:
         for index_name in _INDEXES:
             index = self.directory / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = read_json_file(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{index}: no weight_map (tensor name -> shard file)")
                 files = {name: self.directory / f for name, f in weight_map.items()}
                 missing = sorted({str(f) for f in files.values() if not f.is_file()})
                 if missing:
@@ -105,12 +130,13 @@ class HFCheckpoint:
 
     @staticmethod
     def _names_in(path: Path) -> Iterable[str]:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+        with _reading(path):
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+                with safe_open(str(path), framework="pt") as f:
+                    return list(f.keys())
+            return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
     def _validate(self) -> None:
         expected = expected_shapes(self.arch)
@@ -137,30 +163,56 @@ class HFCheckpoint:
     def _bin(self, path: Path) -> dict[str, torch.Tensor]:
         # .bin shards are memory-mapped once; their pages are read only when a tensor is used.
         if path not in self._open:
-            self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with _reading(path):
+                self._open[path] = torch.load(
+                    path, map_location="cpu", weights_only=True, mmap=True
+                )
+        return self._open[path]
+
+    def _in_file(self, name: str) -> Path:
+        """The file that holds ``name``, refusing an index that names the wrong one."""
+        path = self.files[name]
+        names = self._bin(path) if path.suffix != ".safetensors" else self._safetensors_names(path)
+        if name not in names:
+            raise CheckpointError(f"{path}: has no tensor {name}, though the index says it has")
+        return path
+
+    def _safetensors_names(self, path: Path) -> set[str]:
+        if path not in self._open:
+            self._open[path] = set(self._names_in(path))
         return self._open[path]
 
     def shape(self, name: str) -> torch.Size:
         """Shape of a tensor, without reading its data."""
-        path = self.files[name]
+        path = self._in_file(name)
         if path.suffix != ".safetensors":
             return self._bin(path)[name].shape
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with _reading(path), safe_open(str(path), framework="pt") as f:
             return torch.Size(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read now (a safetensors file is unmapped again right after)."""
+        """One tensor, read now (a safetensors file is unmapped again right after).
+
+        Raises:
+            CheckpointError: The tensor is missing, unreadable, or holds NaN or infinities
+                (a model that would train on them without a word).
+        """
         if name not in self.files:
             raise CheckpointError(f"{self.directory}: tensor {name} is missing")
-        path = self.files[name]
+        path = self._in_file(name)
         if path.suffix != ".safetensors":
-            return self._bin(path)[name]
-        from safetensors import safe_open
+            tensor = self._bin(path)[name]
+        else:
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
+            with _reading(path), safe_open(str(path), framework="pt") as f:
+                tensor = f.get_tensor(name)
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {name} has {bad:,} NaN or infinite values")
+        return tensor
 
 
 def save_hf_checkpoint(

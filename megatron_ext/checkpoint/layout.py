@@ -1,7 +1,8 @@
 """Where each Llama weight lives in Hugging Face and in megatron-core, and in what layout.
 
-Everything works one tensor (or one layer) at a time, so converters can stream checkpoints far
-larger than memory. Facts (checked against megatron-core and by the logits-equivalence tests):
+Everything works one tensor (or one layer) at a time, so a converter never needs a second copy of
+a layer (``checkpoint/convert.py`` says what it holds at its peak). Facts (checked against
+megatron-core and by the logits-equivalence tests):
 
 * QKV is one matrix, interleaved per query group: ``[q heads of group 0 | k0 | v0 | q heads of
   group 1 | k1 | v1 ...]``; tensor parallelism hands each rank whole groups (a plain split).

@@ -116,7 +116,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int(arch.rope_theta),
+        rotary_base=arch.rope_theta,  # a float works (used as rotary_base ** x); int() would cut
     )
 
 

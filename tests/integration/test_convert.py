@@ -20,10 +20,10 @@ def convert(rank, world_size, hf_dir, out_dir, kwargs):
     return hf_to_megatron(hf_dir, out_dir, **kwargs)
 
 
-def export(rank, world_size, ckpt_dir, out_dir):
+def export(rank, world_size, ckpt_dir, out_dir, kwargs=None):
     from megatron_ext.checkpoint.convert import megatron_to_hf
 
-    megatron_to_hf(ckpt_dir, out_dir)
+    return megatron_to_hf(ckpt_dir, out_dir, **(kwargs or {}))
 
 
 def logits_from_checkpoint(rank, world_size, ckpt_dir, tokens):
@@ -73,6 +73,42 @@ def test_convert_load_at_tp2_and_export_round_trip(tmp_path, hf_dir):
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     assert exported.config.vocab_size == 300
     assert exported.config.num_key_value_heads == 2
+
+
+def test_rope_base_is_read_from_either_config_form_and_scaling_refused(tmp_path):
+    """transformers 5 writes rope_parameters and no top-level rope_theta: a base of 1e6 was
+    read as the default 10,000, and converted and exported as another model without a word."""
+    import json
+
+    model = tiny_llama(kv_heads=2, rope_theta=1e6)
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tokens = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    forms = {"as saved": config}
+    if "rope_parameters" in config:  # transformers 5; the older form too
+        older = {k: v for k, v in config.items() if k != "rope_parameters"}
+        forms["top-level rope_theta"] = {**older, "rope_theta": 1e6}
+    for name, form in forms.items():
+        hf = tmp_path / name.replace(" ", "_")
+        shutil.copytree(tmp_path / "hf", hf)
+        (hf / "config.json").write_text(json.dumps(form))
+        ckpt, back = tmp_path / f"{hf.name}_mcore", tmp_path / f"{hf.name}_back"
+        run_ranks(convert, 1, hf, ckpt, {"dtype": "fp32"})
+        logits = run_ranks(logits_from_checkpoint, 1, ckpt, tokens)[0]
+        torch.testing.assert_close(logits[..., :300], expected, rtol=0, atol=1e-4, msg=name)
+        run_ranks(export, 1, ckpt, back)
+        exported = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(exported(tokens).logits, expected, msg=name)
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(tmp_path / "hf", scaled)
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    with pytest.raises(CheckpointError, match="RoPE scaling .* is not supported"):
+        HFCheckpoint(scaled)
 
 
 def test_bad_checkpoints_are_named(tmp_path, hf_dir):
@@ -133,6 +169,7 @@ def tokenizers_300(tmp_path_factory, corpora):
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(directory / "base"), model_type="bpe", vocab_size=300,
         byte_fallback=True, split_digits=True, minloglevel=2, character_coverage=0.98,
+        normalization_rule_name="identity",  # as Llama's, which Hugging Face files reproduce
     )  # fmt: skip
     proto = parse_model((directory / "base.model").read_bytes())
     lowest = min(p.score for p in proto.pieces)
@@ -226,6 +263,67 @@ def test_export_checks_its_tokenizer_and_points_into_a_run_directory(
     assert not (tmp_path / "back").exists()
 
 
+def test_conversion_refuses_what_would_lose_or_mislabel_weights(tmp_path, hf_dir, tokenizers_300):
+    """Found by a reviewer: --force deleted the input when --output-dir named it (a training
+    run, or the HF checkpoint); a tokenizer of the same size but other pieces was exported with
+    the weights; fp16 turned large weights into infinities; and the exported tokenizer had no
+    Hugging Face files, so it added no <s>."""
+    import json
+
+    import sentencepiece as spm
+    from safetensors.torch import save_file
+
+    from megatron_ext.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_ext.outputs import OutputHoldsInputError
+    from megatron_ext.tokenizer.sp_proto import parse_model
+
+    base, _ = tokenizers_300
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf)
+    shutil.copy(base, hf / "tokenizer.model")
+    with pytest.raises(OutputHoldsInputError, match="--output-dir .* is the input --hf-dir"):
+        hf_to_megatron(hf, hf, force=True)
+    with pytest.raises(OutputHoldsInputError, match="--output-dir .* holds the input --hf-dir"):
+        hf_to_megatron(hf, tmp_path, force=True)
+    weights = load_file(hf / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensor model.norm.weight has 1 NaN or infinite"):
+        HFCheckpoint(hf).get("model.norm.weight")
+    with pytest.raises(AssertionError, match="model.norm.weight has 1 NaN or infinite values"):
+        run_ranks(convert, 1, hf, tmp_path / "nan", {"dtype": "fp32"})
+    weights["model.norm.weight"][0] = 1e5  # beyond fp16's 65,504
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = tmp_path / "run" / "iter_0000001"
+    run_ranks(convert, 1, hf, checkpoint, {"dtype": "fp32"})
+
+    with pytest.raises(OutputHoldsInputError, match="holds the input --megatron-dir"):
+        megatron_to_hf(checkpoint, tmp_path / "run", force=True)
+    assert (checkpoint / "megatron_ext.json").is_file()
+    proto = parse_model(base.read_bytes())
+    proto.pieces[299].piece = "▁zqxj"  # same size, one piece another
+    other = tmp_path / "other.model"
+    other.write_bytes(proto.serialize())
+    with pytest.raises(CheckpointError, match="as many pieces as .* but other ones"):
+        megatron_to_hf(checkpoint, tmp_path / "back", tokenizer_model=str(other))
+    overflow = "model.norm.weight: 1 values are NaN or infinite, from casting torch.float32 to t"
+    with pytest.raises(AssertionError, match=overflow):
+        run_ranks(export, 1, checkpoint, tmp_path / "fp16", {"dtype": "fp16"})
+    assert not (tmp_path / "fp16").exists()
+
+    back = tmp_path / "back"
+    kwargs = {"dtype": "bf16", "tokenizer_model": str(base)}
+    assert run_ranks(export, 1, checkpoint, back, kwargs)[0]["tokenizer_files_skipped"] is None
+    assert json.loads((back / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load_file(back / "model-00001-of-00001.safetensors")["lm_head.weight"].dtype == (
+        torch.bfloat16
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(back)
+    sp = spm.SentencePieceProcessor(model_file=str(base))
+    for text in ("Hello world", "All human beings are born free and equal."):
+        assert tokenizer(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
+
+
 def test_cli_round_trip(tmp_path, hf_dir):
     import subprocess
     import sys
@@ -236,9 +334,14 @@ def test_cli_round_trip(tmp_path, hf_dir):
                    "--tensor-model-parallel-size", "2", "--dtype", "fp32"]  # fmt: skip
     result = subprocess.run(to_mc, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "vocab 300 -> 300 (padded 512)" in result.stdout
-    again = subprocess.run(to_mc, capture_output=True, text=True)
-    assert again.returncode == 1 and "--force" in again.stderr
+    assert "vocab 300 -> 300 (padded 512, TP 2, new rows none), float32 -> fp32," in result.stdout
+    # Megatron-LM's tools/checkpoint/convert.py names for the same flags.
+    megatron_lm = cli + ["hf-to-megatron", "--load-dir", str(hf_dir), "--save-dir", str(ckpt),
+                         "--target-tensor-parallel-size", "2"]  # fmt: skip
+    again = subprocess.run(megatron_lm, capture_output=True, text=True)
+    assert again.returncode == 1 and f"already exists (pass --force to overwrite): {ckpt}" in (
+        again.stderr
+    )
     to_hf = cli + ["megatron-to-hf", "--megatron-dir", str(ckpt), "--output-dir", str(back)]
     result = subprocess.run(to_hf, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,7 @@ from tests.helpers import tensor_parallel_shards
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama(kv_heads: int):
+def tiny_llama(kv_heads: int, **config_overrides):
     config = transformers.LlamaConfig(
         hidden_size=64,
         intermediate_size=160,
@@ -30,6 +30,7 @@ def tiny_llama(kv_heads: int):
         rms_norm_eps=1e-6,
         initializer_range=0.2,  # large enough weights that logits differ by more than noise
         tie_word_embeddings=False,
+        **config_overrides,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()

@@ -82,3 +82,90 @@ def test_every_tensor_parallel_rank_must_hold_a_real_id(tmp_path, model):
             make_vocab_size_divisible_by=256,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_files_are_named_in_one_line(tmp_path, model):
+    """safetensors' and torch's own messages name no file, and some were tracebacks."""
+    import pickle
+    import shutil
+
+    model.save_pretrained(tmp_path / "good", max_shard_size="40KB")
+    index_name = "model.safetensors.index.json"
+    index = json.loads((tmp_path / "good" / index_name).read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+
+    def broken(name: str, change) -> HFCheckpoint:
+        directory = tmp_path / name
+        shutil.copytree(tmp_path / "good", directory)
+        change(directory)
+        return HFCheckpoint(directory)
+
+    def cut(directory):
+        path = directory / shard
+        path.write_bytes(path.read_bytes()[:-100])
+
+    def garbage(directory):
+        (directory / shard).write_bytes(b"\xff" * 64)
+
+    def no_weight_map(directory):
+        (directory / index_name).write_text(json.dumps({"metadata": {}}))
+
+    def wrong_shard(directory):
+        moved = dict(index["weight_map"])
+        name = next(n for n, f in moved.items() if f != shard)
+        moved[name] = shard
+        (directory / index_name).write_text(json.dumps({"weight_map": moved}))
+
+    def damaged_config(directory):
+        (directory / "config.json").write_text('{"model_type": "llama",\n')
+
+    def no_heads(directory):
+        config = json.loads((directory / "config.json").read_text())
+        del config["num_attention_heads"]
+        (directory / "config.json").write_text(json.dumps(config))
+
+    cases = {
+        "cut": (cut, f"{shard}: cannot be read, damaged or cut short"),
+        "garbage": (garbage, f"{shard}: cannot be read, damaged or cut short"),
+        "no_weight_map": (no_weight_map, f"{index_name}: no weight_map"),
+        "wrong_shard": (wrong_shard, f"{shard}: has no tensor .* though the index says it has"),
+        "damaged_config": (damaged_config, "config.json: damaged, not JSON"),
+        "no_heads": (no_heads, "config.json: missing num_attention_heads"),
+    }
+    for name, (change, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            broken(name, change)
+
+    # A .bin that unpickles to something besides tensors: refused, never run, named; and one in
+    # the format before torch 1.6, which cannot be memory-mapped.
+    (tmp_path / "pickled").mkdir()
+    shutil.copy(tmp_path / "good" / "config.json", tmp_path / "pickled")
+    weights = tmp_path / "pickled" / "pytorch_model.bin"
+    torch.save({"model.norm.weight": print}, weights)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: refused, it holds objects other"):
+        HFCheckpoint(tmp_path / "pickled")
+    with open(weights, "wb") as f:
+        pickle.dump({"model.norm.weight": torch.zeros(2)}, f)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot be read"):
+        HFCheckpoint(tmp_path / "pickled")
+
+
+def test_rope_of_transformers_5_and_earlier_configs():
+    """transformers 5 writes rope_parameters and no top-level rope_theta (was read as 10,000)."""
+    base = LlamaArch(64, 4, 8, 2, 128, 300).to_hf_config()
+    del base["rope_parameters"], base["rope_theta"]
+    assert LlamaArch.from_hf_config(base).rope_theta == 10000.0
+    assert LlamaArch.from_hf_config({**base, "rope_theta": 5e5}).rope_theta == 5e5
+    new = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    assert LlamaArch.from_hf_config(new).rope_theta == 1e6
+    for scaled in (
+        {**base, "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+        {**base, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    ):
+        with pytest.raises(ArchitectureError, match="RoPE scaling .* is not supported"):
+            LlamaArch.from_hf_config(scaled)
+    with pytest.raises(ArchitectureError, match="rope_theta 10000.0 and .* 1000000.0 disagree"):
+        LlamaArch.from_hf_config({**new, "rope_theta": 1e4})
+    written = LlamaArch(64, 4, 8, 2, 128, 300, rope_theta=1e6).to_hf_config()
+    assert LlamaArch.from_hf_config(written).rope_theta == 1e6
+    assert transformers.LlamaConfig(**written).rope_parameters["rope_theta"] == 1e6
