@@ -24,23 +24,28 @@ class OutputHoldsInputError(ValueError):
     """An output directory that is, or holds, one of the run's inputs."""
 
 
-def refuse_output_holding_inputs(
-    output_dir: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    force: bool,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
 ) -> None:
-    """Refuse an output directory that is, or contains, an input.
+    """Before any work: refuse an output directory that exists or that holds an input.
 
-    Replacing it (``--force``) would delete the input: a checkpoint or a training run gone for
-    a mistyped path.
+    An existing one is refused unless ``force``; one that is, or contains, an input always.
+    Replacing such a directory (``--force``) would delete the input: a checkpoint or a training
+    run gone for a mistyped path.
 
     Args:
         output_dir: The directory a tool will create or replace.
-        inputs: The inputs by the flag that named them (None: not given).
+        force: Whether an existing ``output_dir`` may be replaced.
+        inputs: ``(flag, path)`` of each input (a None path: not given).
 
     Raises:
         OutputHoldsInputError: Naming the flag and the path.
+        OutputExistsError: ``output_dir`` exists and ``force`` is false.
     """
     output = Path(output_dir).resolve()
-    for flag, path in inputs.items():
+    for flag, path in inputs:
         if path is None:
             continue
         source = Path(path).resolve()
@@ -50,6 +55,8 @@ def refuse_output_holding_inputs(
                 f"--output-dir {output_dir} {relation} the input {flag} {path}: choose another "
                 "output directory (replacing it would delete the input)"
             )
+    if output.exists() and not force:
+        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -39,11 +39,7 @@ from megatron_ext.checkpoint.layout import (
 )
 from megatron_ext.embeddings.init import init_new_rows, subword_decomposition
 from megatron_ext.hashing import sha256_file
-from megatron_ext.outputs import (
-    OutputExistsError,
-    atomic_directory,
-    refuse_output_holding_inputs,
-)
+from megatron_ext.outputs import atomic_directory, check_output_dir
 from megatron_ext.tokenizer.encoders import (
     SentencePieceEncoder,
     TokenizerLoadError,
@@ -237,16 +233,15 @@ def hf_to_megatron(
     from megatron.core import dist_checkpointing
 
     output_dir = Path(output_dir)
-    refuse_output_holding_inputs(
+    check_output_dir(
         output_dir,
-        {
-            "--hf-dir": hf_dir,
-            "--tokenizer-model": tokenizer_model,
-            "--base-tokenizer-model": base_tokenizer_model,
-        },
+        force,
+        [
+            ("--hf-dir", hf_dir),
+            ("--tokenizer-model", tokenizer_model),
+            ("--base-tokenizer-model", base_tokenizer_model),
+        ],
     )
-    if output_dir.exists() and not force:
-        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
     hf = HFCheckpoint(hf_dir)
     hf.arch.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
     vocab_size, new_pieces, base_path = _vocabulary_plan(hf, tokenizer_model, base_tokenizer_model)
@@ -423,11 +418,11 @@ def megatron_to_hf(
         OutputHoldsInputError: ``output_dir`` is or holds ``checkpoint_dir`` or the tokenizer.
     """
     output_dir = Path(output_dir)
-    refuse_output_holding_inputs(
-        output_dir, {"--megatron-dir": checkpoint_dir, "--tokenizer-model": tokenizer_model}
+    check_output_dir(
+        output_dir,
+        force,
+        [("--megatron-dir", checkpoint_dir), ("--tokenizer-model", tokenizer_model)],
     )
-    if output_dir.exists() and not force:
-        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
     metadata = read_metadata(checkpoint_dir)
     arch = LlamaArch(**metadata["arch"])
     if tokenizer_model:

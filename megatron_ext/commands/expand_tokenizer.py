@@ -16,7 +16,7 @@ from pathlib import Path
 from megatron_ext.commands.options import add_corpus_reading_options, add_normalize_option
 from megatron_ext.data.readers import InputError
 from megatron_ext.hashing import sha256_file
-from megatron_ext.outputs import OutputExistsError, atomic_directory
+from megatron_ext.outputs import OutputExistsError, atomic_directory, check_output_dir
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
 from megatron_ext.tokenizer.normalize import build_normalizer
 
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     config.validate()
     output = Path(args.output_dir)
-    if output.exists() and not args.force:
-        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output}")
+    inputs = [("--base-model", args.base_model)] + [("--corpus", c) for c in args.corpus]
+    check_output_dir(output, args.force, inputs)
     base = load_base(args.base_model)
     check_exportable(base)  # fail before the long part, not after it
     files = expand_inputs(args.corpus, flag="--corpus")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from megatron_ext.commands.options import add_corpus_reading_options, add_normalize_option
 from megatron_ext.data.readers import InputError
-from megatron_ext.outputs import OutputExistsError, atomic_directory
+from megatron_ext.outputs import OutputExistsError, atomic_directory, check_output_dir
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
 
 
@@ -145,8 +145,9 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_ext.tokenizer.normalize import build_normalizer
 
     output = Path(args.output_dir)
-    if output.exists() and not args.force:
-        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output}")
+    inputs = [("--tokenizer", path) for _, path in args.tokenizer]
+    inputs += [("--corpus", path) for _, path in args.corpus] + [("--parallel", args.parallel)]
+    check_output_dir(output, args.force, inputs)
     for flag, named in (("--tokenizer", args.tokenizer), ("--corpus", args.corpus)):
         names = [name for name, _ in named]
         repeated = sorted({name for name in names if names.count(name) > 1})

@@ -158,6 +158,10 @@ def test_existing_output_needs_force(expanded, llama2_tokenizer, small_corpus, t
     assert (out / "tokenizer.model").read_bytes() == b"old"
     assert _expand(llama2_tokenizer, small_corpus, out, "--force") == 0
     assert (out / "tokenizer.model").read_bytes() == (expanded / "tokenizer.model").read_bytes()
+    # Expanding a tokenizer into its own directory: --force would delete the base first.
+    assert _expand(out / "tokenizer.model", small_corpus, out, "--force") == 1
+    assert f"--output-dir {out} holds the input --base-model" in capsys.readouterr().err
+    assert (out / "tokenizer.model").read_bytes() == (expanded / "tokenizer.model").read_bytes()
 
 
 def test_report(expanded, llama2_tokenizer, corpora, tmp_path):
