@@ -148,6 +148,10 @@ class LlamaArch:
             )
         except KeyError as err:
             raise ArchitectureError(f"{source}: missing {err.args[0]}") from err
+        except ArchitectureError:
+            raise
+        except (TypeError, ValueError) as err:  # a null or a string where a number belongs
+            raise ArchitectureError(f"{source}: {err}") from err
 
     def to_hf_config(self, **extra: Any) -> dict[str, Any]:
         """A ``config.json`` dictionary for ``LlamaForCausalLM`` (``extra`` adds e.g. token ids)."""

@@ -25,6 +25,7 @@ from megatron_ext.arch import LlamaArch
 from megatron_ext.checkpoint.hf import (
     CheckpointError,
     HFCheckpoint,
+    check_finite,
     expected_shapes,
     read_json_file,
     save_hf_checkpoint,
@@ -176,21 +177,13 @@ def _vocab_rows(
     return torch.cat(parts)
 
 
-def _finite(name: str, tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (``source`` cast), refused when it holds a NaN or an infinity.
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``tensor`` in ``dtype``, refused when it holds, or the cast makes, a NaN or an infinity.
 
-    Names the tensor, and whether the values were already so in ``source`` or the cast made them
-    (bf16 weights above fp16's 65,504 become infinities).
+    bf16 and fp32 weights above fp16's 65,504 become infinities in fp16.
     """
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        cause = (
-            "already in the source"
-            if not torch.isfinite(source).all()
-            else f"from casting {source.dtype} to {tensor.dtype} (out of its range)"
-        )
-        raise CheckpointError(f"{name}: {bad:,} values are NaN or infinite, {cause}")
-    return tensor
+    check_finite(tensor, what)
+    return check_finite(tensor.to(dtype).contiguous(), f"{what} cast to {dtype}")
 
 
 def _meta_model(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype):
@@ -274,7 +267,7 @@ def hf_to_megatron(
     for name, tensor in progress:
         if name not in sharded:
             raise CheckpointError(f"no megatron-core weight {name} for this architecture")
-        sharded[name].data = _finite(name, tensor.to(torch_dtype).contiguous(), tensor)
+        sharded[name].data = _cast(tensor, torch_dtype, f"converted {name}")
 
     with atomic_directory(output_dir, force=force) as staging:
         dist_checkpointing.save(sharded, str(staging))
@@ -344,7 +337,12 @@ def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
 
 
 def _check_export_tokenizer(tokenizer_model: str, checkpoint_dir: str, metadata: dict) -> None:
-    """Refuse a tokenizer other than the one the checkpoint's rows follow."""
+    """Refuse a tokenizer other than the one the checkpoint's rows follow.
+
+    Raises:
+        CheckpointError: Another number of pieces, or other pieces than the checkpoint recorded.
+        TokenizerLoadError: Not a SentencePiece model.
+    """
     encoder = SentencePieceEncoder(tokenizer_model)
     vocab_size = metadata["arch"]["vocab_size"]
     if encoder.vocab_size != vocab_size:
@@ -361,27 +359,26 @@ def _check_export_tokenizer(tokenizer_model: str, checkpoint_dir: str, metadata:
         )
 
 
-def _hf_tokenizer_files(tokenizer_model: str, directory: Path) -> str | None:
-    """Write Hugging Face tokenizer files beside the copied ``tokenizer.model``.
+def _exportable_tokenizer(tokenizer_model: str):
+    """The tokenizer's ``ModelProto`` when Hugging Face files can reproduce it, else why not.
 
     Returns:
-        None, or why none were written (the model cannot be reproduced by them).
+        ``(model, None)`` or ``(None, reason)``.
     """
-    from megatron_ext.tokenizer.hf_export import HFExportError, check_exportable, save_hf_files
+    from megatron_ext.tokenizer.hf_export import HFExportError, check_exportable
     from megatron_ext.tokenizer.sp_proto import parse_model
 
-    expansion = Path(tokenizer_model).parent / "expansion.json"
-    if expansion.is_file():
-        settings = read_json_file(expansion).get("settings", {})
-        if settings.get("method") == "append":
-            return "an --method append expansion (its tied scores cannot be expressed)"
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        return None, f"{err.name} is not installed (pip install 'megatron-ext[hf]')"
     model = parse_model(Path(tokenizer_model).read_bytes())
     try:
         check_exportable(model)
     except HFExportError as err:
-        return str(err)
-    save_hf_files(model, directory)
-    return None
+        return None, str(err)
+    return model, None
 
 
 def megatron_to_hf(
@@ -425,8 +422,10 @@ def megatron_to_hf(
     )
     metadata = read_metadata(checkpoint_dir)
     arch = LlamaArch(**metadata["arch"])
+    tokenizer_files, skipped = None, None
     if tokenizer_model:
         _check_export_tokenizer(tokenizer_model, str(checkpoint_dir), metadata)
+        tokenizer_files, skipped = _exportable_tokenizer(tokenizer_model)
     stored = DTYPES[metadata["dtype"]]
     export_dtype = DTYPES[dtype] if dtype else stored
     model = _meta_model(arch, metadata["padded_vocab_size"], stored)
@@ -447,7 +446,7 @@ def megatron_to_hf(
 
     def cast():
         for name, tensor in tensors():
-            yield name, _finite(name, tensor.to(export_dtype), tensor)
+            yield name, _cast(tensor, export_dtype, f"{checkpoint_dir}: {name}")
 
     with atomic_directory(output_dir, force=force) as staging:
         config = arch.to_hf_config(
@@ -459,8 +458,10 @@ def megatron_to_hf(
         save_hf_checkpoint(
             tqdm(cast(), "exporting", total, unit=" tensors", disable=None), staging, config
         )
-        skipped = None
         if tokenizer_model:
             shutil.copy(tokenizer_model, staging / "tokenizer.model")
-            skipped = _hf_tokenizer_files(tokenizer_model, staging)
+        if tokenizer_files is not None:
+            from megatron_ext.tokenizer.hf_export import save_hf_files
+
+            save_hf_files(tokenizer_files, staging)
     return {**config, "tokenizer_files_skipped": skipped}

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pickle
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def _reading(path: Path) -> Iterator[None]:
     safetensors' messages (``incomplete metadata``, ``header too large``) and torch's for an old
     or foreign ``.bin`` name no file.
     """
-    from safetensors import SafetensorError
+    unreadable: tuple[type[BaseException], ...] = (RuntimeError, OSError, EOFError)
+    if path.suffix == ".safetensors":  # safetensors is optional for .bin checkpoints
+        from safetensors import SafetensorError
 
+        unreadable += (SafetensorError,)
     try:
         yield
     except pickle.UnpicklingError as err:
@@ -47,9 +51,26 @@ def _reading(path: Path) -> Iterator[None]:
             f"{path}: refused, it holds objects other than tensors (loaded with "
             f"weights_only=True; code in a pickle is never run): {str(err).splitlines()[0]}"
         ) from err
-    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+    except unreadable as err:
+        if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{path}: in torch's format from before 1.6, which cannot be memory-mapped; "
+                "re-save it (torch.save, or transformers' save_pretrained)"
+            ) from err
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: cannot be read, damaged or cut short? ({cause})") from err
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """``tensor``, refused (as ``what``) when it holds a NaN or an infinity.
+
+    Raises:
+        CheckpointError: ``{what} has N NaN or infinite values``.
+    """
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        raise CheckpointError(f"{what} has {int((~finite).sum()):,} NaN or infinite values")
+    return tensor
 
 
 def expected_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
@@ -209,10 +230,7 @@ class HFCheckpoint:
 
             with _reading(path), safe_open(str(path), framework="pt") as f:
                 tensor = f.get_tensor(name)
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{path}: tensor {name} has {bad:,} NaN or infinite values")
-        return tensor
+        return check_finite(tensor, f"{path}: tensor {name}")
 
 
 def save_hf_checkpoint(

@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         OutputExistsError,
         OutputHoldsInputError,
         TokenizerLoadError,
+        OSError,  # a full disk, a directory without write permission
     ) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1

@@ -36,9 +36,10 @@ from megatron_ext.data.preprocess import (
     PUNKT_UNTRAINED,
     PreprocessConfig,
     WorkerDiedError,
-    reusable_outputs,
+    output_paths,
     run_preprocess,
 )
+from megatron_ext.data.provenance import reusable_outputs
 from megatron_ext.data.readers import InputError, expand_inputs
 from megatron_ext.data.sentences import check_language
 from megatron_ext.outputs import AtomicOutputs, OutputExistsError
@@ -200,16 +201,17 @@ def _run_manifest(args: argparse.Namespace) -> list[dict]:
             normalize=args.normalize if spec.normalize is None else spec.normalize,
         )
         if not args.force:
-            reused, why_not = reusable_outputs(config)
+            reused, why_not = reusable_outputs(config, output_paths(config))
             if reused is not None:
                 stats = reused[args.json_keys[0]]
                 print(f"{spec.name}: outputs are up to date, kept ({stats['dataset']})")
                 results.append(stats)
                 continue
             if why_not:
+                stem = config.output_stem(args.json_keys[0])
                 raise OutputExistsError(
-                    f"{spec.name}: {config.output_stem(args.json_keys[0])} exists, but "
-                    f"{why_not}; pass --force to rebuild it"
+                    f"{spec.name}: {stem} exists, but {why_not}; delete {stem}.bin, .idx and "
+                    ".stats.json to rebuild this language, or pass --force to rebuild them all"
                 )
         print(f"{spec.name}: {len(expand_inputs(spec.inputs))} input file(s)")
         stats = run_preprocess(config, progress=args.progress)[args.json_keys[0]]
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             results = list(report.values())
             for stats in results:
                 print(_summary_line(stats))
-            saved = results[0]["settings"]["punkt_params_saved"]
+            saved = results[0]["punkt_params_saved"]
             if saved:
                 print(f"Punkt parameters learnt: {saved} (--punkt-params for other shards)")
             for stats in results:

@@ -120,7 +120,8 @@ def _warn_on_other_normalization(tokenizers: list[tuple[str, str]], normalize: l
     """
     for name, path in tokenizers:
         try:
-            settings = json.loads((Path(path).parent / "expansion.json").read_text())["settings"]
+            expansion = Path(path).parent / "expansion.json"
+            settings = json.loads(expansion.read_text(encoding="utf-8"))["settings"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not one of ours: nothing to compare with
         learnt_on = settings.get("normalize") or []

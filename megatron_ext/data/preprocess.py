@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ext.data.indexed import (
-    IndexedDatasetError,
     IndexedDatasetWriter,
-    check_indexed_files,
     token_dtype,
 )
+from megatron_ext.data.provenance import outputs_made_from
 from megatron_ext.data.readers import (
     BAD_LINE_REASONS,
     DEFAULT_BLOCK_BYTES,
@@ -48,6 +47,8 @@ from megatron_ext.data.readers import (
     parse_block,
 )
 from megatron_ext.data.sentences import (
+    PUNKT_TRAIN,
+    PUNKT_UNTRAINED,
     SentenceSplitter,
     check_language,
     language_code,
@@ -55,14 +56,11 @@ from megatron_ext.data.sentences import (
     save_punkt_params,
     train_punkt,
 )
-from megatron_ext.hashing import sha256_path
 from megatron_ext.outputs import AtomicOutputs, pid_alive
 from megatron_ext.tokenizer.encoders import TextEncoder, build_encoder
 from megatron_ext.tokenizer.normalize import build_normalizer
 
 ON_BAD_LINE = ("error", "skip")
-PUNKT_TRAIN = "train"
-PUNKT_UNTRAINED = "untrained"
 
 
 @dataclass
@@ -420,6 +418,8 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
     files = expand_inputs(config.inputs)
     encoder = _build_encoder(config)
     _validate(config, files, encoder)
+    # Before reading: an input replaced during the run must not pass for what was read.
+    made_from = outputs_made_from(config, files)
     dtype = token_dtype(encoder.vocab_size)
     paths = output_paths(config)
     ordered = [p for group in zip(*paths.values(), strict=True) for p in group]
@@ -471,7 +471,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
         report = {}
         for key, (_bin, idx_path, stats_path) in paths.items():
             writers[key].finalize(outputs.temp(idx_path))
-            report[key] = _stats_record(config, key, files, encoder, dtype, stats[key], seconds)
+            report[key] = _stats_record(config, key, made_from, encoder, dtype, stats[key], seconds)
             with open(outputs.temp(stats_path), "w", encoding="utf-8") as f:
                 json.dump(report[key], f, indent=2, ensure_ascii=False)
                 f.write("\n")
@@ -482,7 +482,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
 def _stats_record(
     config: PreprocessConfig,
     key: str,
-    files: list[str],
+    made_from: dict,
     encoder: TextEncoder,
     dtype: type[np.number],
     stats: DatasetStats,
@@ -490,7 +490,6 @@ def _stats_record(
 ) -> dict:
     record = asdict(stats)
     record["skipped"] = dict(sorted(stats.skipped.items()))
-    made_from = _made_from(config, files)
     return {
         "dataset": config.output_stem(key),
         "json_key": key,
@@ -506,86 +505,7 @@ def _stats_record(
         },
         "inputs": made_from["inputs"],
         "settings": made_from["settings"],
+        "punkt_params_saved": str(punkt) if (punkt := punkt_output_path(config)) else None,
         "workers": config.workers,
         "seconds": round(seconds, 3),
     }
-
-
-def _made_from(config: PreprocessConfig, files: list[str]) -> dict:
-    """What decides the outputs' bytes, as ``.stats.json`` records it.
-
-    The inputs (by size and modification time: hashing hundreds of GB would take minutes), the
-    tokenizer and the settings.
-    """
-    return {
-        "inputs": [
-            {"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
-            for f in files
-        ],
-        "tokenizer": {
-            "type": config.tokenizer_type,
-            "sha256": sha256_path(config.tokenizer_model),
-            "hf_include_special_tokens": config.tokenizer_hf_include_special_tokens,
-        },
-        "settings": {
-            "append_eod": config.append_eod,
-            "split_sentences": config.split_sentences,
-            "lang": config.lang,
-            "keep_newlines": config.keep_newlines,
-            "punkt_params": config.punkt_params if config.split_sentences else None,
-            "punkt_params_saved": str(punkt) if (punkt := punkt_output_path(config)) else None,
-            "normalize": list(config.normalize),
-            "on_bad_line": config.on_bad_line,
-        },
-    }
-
-
-def reusable_outputs(config: PreprocessConfig) -> tuple[dict[str, dict] | None, str]:
-    """Whether a run's outputs are already there, whole, and made from the same inputs.
-
-    Returns:
-        ``({key: stats}, "")`` when every output exists, is whole (``check_indexed_files``) and
-        its ``.stats.json`` records the same inputs (path, size, modification time), tokenizer
-        and settings; ``(None, why)`` when outputs exist but cannot be reused; ``(None, "")``
-        when none exist.
-    """
-    paths = output_paths(config)
-    if not any(p.exists() for group in paths.values() for p in group):
-        return None, ""
-    made_from = _made_from(config, expand_inputs(config.inputs))
-    found = {}
-    for key, (bin_path, _idx, stats_path) in paths.items():
-        try:
-            stats = json.loads(stats_path.read_text(encoding="utf-8"))
-            sequences, documents = check_indexed_files(config.output_stem(key))
-        except (OSError, ValueError, IndexedDatasetError) as err:  # JSONDecodeError: ValueError
-            return None, f"they are incomplete or damaged ({err})"
-        if (sequences, documents) != (stats.get("sequences"), stats.get("documents")):
-            return None, f"{bin_path} does not hold what {stats_path} counts"
-        for part, expected in made_from.items():
-            recorded = stats.get(part)
-            if part == "tokenizer" and isinstance(recorded, dict):
-                recorded = {k: recorded.get(k) for k in expected}
-            if recorded != expected:
-                return None, f"{stats_path} records other {part}: {_difference(recorded, expected)}"
-        found[key] = stats
-    return found, ""
-
-
-def _difference(recorded: object, expected: object) -> str:
-    """The first difference between a recorded ``_made_from`` part and the current one."""
-    if isinstance(recorded, dict) and isinstance(expected, dict):
-        for name, value in expected.items():
-            if recorded.get(name) != value:
-                return f"{name} {recorded.get(name)!r}, now {value!r}"
-    if isinstance(recorded, list) and isinstance(expected, list):
-        for old, new in itertools.zip_longest(recorded, expected):
-            if old != new:
-                if not isinstance(new, dict):
-                    return (
-                        f"{old.get('path') if isinstance(old, dict) else old} is not an input now"
-                    )
-                if not isinstance(old, dict) or old.get("path") != new["path"]:
-                    return f"{new['path']} is a new input"
-                return f"{new['path']} has changed since (size or modification time)"
-    return f"{recorded!r}, now {expected!r}"

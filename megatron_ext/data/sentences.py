@@ -30,6 +30,10 @@ _EXTRA_SENT_END = {
     "bn": ("।", "॥"),
     "sa": ("।", "॥"),
     "am": ("።", "፧"),
+    "ckb": ("؟", "۔"),
+    "ps": ("؟", "۔"),
+    "sd": ("؟", "۔"),
+    "ug": ("؟",),
     "hy": ("։",),
     "my": ("။",),
 }
@@ -87,10 +91,24 @@ _NLTK_NAMES = {
     "cmn": "zh",
     "jpn": "ja",
     "eng": "en",
+    # Arabic varieties and other languages written like those above.
+    **dict.fromkeys(("arz", "ary", "arq", "aeb", "apc", "ajp", "acm", "afb", "ars", "ayl"), "ar"),
+    "prs": "fa",
+    "pus": "ps",
+    "pbt": "ps",
+    "snd": "sd",
+    "uig": "ug",
+    "kurdish": "ckb",
+    **dict.fromkeys(("yue", "wuu", "cantonese"), "zh"),
 }
 _UNSPACED = {"zh", "ja"}
 _CJK_END = "。！？!?"
 _CJK_CLOSE = "」』”’）)]》"
+
+
+# --punkt-params values other than a file.
+PUNKT_TRAIN = "train"
+PUNKT_UNTRAINED = "untrained"
 
 
 def language_code(lang: str) -> str:
@@ -103,7 +121,8 @@ def check_language(lang: str) -> None:
     """Refuse what is neither an ISO 639 code nor a known language name.
 
     A typo (``arabc``) or a corpus name (``ar_web``) would otherwise split with the Latin rules
-    only, missing Arabic's ``؟``, without a word.
+    only, missing Arabic's ``؟``, without a word. A code this module has no rules for (most
+    languages written in Latin or Cyrillic script need none) still splits at ``. ? !`` only.
 
     Raises:
         ValueError: Naming ``lang`` and what is accepted.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from megatron_ext.tokenizer.sp_proto import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, ModelProto
@@ -58,6 +59,18 @@ def check_exportable(model: ModelProto) -> None:
             f"user-defined pieces ({', '.join(map(repr, user_defined[:3]))}"
             f"{', ...' if len(user_defined) > 3 else ''}) are not reproduced: Hugging Face "
             "would add a space after each"
+        )
+    scores = Counter(p.score for p in model.pieces if p.type == NORMAL)
+    # Llama-2's whitespace runs share the lowest score, -1e9; the files agree with SentencePiece
+    # on them (tested on every shared corpus). Ties above it are --method append's new pieces.
+    tied = sorted(s for s, n in scores.items() if n > 1 and s > min(scores))
+    if tied:
+        examples = [p.piece for p in model.pieces if p.type == NORMAL and p.score == tied[0]]
+        raise HFExportError(
+            f"{sum(scores[s] for s in tied):,} pieces share scores ({examples[0]!r} and "
+            f"{examples[1]!r} at {tied[0]}): SentencePiece breaks such ties by position in the "
+            "text, which tokenizer.json's merge ranks cannot express (an --method append "
+            "expansion?)"
         )
 
 

@@ -135,9 +135,8 @@ def test_learnt_punkt_parameters_are_saved_for_other_shards(
     assert preprocess_cmd.main([*argv, "--split-sentences", "--lang", "en"]) == 0
     saved = tmp_path / "learnt_punkt.json"
     assert f"Punkt parameters learnt: {saved} " in capsys.readouterr().out
-    assert json.loads(files_of(tmp_path / "learnt", "sentence")[2].read_text())["settings"][
-        "punkt_params_saved"
-    ] == str(saved)
+    stats = json.loads(files_of(tmp_path / "learnt", "sentence")[2].read_text())
+    assert stats["punkt_params_saved"] == str(saved)
     argv = cli_args("--input", source, tmp_path / "given", llama2_tokenizer, "--split-sentences")
     assert preprocess_cmd.main([*argv, "--lang", "en", "--punkt-params", str(saved)]) == 0
     assert not (tmp_path / "given_punkt.json").exists()
@@ -495,12 +494,25 @@ def test_manifest_rerun_rebuilds_nothing_stale_or_damaged(
         assert preprocess_cmd.main([*argv, *extra]) == 1
         assert {p: p.read_bytes() for p in kept} == kept  # nothing touched
         err = capsys.readouterr().err
-        assert f"en: {stem} exists, but " in err and err.rstrip().endswith("to rebuild it")
+        assert f"en: {stem} exists, but " in err
+        assert err.rstrip().endswith(f"delete {stem}.bin, .idx and .stats.json to rebuild this "
+                                     "language, or pass --force to rebuild them all")  # fmt: skip
         return err
 
-    assert "records other settings: on_bad_line 'error', now 'skip'" in refused(
-        "--on-bad-line", "skip"
-    )
+    assert "records other settings: normalize [], now ['nfkc']" in refused("--normalize", "nfkc")
+    # No line was bad, so stopping at one or skipping it gives these bytes: nothing refused.
+    assert preprocess_cmd.main([*argv, "--on-bad-line", "skip"]) == 0
+    assert capsys.readouterr().out.count("outputs are up to date") == 2
+    # A .stats.json from before modification times were recorded.
+    stats_path = Path(f"{stem}.stats.json")
+    stats = json.loads(stats_path.read_text())
+    older = {**stats, "inputs": [{k: v for k, v in i.items() if k != "mtime_ns"}
+                                 for i in stats["inputs"]]}  # fmt: skip
+    stats_path.write_text(json.dumps(older))
+    kept[stats_path] = stats_path.read_bytes()
+    assert "written by an earlier megatron-ext, which did not record" in refused()
+    stats_path.write_text(json.dumps(stats))
+    kept[stats_path] = stats_path.read_bytes()
     # The same bytes in another order: same size, newer modification time.
     lines = english.read_bytes().splitlines(keepends=True)
     english.write_bytes(b"".join(reversed(lines)))

@@ -38,7 +38,8 @@ def test_arabic_question_mark_and_urdu_full_stop():
 
 def test_iso_639_3_codes_get_their_languages_rules_and_unknown_names_are_refused():
     text = "هل ذهبت؟ نعم ذهبت."
-    assert SentenceSplitter("arb", False, None).split(text) == ["هل ذهبت؟", "نعم ذهبت."]
+    for lang in ("arb", "arz", "ckb"):  # Modern Standard, Egyptian Arabic; Sorani Kurdish
+        assert SentenceSplitter(lang, False, None).split(text) == ["هل ذهبت؟", "نعم ذهبت."]
     for lang in ("ar", "Arabic", "arb", "sw", "french"):
         check_language(lang)
     for lang in ("arabc", "ar_web", "", "en-US"):
