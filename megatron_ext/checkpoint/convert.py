@@ -180,9 +180,10 @@ def _vocab_rows(
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     """``tensor`` in ``dtype``, refused when it holds, or the cast makes, a NaN or an infinity.
 
-    bf16 and fp32 weights above fp16's 65,504 become infinities in fp16.
+    bf16 and fp32 weights above fp16's 65,504 become infinities in fp16. One check after the
+    cast covers both: a cast keeps NaN and infinities (``HFCheckpoint.get`` has already named
+    a source tensor's own).
     """
-    check_finite(tensor, what)
     return check_finite(tensor.to(dtype).contiguous(), f"{what} cast to {dtype}")
 
 
@@ -351,10 +352,11 @@ def _check_export_tokenizer(tokenizer_model: str, checkpoint_dir: str, metadata:
             f"vocabulary of {vocab_size:,}: export with the tokenizer it was trained with"
         )
     recorded = metadata.get("tokenizer_pieces_sha256")
-    if recorded and encoder.pieces_sha256() != recorded:
+    actual = encoder.pieces_sha256()
+    if recorded and actual != recorded:
         raise CheckpointError(
             f"{tokenizer_model}: as many pieces as {checkpoint_dir}'s vocabulary, but other ones "
-            f"(pieces sha256 {encoder.pieces_sha256()[:12]}, the checkpoint's {recorded[:12]}): "
+            f"(pieces sha256 {actual[:12]}, the checkpoint's {recorded[:12]}): "
             "its ids would name other tokens; export with the tokenizer it was trained with"
         )
 

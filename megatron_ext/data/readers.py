@@ -316,7 +316,10 @@ def _parse_json_line(line: str, keys: Sequence[str]) -> list[str | BadField]:
     fields = [
         _field(obj[k], k) if k in obj else BadField(MISSING_KEY, f'no "{k}" key') for k in keys
     ]
-    if "\\u" in line:  # only an escape makes a surrogate: other lines skip the check
+    # Only a \uD800-\uDFFF escape makes a surrogate. Testing for "\u" alone would send every
+    # line of a corpus written with json.dumps' default ensure_ascii (Arabic as \u06xx) through
+    # the check.
+    if "\\ud" in line or "\\uD" in line:
         fields = [_without_lone_surrogate(f, k) for f, k in zip(fields, keys, strict=True)]
     return fields
 
