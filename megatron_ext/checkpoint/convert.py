@@ -383,6 +383,23 @@ def _exportable_tokenizer(tokenizer_model: str):
     return model, None
 
 
+def _special_token_ids(tokenizer_model: str | None) -> dict[str, int]:
+    """``generation_config.json``'s token ids: the tokenizer's, or Llama-2's without one.
+
+    Llama-2's SentencePiece model has no pad piece, and its own files pad with ``<unk>`` (id 0);
+    so does the export of any such tokenizer, so that batched ``generate`` needs no pad setting.
+    """
+    if not tokenizer_model:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    processor = SentencePieceEncoder(tokenizer_model).processor
+    pad = processor.pad_id() if processor.pad_id() >= 0 else processor.unk_id()
+    return {
+        "bos_token_id": processor.bos_id(),
+        "eos_token_id": processor.eos_id(),
+        "pad_token_id": pad,
+    }
+
+
 def megatron_to_hf(
     checkpoint_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -450,9 +467,12 @@ def megatron_to_hf(
         for name, tensor in tensors():
             yield name, _cast(tensor, export_dtype, f"{checkpoint_dir}: {name}")
 
+    special_ids = _special_token_ids(tokenizer_model)
     with atomic_directory(output_dir, force=force) as staging:
         config = arch.to_hf_config(
-            torch_dtype=str(export_dtype).removeprefix("torch."), bos_token_id=1, eos_token_id=2
+            torch_dtype=str(export_dtype).removeprefix("torch."),
+            bos_token_id=special_ids["bos_token_id"],
+            eos_token_id=special_ids["eos_token_id"],
         )
         from tqdm import tqdm
 
@@ -460,6 +480,8 @@ def megatron_to_hf(
         save_hf_checkpoint(
             tqdm(cast(), "exporting", total, unit=" tensors", disable=None), staging, config
         )
+        generation = {**special_ids, "max_length": arch.max_position_embeddings}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer_model:
             shutil.copy(tokenizer_model, staging / "tokenizer.model")
         if tokenizer_files is not None:

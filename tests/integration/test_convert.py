@@ -322,6 +322,10 @@ def test_conversion_refuses_what_would_lose_or_mislabel_weights(tmp_path, hf_dir
     sp = spm.SentencePieceProcessor(model_file=str(base))
     for text in ("Hello world", "All human beings are born free and equal."):
         assert tokenizer(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
+    # Batched generate pads with <unk>, as Llama-2's own files do (the tokenizer has no pad).
+    generation = transformers.GenerationConfig.from_pretrained(back)
+    assert (generation.bos_token_id, generation.eos_token_id) == (sp.bos_id(), sp.eos_id())
+    assert generation.pad_token_id == sp.unk_id() and sp.pad_id() == -1
 
 
 def test_cli_round_trip(tmp_path, hf_dir):
