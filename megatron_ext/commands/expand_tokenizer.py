@@ -13,7 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from megatron_ext.commands.options import add_corpus_reading_options, add_normalize_option
+from megatron_ext.commands.options import (
+    add_corpus_reading_options,
+    add_normalize_option,
+    positive_int,
+)
 from megatron_ext.data.readers import InputError
 from megatron_ext.hashing import sha256_file
 from megatron_ext.outputs import OutputExistsError, atomic_directory, check_output_dir
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "baseline (train N pieces, append the new ones with score 0), for comparison only",
     )
     add_corpus_reading_options(parser)
-    parser.add_argument("--threads", type=int, default=2, help="trainer and encoder threads")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="trainer and encoder threads"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     return parser
 

@@ -39,6 +39,17 @@ def add_normalize_option(
     )
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def usable_cores() -> int:
     """The cores this process may run on: a Slurm job's or ``taskset``'s, not the machine's."""
     if hasattr(os, "sched_getaffinity"):  # Linux

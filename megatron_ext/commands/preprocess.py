@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from megatron_ext.commands.options import add_normalize_option, usable_cores
+from megatron_ext.commands.options import add_normalize_option, positive_int, usable_cores
 from megatron_ext.data.blend import (
     ManifestError,
     blend_weights,
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("runtime")
     run.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=usable_cores(),
         help="worker processes (default: the cores this process may use, e.g. those Slurm "
         "gave the job)",
@@ -136,7 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar (default: only when stderr is a terminal)",
+        help="progress bar (default: on a terminal; otherwise a line every 5%% of the input)",
+    )
+    run.add_argument(
+        "--log-interval",
+        type=positive_int,
+        metavar="DOCUMENTS",
+        help="a progress line every this many documents instead (as Megatron-LM's)",
+    )
+    megatron_lm = parser.add_argument_group(
+        "Megatron-LM flags with nothing left to do (accepted, so its commands run unchanged)"
+    )
+    megatron_lm.add_argument(
+        "--partitions",
+        type=positive_int,
+        help="ignored: --workers share every file, and one dataset is written in input order",
+    )
+    megatron_lm.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="ignored: documents are always written in input order",
     )
     return parser
 
@@ -214,7 +233,7 @@ def _run_manifest(args: argparse.Namespace) -> list[dict]:
                     ".stats.json to rebuild this language, or pass --force to rebuild them all"
                 )
         print(f"{spec.name}: {len(expand_inputs(spec.inputs))} input file(s)")
-        stats = run_preprocess(config, progress=args.progress)[args.json_keys[0]]
+        stats = run_preprocess(config, args.progress, args.log_interval)[args.json_keys[0]]
         print(_summary_line(stats))
         results.append(stats)
 
@@ -265,6 +284,11 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.partitions not in (None, 1) or args.keep_sequential_samples:
+        print(
+            "note: --partitions and --keep-sequential-samples are not needed: --workers share "
+            "every file, and documents are written in input order"
+        )
     signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
     try:
@@ -273,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.output_prefix:
                 raise ValueError("--output-prefix is required")
-            report = run_preprocess(_config(args, args.input, args.output_prefix), args.progress)
+            config = _config(args, args.input, args.output_prefix)
+            report = run_preprocess(config, args.progress, args.log_interval)
             results = list(report.values())
             for stats in results:
                 print(_summary_line(stats))

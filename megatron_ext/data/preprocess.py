@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import select
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -396,12 +397,65 @@ def output_paths(config: PreprocessConfig) -> dict[str, tuple[Path, Path, Path]]
     }
 
 
-def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> dict[str, dict]:
+class ProgressLines:
+    """Progress as whole lines on stderr, for a log file (a Slurm job's) that a bar would garble.
+
+    A line every ``every_documents`` documents (Megatron-LM's ``--log-interval``), or else every
+    5% of the input bytes; none at the end, where the summary says it all.
+    """
+
+    def __init__(self, total_bytes: int, every_documents: int | None = None) -> None:
+        self.total_bytes = total_bytes
+        self.every_documents = every_documents
+        self.bytes = 0
+        self.documents = 0
+        self.started = time.perf_counter()
+        self._next = every_documents or total_bytes / 20
+
+    def update(self, consumed_bytes: int, documents: int) -> None:
+        """Count a block's bytes and documents; print a line when one is due."""
+        self.bytes += consumed_bytes
+        self.documents += documents
+        done = self.documents if self.every_documents else self.bytes
+        if done < self._next or self.bytes >= self.total_bytes:
+            return
+        while self._next <= done:
+            self._next += self.every_documents or self.total_bytes / 20
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        speed = self.bytes / seconds
+        left = (self.total_bytes - self.bytes) / speed if speed else 0.0
+        print(
+            f"preprocess: {self.bytes / max(self.total_bytes, 1):.0%} of "
+            f"{self.total_bytes / 1e6:,.1f} MB, {self.documents:,} documents "
+            f"({self.documents / seconds:,.0f} docs/s, {speed / 1e6:,.1f} MB/s), "
+            f"{seconds:,.0f} s, about {left:,.0f} s left",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _progress_report(total_bytes: int, progress: bool | None, log_interval: int | None):
+    """``update(bytes, documents)`` for the chosen display, and the bar to close (or None)."""
+    from tqdm import tqdm
+
+    on_terminal = sys.stderr.isatty()
+    if progress is not False and (log_interval or (progress is None and not on_terminal)):
+        return ProgressLines(total_bytes, log_interval).update, None
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
+               disable=not (progress or on_terminal))  # fmt: skip
+    return (lambda consumed, _documents: bar.update(consumed)), bar
+
+
+def run_preprocess(
+    config: PreprocessConfig, progress: bool | None = None, log_interval: int | None = None
+) -> dict[str, dict]:
     """Tokenize ``config.inputs`` into one indexed dataset per JSON key.
 
     Args:
         config: The run's settings.
-        progress: Show a tqdm bar (None: only on a terminal).
+        progress: True: a tqdm bar; False: nothing; None: a bar on a terminal, otherwise
+            lines (``ProgressLines``).
+        log_interval: Lines every this many documents instead (unless ``progress`` is False).
 
     Returns:
         ``{key: stats}``: the content of each ``.stats.json``.
@@ -412,8 +466,6 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
         OutputExistsError: Outputs exist and ``force`` is false.
         TokenizerLoadError: The tokenizer cannot be loaded.
     """
-    from tqdm import tqdm
-
     started = time.perf_counter()
     files = expand_inputs(config.inputs)
     encoder = _build_encoder(config)
@@ -436,27 +488,27 @@ def run_preprocess(config: PreprocessConfig, progress: bool | None = None) -> di
         blocks = itertools.chain.from_iterable(iter_blocks(f, config.block_bytes) for f in files)
         factory = functools.partial(_BlockEncoder.build, config, dtype, splitter)
         total = sum(os.path.getsize(f) for f in files)
+        report_progress, bar = _progress_report(total, progress, log_interval)
+        first_key = config.json_keys[0]
         try:
-            disable = None if progress is None else not progress
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc="preprocess", disable=disable
-            ) as bar:
-                for result in ordered_map(factory, blocks, config.workers):
-                    if result.error is not None:
-                        line, message = result.error
-                        raise BadLineError(
-                            f"{result.path}:{line}: {message} "
-                            "(pass --on-bad-line skip to skip and count such lines)"
-                        )
-                    for key, writer in writers.items():
-                        writer.add_documents(
-                            result.tokens[key],
-                            result.sequence_lengths[key],
-                            result.sequences_per_document[key],
-                        )
-                        stats[key].merge(result.stats[key])
-                    bar.update(result.consumed)
+            for result in ordered_map(factory, blocks, config.workers):
+                if result.error is not None:
+                    line, message = result.error
+                    raise BadLineError(
+                        f"{result.path}:{line}: {message} "
+                        "(pass --on-bad-line skip to skip and count such lines)"
+                    )
+                for key, writer in writers.items():
+                    writer.add_documents(
+                        result.tokens[key],
+                        result.sequence_lengths[key],
+                        result.sequences_per_document[key],
+                    )
+                    stats[key].merge(result.stats[key])
+                report_progress(result.consumed, result.stats[first_key].documents)
         finally:
+            if bar is not None:
+                bar.close()
             for writer in writers.values():
                 writer.close()
         for key, counts in stats.items():

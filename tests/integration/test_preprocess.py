@@ -675,3 +675,38 @@ def test_a_worker_follows_its_parent_out_without_pidfd(monkeypatch, pidfd):
     parent.wait()
     watch.join(10)
     assert exits == [1]
+
+
+def test_progress_lines_for_a_log_file(tmp_path, corpora, llama2_tokenizer, capsys):
+    """Without a terminal (a Slurm log), progress comes as whole lines, counted right."""
+    source = corpora / "en" / "train.jsonl"
+    documents = len(read_texts(source))
+    cfg = config(llama2_tokenizer, [source], tmp_path / "every", block_bytes=1 << 16)
+    run_preprocess(cfg, progress=None, log_interval=documents // 4)
+    lines = capsys.readouterr().err.splitlines()
+    counts = [int(re.search(r" ([\d,]+) documents", line)[1].replace(",", "")) for line in lines]
+    assert len(counts) == 3, lines  # at a quarter, a half and three quarters; the summary ends it
+    assert all(k * (documents // 4) <= c < documents for k, c in enumerate(counts, 1)), counts
+
+    cfg.output_prefix = str(tmp_path / "percent")
+    run_preprocess(cfg, progress=None)  # pytest's stderr is no terminal: every 5% of the bytes
+    lines = capsys.readouterr().err.splitlines()
+    shares = [int(re.match(r"preprocess: (\d+)% of", line)[1]) for line in lines]
+    assert 10 <= len(shares) < 20 and shares == sorted(shares) and shares[-1] < 100, lines
+    cfg.force = True
+    run_preprocess(cfg, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_megatron_lm_flags_with_nothing_to_do_are_accepted(
+    tmp_path, corpora, llama2_tokenizer, capsys
+):
+    source = corpora / "en" / "valid.jsonl"
+    argv = cli_args("--input", source, tmp_path / "p", llama2_tokenizer, "--no-progress")
+    assert preprocess_cmd.main([*argv, "--partitions", "4", "--keep-sequential-samples"]) == 0
+    assert "note: --partitions and --keep-sequential-samples are not needed" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit):
+        preprocess_cmd.main([*argv, "--workers", "0", "--force"])
+    assert "--workers: must be at least 1, got 0" in capsys.readouterr().err
