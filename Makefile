@@ -35,7 +35,8 @@ bench: $(STAMP)
 
 # On a GPU machine: the one-GPU training runs (bf16, distributed optimizer, checkpoint resume),
 # the GPU benchmarks (docs/benchmarks.md records their numbers), the kernels' tests on CUDA and
-# the other training tests, each step with a share of GPU_CHECK_SECONDS; logs go to $OUT.
+# the other training tests, each step within its own time limit (`.ci/gpu-check NAME=SECONDS`
+# changes one); logs go to $OUT.
 gpu-check: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash .ci/gpu-check
 

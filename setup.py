@@ -29,19 +29,20 @@ setup(
         "pyyaml",
         "zstandard",
         "psutil",
+        "safetensors",  # the weights convert reads and writes
+        "matplotlib",  # the plots of tokenizer-report and the demo's report
     ],
     extras_require={
         # Transformer Engine kernels for H100 clusters; apex is built from source (see README).
         "gpu": ["transformer-engine[pytorch]"],
         "parquet": ["pyarrow"],
-        "hf": ["transformers", "safetensors"],
+        # Hugging Face tokenizer files on export (and the tests' reference models).
+        "hf": ["transformers"],
         "tensorboard": ["tensorboard"],
         "dev": [
             "tensorboard",
             "pyarrow",
             "transformers",
-            "safetensors",
-            "matplotlib",
             "pytest",
             "pytest-benchmark",
             "ruff",
