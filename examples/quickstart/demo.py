@@ -20,16 +20,20 @@ Each capability adds its stage here. Stages so far:
    configs with the expanded tokenizer (layout, memory per GPU, checkpoint size, stages).
 
 Outputs go to ``--output-dir`` (default ``demo_output/``); ``report.md`` there is the summary.
-Re-running reuses outputs that are up to date.
+Re-running reuses outputs that are up to date and says so; an interrupted training run resumes
+from its latest checkpoint; ``--force`` starts afresh.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,11 +140,14 @@ def expand_tokenizer(out: Path, corpora: Path, tokenizer: Path) -> dict:
     expanded = out / "tokenizer"
     meta_file = expanded / "expansion.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
-    if not (
+    reused = bool(
         meta
         and meta["settings"]["num_new_tokens"] == EXPAND_BUDGET
         and meta["inputs"]["base_model"]["sha256"] == sha256_file(tokenizer)
-    ):
+    )
+    if reused:
+        print(f"kept: {expanded} (expanded from the same base by an earlier demo run)")
+    else:
         run(
             [
                 "megatron-ext", "expand-tokenizer",
@@ -164,7 +171,7 @@ def expand_tokenizer(out: Path, corpora: Path, tokenizer: Path) -> dict:
             "--force",
         ]
     )  # fmt: skip
-    return json.loads((report_dir / "report.json").read_text())
+    return {**json.loads((report_dir / "report.json").read_text()), "reused": reused}
 
 
 def tokenizer_section(report: dict) -> str:
@@ -197,28 +204,33 @@ def tokenizer_section(report: dict) -> str:
     )
 
 
-def preprocess_section(blend: dict, out: Path) -> str:
-    """Markdown section of the report for stage 2 (and its plot)."""
+def preprocess_section(blend: dict, expanded_blend: dict, out: Path) -> str:
+    """Markdown section of the report for stage 2 (and its plot), with stage 5's re-tokenizing."""
     plot_preprocess(blend, out / "preprocess.png")
+    budget = blend["train_tokens"]
     rows = [
-        "| language | documents | tokens | characters | chars/token | skipped | blend share | "
-        "epochs |",
+        "| language | documents | characters | tokens (base) | tokens (expanded) | fewer | "
+        f"blend share | epochs in {budget / 1e6:g}M tokens |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for e in blend["languages"]:
+    for e, x in zip(blend["languages"], expanded_blend["languages"], strict=True):
         s = e["stats"]
         rows.append(
-            f"| {e['name']} | {s['documents']:,} | {s['tokens']:,} | {s['characters']:,} | "
-            f"{s['characters'] / s['tokens']:.2f} | {s['skipped_total']:,} | "
-            f"{e['requested_share']:.2f} | {e.get('epochs', 0):.2f} |"
+            f"| {e['name']} | {s['documents']:,} | {s['characters']:,} | {s['tokens']:,} | "
+            f"{x['stats']['tokens']:,} | {s['tokens'] / x['stats']['tokens']:.2f}x | "
+            f"{e['requested_share']:.2f} | {x.get('epochs', 0):.2f} |"
         )
     return (
         "## Preprocessing\n\n"
-        "English (World English Bible) and classical Arabic (hadith) blended 1:3 by tokens. "
-        "Arabic costs the base tokenizer far more tokens per character than English: that is "
-        "what tokenizer expansion fixes.\n\n" + "\n".join(rows) + "\n\n"
-        f"Megatron `--data-path`:\n\n```\n{blend['data_path']}\n```\n\n"
-        "![preprocessing](preprocess.png)\n"
+        "English (World English Bible) and classical Arabic (hadith) blended 1:3 by tokens, "
+        "once with the base tokenizer and again (stage 5, what training reads) with the "
+        "expanded one. Arabic costs the base tokenizer far more tokens per character than "
+        "English; the expanded tokenizer needs several times fewer, and English's count does "
+        "not change (its pieces are the base's). Epochs: how often each corpus would be read "
+        f"in a run of {budget:,} tokens (`train_tokens` in `blend.yaml`; the demo trains "
+        "far fewer).\n\n" + "\n".join(rows) + "\n\n"
+        f"Megatron `--data-path` (expanded tokenizer):\n\n```\n{expanded_blend['data_path']}"
+        "\n```\n\n![preprocessing](preprocess.png)\n"
     )
 
 
@@ -344,9 +356,14 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
     save = out / "runs" / "tiny-ar"
     latest = save / "latest_checkpointed_iteration.txt"
     done = latest.exists() and int(latest.read_text()) >= TRAIN_ITERS
-    if not (done and _validated_on(save, HELD_OUT)):
-        if save.exists():
-            shutil.rmtree(save)  # an older demo run: train afresh
+    reused = done and _validated_on(save, HELD_OUT)
+    if reused:
+        print(f"kept: {save} (trained to iteration {TRAIN_ITERS} by an earlier demo run)")
+    else:
+        if done:
+            shutil.rmtree(save)  # an older demo's run, without the held-out validation
+        elif latest.exists():
+            print(f"resuming the interrupted run in {save} from its latest checkpoint")
         cmd = [
             "torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "-m", "megatron_ext.cli", "train",
@@ -363,7 +380,7 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
         torchrun = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
         # As on a cluster (examples/slurm/train.sbatch); one thread per process on a CPU.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-        subprocess.run(torchrun, check=True, env=env)
+        run_process_group(torchrun, env)
     checkpoint = save / f"iter_{TRAIN_ITERS:07d}"
     run(
         [
@@ -376,7 +393,34 @@ def continued_pretraining(out: Path, corpora: Path) -> dict:
     )  # fmt: skip
     from megatron_ext.training.metrics import read_metrics
 
-    return {"metrics": read_metrics(save / "metrics.jsonl"), "checkpoint": str(checkpoint)}
+    return {
+        "metrics": read_metrics(save / "metrics.jsonl"),
+        "checkpoint": str(checkpoint),
+        "blend": blend,
+        "reused": reused,
+    }
+
+
+def run_process_group(cmd: list[str], env: dict[str, str]) -> None:
+    """Run ``cmd`` in a process group of its own, and take the whole group down with the demo.
+
+    torchrun's ranks are its children: a demo stopped by Ctrl-C, SIGTERM or an error must not
+    leave them training into the output directory. SIGTERM lets them checkpoint first (as Slurm
+    pre-emption does), so the next demo run resumes where they stopped.
+    """
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):  # the group may have ended already
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 def _validated_on(save: Path, names: Iterable[str]) -> bool:
@@ -404,15 +448,19 @@ def plot_training(metrics: list[dict], path: Path) -> None:
         axes[0].axvspan(min(steps) - 0.5, max(steps) + 0.5, color=f"C{i + 1}", alpha=0.1)
         axes[0].text(min(steps), max(m["loss"] for m in train), name, va="top", fontsize=8)
     axes[0].set_xlabel("step")
-    axes[0].set_title("training loss (nats/token)")
+    axes[0].set_ylabel("nats per token")
+    axes[0].set_title("training loss")
     for lang in dict.fromkeys(m["lang"] for m in valid):
         points = [m for m in valid if m["lang"] == lang]
+        held_out = lang in HELD_OUT
         axes[1].plot(
-            [m["step"] for m in points], [m["bpc"] for m in points], marker="o", label=lang
-        )
+            [m["step"] for m in points], [m["bpc"] for m in points], marker="o",
+            linestyle="--" if held_out else "-", label=f"{lang} (held out)" if held_out else lang,
+        )  # fmt: skip
     axes[1].set_xlabel("step")
-    axes[1].set_title("validation bits per character")
-    axes[1].legend()
+    axes[1].set_ylabel("bits per character (lower is better)")
+    axes[1].set_title("validation")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -420,6 +468,8 @@ def plot_training(metrics: list[dict], path: Path) -> None:
 
 def training_section(result: dict, out: Path) -> str:
     """Markdown section of the report for stage 5."""
+    import sentencepiece
+
     metrics = result["metrics"]
     plot_training(metrics, out / "training.png")
     train = [m for m in metrics if "split" not in m]
@@ -428,25 +478,46 @@ def training_section(result: dict, out: Path) -> str:
     for m in valid:
         rows.append(f"| {m['lang']} | {m['step']} | {m['loss']:.3f} | {m['bpc']:.3f} |")
     speed = sorted(m["tokens_per_s"] for m in train)[len(train) // 2]
+    stages = list(dict.fromkeys(m["stage"] for m in train))
+    second = next(m["step"] for m in train if m["stage"] == stages[-1])
+    before = next(m["loss"] for m in train if m["step"] == second - 1)
+    peak = max(m["loss"] for m in train if second <= m["step"] < second + 3)
+    tokens = train[-1]["consumed_tokens"]
+    vocab = len(sentencepiece.SentencePieceProcessor(str(out / "tokenizer" / "tokenizer.model")))
+    held_ar = [m["loss"] for m in valid if m["lang"] == "udhr_ar"]
+    if held_ar[-1] > held_ar[0]:
+        held_out = (
+            f"gets worse on the UDHR's modern standard Arabic (`udhr_ar` {held_ar[0]:.2f} -> "
+            f"{held_ar[-1]:.2f} nats per token; a uniform guess over {vocab:,} pieces scores "
+            f"{math.log(vocab):.2f})"
+        )
+    else:
+        held_out = "improves far less on the UDHR's modern standard Arabic"
     return (
         "\n## Continued pretraining\n\n"
         f"`megatron-ext train` ({HERE.name}/train.yaml) on two gloo processes at TP=2 with "
-        "sequence parallelism, from the expanded checkpoint, on the blend re-tokenized with the "
-        "expanded tokenizer: "
-        f"{len(train)} steps, first only the new embedding and output rows (the base rows stay "
-        "bitwise unchanged), then the whole model; the fused embedding and linear cross-entropy "
-        "kernels; checkpoints written in the background (`async_save`); "
-        f"median {speed:,.0f} tokens/s on this CPU. Loss {train[0]['loss']:.2f} -> "
-        f"{train[-1]['loss']:.2f}. Checkpoint `{Path(result['checkpoint']).relative_to(out)}`, "
-        "exported to `models/tiny-ar-hf`; every step is in `runs/tiny-ar/metrics.jsonl`.\n\n"
+        "sequence parallelism, from the expanded checkpoint (the random-weight `tiny` model of "
+        "the previous stage: this stage shows the machinery, not what a real base model "
+        "learns), on the blend re-tokenized with the expanded tokenizer: "
+        f"{len(train)} steps ({tokens:,} tokens), first only the new embedding and output "
+        "rows (the base rows stay bitwise unchanged; `tests/integration/test_training.py::"
+        "test_embedding_stage_changes_only_new_rows` checks it), then the whole model; the "
+        "fused embedding and linear cross-entropy kernels; checkpoints written in the "
+        "background (`async_save`); a median step ran at "
+        f"{speed:,.0f} tokens/s on this CPU. Loss {train[0]['loss']:.2f} -> "
+        f"{train[-1]['loss']:.2f}; the jump to {peak:.2f} (from {before:.2f}) at step "
+        f"{second} is stage `{stages[-1]}` starting: every weight is trained from then on, "
+        "at a learning rate warming up again. "
+        f"Checkpoint `{Path(result['checkpoint']).relative_to(out)}`, exported to "
+        "`models/tiny-ar-hf`; every step is in `runs/tiny-ar/metrics.jsonl`.\n\n"
         "Validation: `ar` and `en` are the validation parts of the training corpora (`--split`); "
         "`udhr_ar` and `udhr_en` are held out (`--valid-data-path`): the same 31 articles of "
-        "the Universal Declaration of Human Rights in each language, in no training corpus, so "
-        "their bits per character compare the two languages on one text. They also show what "
-        "a split of the training corpora cannot: the training Arabic is classical (hadith), "
-        "the UDHR's modern standard Arabic.\n\n"
-        + "\n".join(rows)
-        + "\n\n![training](training.png)\n"
+        "the Universal Declaration of Human Rights in each language, in no training corpus. "
+        "They show what a split of the training corpora cannot: a model that started from "
+        f"random weights and has read some {tokens * 3 // 4:,} tokens of classical Arabic "
+        f"(hadith) learns that corpus's words and {held_out}. With a real base model and a "
+        "real token budget, these held-out sets are where transfer and English retention are "
+        "measured.\n\n" + "\n".join(rows) + "\n\n![training](training.png)\n"
     )
 
 
@@ -473,7 +544,7 @@ def cluster_plans(out: Path) -> dict[str, str]:
     return plans
 
 
-def cluster_section(plans: dict[str, str]) -> str:
+def cluster_section(plans: dict[str, str], vocab: int) -> str:
     """Markdown section of the report for stage 6."""
     blocks = "".join(
         f"\n`examples/configs/{name}-ar.yaml` on {CLUSTER_RUNS[name]} GPUs:\n\n```\n{plan}```\n"
@@ -481,49 +552,89 @@ def cluster_section(plans: dict[str, str]) -> str:
     )
     return (
         "\n## At cluster scale\n\n"
-        "The same run on Llama-2 7B and 70B with this demo's 40,000-piece tokenizer, as "
+        f"The same run on Llama-2 7B and 70B with this demo's {vocab:,}-piece tokenizer, as "
         "`examples/slurm/` launches them: `megatron-ext train --dry-run` prints the parallel "
         "layout, the memory per GPU (activations counted as megatron-core's layers keep them), "
         "the checkpoint size and the stages, without a GPU or the data.\n" + blocks
     )
 
 
-def write_report(out: Path, seconds: float, sections: list[str]) -> Path:
+def write_report(out: Path, seconds: float, kept: list[str], sections: list[str]) -> Path:
     """The demo's markdown report."""
     report = out / "report.md"
+    reuse = f" (kept from an earlier run: {', '.join(kept)})" if kept else ""
     report.write_text(
         "# megatron-ext demo report\n\n"
-        f"Ran on CPU in {seconds:.0f} s. Tokenizer: Mistral-7B v0.1 (Apache-2.0, 32,000 pieces, "
-        "the same SentencePiece BPE design as Llama-2's).\n\n" + "\n".join(sections),
+        f"Ran on CPU in {seconds:.0f} s{reuse}. Tokenizer: Mistral-7B v0.1 (Apache-2.0, "
+        "32,000 pieces, the same SentencePiece BPE design as Llama-2's).\n\n" + "\n".join(sections),
         encoding="utf-8",
     )
     return report
 
 
+# What the demo writes in --output-dir (all of it goes with --force).
+OUTPUTS = ("data", "tokenizer", "tokenizer_report", "models", "runs", "report.md",
+           "preprocess.png", "training.png")  # fmt: skip
+
+
+def _stop_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # so that the stage running is stopped, its children too
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every stage; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="demo_output", type=Path)
+    parser.add_argument(
+        "--output-dir",
+        default="demo_output",
+        type=lambda path: Path(path).resolve(),
+        help="where everything goes; a re-run keeps what is up to date (default: demo_output)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="delete the demo's earlier outputs there first"
+    )
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = time.perf_counter()
+    if args.force:
+        for name in OUTPUTS:
+            path = args.output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stages(args.output_dir, started)
+    except (KeyboardInterrupt, SystemExit):
+        print(
+            "\ndemo stopped: run the same command again to go on (finished stages are kept, "
+            "training resumes from its latest checkpoint)",
+            file=sys.stderr,
+        )
+        raise
+
+
+def _run_stages(out: Path, started: float) -> int:
+    """Every stage in order, then the report; returns the exit code."""
     corpora, tokenizer = sample_data()
     stage("2. preprocess: corpora -> Megatron indexed datasets (en:ar = 1:3 by tokens)")
-    blend = preprocess(args.output_dir, corpora, tokenizer)
-    expansion = expand_tokenizer(args.output_dir, corpora, tokenizer)
-    grown = expand_model(
-        args.output_dir, tokenizer, args.output_dir / "tokenizer" / "tokenizer.model"
-    )
-    trained = continued_pretraining(args.output_dir, corpora)
-    plans = cluster_plans(args.output_dir)
+    blend = preprocess(out, corpora, tokenizer)
+    expansion = expand_tokenizer(out, corpora, tokenizer)
+    grown = expand_model(out, tokenizer, out / "tokenizer" / "tokenizer.model")
+    trained = continued_pretraining(out, corpora)
+    plans = cluster_plans(out)
     sections = [
-        preprocess_section(blend, args.output_dir),
+        preprocess_section(blend, trained["blend"], out),
         tokenizer_section(expansion),
         model_section(grown),
-        training_section(trained, args.output_dir),
-        cluster_section(plans),
+        training_section(trained, out),
+        cluster_section(plans, expansion["tokenizers"]["expanded"]["size"]),
     ]
-    report = write_report(args.output_dir, time.perf_counter() - started, sections)
+    kept = [name for name, reused in (("tokenizer", expansion["reused"]),
+                                      ("training", trained["reused"])) if reused]  # fmt: skip
+    seconds = time.perf_counter() - started
+    report = write_report(out, seconds, kept, sections)
     stage("done")
     print(f"report: {report}")
     return 0
