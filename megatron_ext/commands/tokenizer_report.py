@@ -258,14 +258,20 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     names = list(report["tokenizers"])
+    reference = report["reference_lang"]
+    per_word = "tokens per word (lower is better)"
     panels = []
     if report["corpora"]:
-        panels.append(("tokens per word (corpora)", report["corpora"], "fertility"))
+        panels.append((f"{per_word}: corpora", report["corpora"], "fertility"))
     if report["parallel"]:
-        panels.append(("tokens per word (parallel)", report["parallel"], "fertility"))
-        panels.append((f"parity vs {report['reference_lang']}", report["parallel"], "parity"))
+        panels.append((f"{per_word}: parallel text", report["parallel"], "fertility"))
+        panels.append((
+            f"parity: tokens for the same text over {reference}'s (1 = as cheap as {reference})",
+            report["parallel"], "parity",
+        ))  # fmt: skip
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
     width = 0.8 / len(names)
     for ax, (title, data, key) in zip(axes[:, 0], panels, strict=True):
@@ -275,6 +281,12 @@ def plot(report: dict, path: Path) -> None:
             ax.bar(xs, [data[g][name][key] for g in groups], width=width, label=name)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(title)
+        values = [data[g][name][key] for g in groups for name in names]
+        if max(values) > 10 * min(values):  # e.g. Thai, written without spaces between words
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
