@@ -16,7 +16,12 @@ import sys
 import time
 
 from megatron_ext.checkpoint.convert import DTYPES
-from megatron_ext.commands.options import quiet_known_warnings
+from megatron_ext.commands.options import (
+    INPUT_REFUSED,
+    RUN_FAILED,
+    fail,
+    quiet_known_warnings,
+)
 from megatron_ext.embeddings.init import INIT_METHODS
 
 PROG = "megatron-ext convert"
@@ -172,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         OutputExistsError,
         OutputHoldsInputError,
         TokenizerLoadError,
-        OSError,  # a full disk, a directory without write permission
     ) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        return fail("convert", err, INPUT_REFUSED)
+    except OSError as err:  # a full disk, a directory without write permission
+        return fail("convert", err, RUN_FAILED)
     print(f"convert: done: {args.direction} -> {args.output_dir}: {summary}, "
           f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     return 0

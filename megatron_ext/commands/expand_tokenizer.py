@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from megatron_ext.commands.options import (
+    INPUT_REFUSED,
+    RUN_FAILED,
     add_corpus_reading_options,
     add_normalize_option,
+    fail,
     positive_int,
 )
 from megatron_ext.data.readers import InputError
@@ -95,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         OutputExistsError,
         ValueError,
     ) as err:
-        print(f"expand-tokenizer: error: {err}", file=sys.stderr)
-        return 1
+        return fail("expand-tokenizer", err, INPUT_REFUSED)
+    except OSError as err:
+        return fail("expand-tokenizer", err, RUN_FAILED)
     print(
         f"expand-tokenizer: {summary['base_size']:,} -> {summary['new_size']:,} pieces "
         f"(+{summary['added']:,}) in {summary['training']['seconds']:.1f} s -> {args.output_dir}"

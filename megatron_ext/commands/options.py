@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 
 from megatron_ext.data.preprocess import ON_BAD_LINE
@@ -37,6 +38,18 @@ def add_normalize_option(
         default=[],
         help=f"{purpose} (default: none)",
     )
+
+
+# Exit codes, the same in every tool: scripts (a Slurm job's re-queue) can tell a run worth
+# retrying from one that would fail again.
+INPUT_REFUSED = 2  # the command line, config or inputs are wrong (as argparse's usage errors)
+RUN_FAILED = 1  # the work failed: a full disk, a killed worker, a diverged loss
+
+
+def fail(command: str, err: BaseException, code: int) -> int:
+    """Print ``megatron-ext COMMAND: error: ERR`` on stderr; returns ``code``."""
+    print(f"megatron-ext {command}: error: {err}", file=sys.stderr)
+    return code
 
 
 def positive_int(text: str) -> int:

@@ -22,7 +22,14 @@ import signal
 import sys
 import time
 
-from megatron_ext.commands.options import add_normalize_option, positive_int, usable_cores
+from megatron_ext.commands.options import (
+    INPUT_REFUSED,
+    RUN_FAILED,
+    add_normalize_option,
+    fail,
+    positive_int,
+    usable_cores,
+)
 from megatron_ext.data.blend import (
     ManifestError,
     blend_weights,
@@ -313,11 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         TokenizerLoadError,
         ManifestError,
         ValueError,
-        WorkerDiedError,
-        OSError,
     ) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        return fail("preprocess", err, INPUT_REFUSED)
+    except (WorkerDiedError, OSError) as err:
+        return fail("preprocess", err, RUN_FAILED)
     tokens = sum(s["tokens"] for s in results)
     skipped = sum(s["skipped_total"] for s in results)
     print(

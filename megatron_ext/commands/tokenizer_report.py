@@ -16,7 +16,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from megatron_ext.commands.options import add_corpus_reading_options, add_normalize_option
+from megatron_ext.commands.options import (
+    INPUT_REFUSED,
+    RUN_FAILED,
+    add_corpus_reading_options,
+    add_normalize_option,
+    fail,
+)
 from megatron_ext.data.readers import InputError
 from megatron_ext.outputs import OutputExistsError, atomic_directory, check_output_dir
 from megatron_ext.tokenizer.encoders import TokenizerLoadError
@@ -75,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
     if not args.corpus and not args.parallel:
-        print("tokenizer-report: error: give --corpus and/or --parallel", file=sys.stderr)
-        return 2
+        build_parser().error("give --corpus and/or --parallel")
     try:
         report = run(args)
     except (InputError, TokenizerLoadError, OutputExistsError, ValueError, KeyError) as err:
-        print(f"tokenizer-report: error: {err}", file=sys.stderr)
-        return 1
+        return fail("tokenizer-report", err, INPUT_REFUSED)
+    except OSError as err:
+        return fail("tokenizer-report", err, RUN_FAILED)
     print(
         f"tokenizer-report: {len(report['tokenizers'])} tokenizer(s), "
         f"{len(report['corpora'])} corpora, {len(report['parallel'])} parallel languages "

@@ -13,7 +13,12 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_ext.commands.options import quiet_known_warnings
+from megatron_ext.commands.options import (
+    INPUT_REFUSED,
+    RUN_FAILED,
+    fail,
+    quiet_known_warnings,
+)
 from megatron_ext.training.config import ConfigError, load_config, settings_help
 from megatron_ext.training.signals import SigtermLatch
 
@@ -134,11 +139,6 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
-def _refuse(err: Exception) -> int:
-    print(f"megatron-ext train: {err}", file=sys.stderr)
-    return 2  # bad input, as for a usage error
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args, overrides = build_parser().parse_known_args(argv)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
     except ConfigError as err:
-        return _refuse(err)
+        return fail("train", err, INPUT_REFUSED)
     if not args.dry_run and config.exit_signal_handler:
         SigtermLatch()  # before the seconds of importing torch and megatron-core below
     from megatron_ext.arch import ArchitectureError
@@ -170,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = train(config)
         except (TrainingError, CheckpointSaveError) as err:
-            print(f"megatron-ext train: {err}", file=sys.stderr)
-            return 1
+            return fail("train", err, RUN_FAILED)
     except input_errors as err:
-        return _refuse(err)
+        return fail("train", err, INPUT_REFUSED)
     import torch.distributed as dist
 
     if dist.get_rank() == dist.get_world_size() - 1:  # the last pipeline stage knows the losses

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_ext.checkpoint.hf import CheckpointError, HFCheckpoint
+from megatron_ext.commands.options import INPUT_REFUSED
 from megatron_ext.hashing import pieces_sha256
 from tests.distributed import run_ranks
 from tests.integration.test_llama_equivalence import tiny_llama
@@ -343,9 +344,8 @@ def test_cli_round_trip(tmp_path, hf_dir):
     megatron_lm = cli + ["hf-to-megatron", "--load-dir", str(hf_dir), "--save-dir", str(ckpt),
                          "--target-tensor-parallel-size", "2"]  # fmt: skip
     again = subprocess.run(megatron_lm, capture_output=True, text=True)
-    assert again.returncode == 1 and f"already exists (pass --force to overwrite): {ckpt}" in (
-        again.stderr
-    )
+    assert again.returncode == INPUT_REFUSED
+    assert f"already exists (pass --force to overwrite): {ckpt}" in again.stderr
     to_hf = cli + ["megatron-to-hf", "--megatron-dir", str(ckpt), "--output-dir", str(back)]
     result = subprocess.run(to_hf, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -367,13 +367,13 @@ def test_cli_round_trip(tmp_path, hf_dir):
     for shard in ckpt.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:1000])
     result = subprocess.run([*to_hf, "--force"], capture_output=True, text=True)
-    assert result.returncode == 1  # convert's code for bad inputs
+    assert result.returncode == INPUT_REFUSED
     assert result.stderr.startswith(f"megatron-ext convert: error: {ckpt}: cannot load (Checkpoi")
     assert "Traceback" not in result.stderr
     # Without its common part, megatron-core's own error is an AttributeError of its error path.
     (ckpt / "common.pt").unlink()
     result = subprocess.run([*to_hf, "--force"], capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == INPUT_REFUSED
     assert result.stderr.strip().splitlines()[-1] == (
         f"megatron-ext convert: error: {ckpt}: no common.pt there (damaged or incomplete)"
     )

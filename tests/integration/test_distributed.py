@@ -99,7 +99,7 @@ def test_processes_a_launcher_started_without_torchrun_are_refused(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip() == (
-        "megatron-ext train: 8 processes started by srun (SLURM_STEP_NUM_TASKS=8) without "
+        "megatron-ext train: error: 8 processes started by srun (SLURM_STEP_NUM_TASKS=8) without "
         "torchrun: each would train alone into the same --save. Start one torchrun per node "
         "(examples/slurm/train.sbatch does)"
     )

@@ -15,6 +15,7 @@ import pytest
 import sentencepiece as spm
 
 from megatron_ext.commands import expand_tokenizer, tokenizer_report
+from megatron_ext.commands.options import INPUT_REFUSED
 from megatron_ext.hashing import sha256_file
 from megatron_ext.tokenizer.corpus import iter_documents
 from tests.helpers import read_texts
@@ -126,7 +127,7 @@ def test_same_seed_same_files(expanded, llama2_tokenizer, small_corpus, tmp_path
 def test_not_a_sentencepiece_model(small_corpus, tmp_path, capsys):
     fake = tmp_path / "tokenizer.model"
     fake.write_text("this is not a model")
-    assert _expand(fake, small_corpus, tmp_path / "out") == 1
+    assert _expand(fake, small_corpus, tmp_path / "out") == INPUT_REFUSED
     assert "not a SentencePiece model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -135,7 +136,7 @@ def test_not_a_sentencepiece_model(small_corpus, tmp_path, capsys):
 def test_empty_or_too_small_corpus(llama2_tokenizer, tmp_path, capsys, content):
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text(content, encoding="utf-8")
-    assert _expand(llama2_tokenizer, corpus, tmp_path / "out") == 1
+    assert _expand(llama2_tokenizer, corpus, tmp_path / "out") == INPUT_REFUSED
     err = capsys.readouterr().err
     assert "no text" in err or "new pieces can be learned" in err
     assert not (tmp_path / "out").exists()
@@ -144,7 +145,7 @@ def test_empty_or_too_small_corpus(llama2_tokenizer, tmp_path, capsys, content):
 
 def test_malformed_line_is_named(llama2_tokenizer, corpora, tmp_path, capsys):
     bad = corpora / "edge" / "bad_lines.jsonl"
-    assert _expand(llama2_tokenizer, bad, tmp_path / "out") == 1
+    assert _expand(llama2_tokenizer, bad, tmp_path / "out") == INPUT_REFUSED
     assert f"{bad}:4:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -153,13 +154,13 @@ def test_existing_output_needs_force(expanded, llama2_tokenizer, small_corpus, t
     out = tmp_path / "out"
     shutil.copytree(expanded, out)
     (out / "tokenizer.model").write_bytes(b"old")
-    assert _expand(llama2_tokenizer, small_corpus, out) == 1
+    assert _expand(llama2_tokenizer, small_corpus, out) == INPUT_REFUSED
     assert "--force" in capsys.readouterr().err
     assert (out / "tokenizer.model").read_bytes() == b"old"
     assert _expand(llama2_tokenizer, small_corpus, out, "--force") == 0
     assert (out / "tokenizer.model").read_bytes() == (expanded / "tokenizer.model").read_bytes()
     # Expanding a tokenizer into its own directory: --force would delete the base first.
-    assert _expand(out / "tokenizer.model", small_corpus, out, "--force") == 1
+    assert _expand(out / "tokenizer.model", small_corpus, out, "--force") == INPUT_REFUSED
     assert f"--output-dir {out} holds the input --base-model" in capsys.readouterr().err
     assert (out / "tokenizer.model").read_bytes() == (expanded / "tokenizer.model").read_bytes()
 
@@ -257,9 +258,11 @@ def test_report_names_the_flag_of_a_bad_input(llama2_tokenizer, corpora, tmp_pat
 
     # Two tokenizers under one name: the report would hold one of them without a word.
     twice = [f"base={llama2_tokenizer}"] * 2
-    assert report("--tokenizer", twice[0], "--tokenizer", twice[1], "--corpus", corpus) == 1
+    refused = report("--tokenizer", twice[0], "--tokenizer", twice[1], "--corpus", corpus)
+    assert refused == INPUT_REFUSED
     assert "--tokenizer: the name 'base' is given twice" in capsys.readouterr().err
-    assert report("--tokenizer", twice[0], "--corpus", f"ar={tmp_path / 'nope.jsonl'}") == 1
+    refused = report("--tokenizer", twice[0], "--corpus", f"ar={tmp_path / 'nope.jsonl'}")
+    assert refused == INPUT_REFUSED
     assert f"--corpus {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
 
@@ -280,19 +283,19 @@ def test_report_refuses_bad_parallel_lines_and_empty_text(llama2_tokenizer, tmp_
         ('{"text": "x"}', 'no "lang" key'),
     ):
         parallel.write_text("\n".join([*good, bad_line]) + "\n", encoding="utf-8")
-        assert report("--parallel", str(parallel)) == 1
+        assert report("--parallel", str(parallel)) == INPUT_REFUSED
         assert f"{parallel}:3: {message} (pass --on-bad-line skip" in capsys.readouterr().err
         assert report("--parallel", str(parallel), "--on-bad-line", "skip") == 0
         capsys.readouterr()
     parallel.write_bytes(b'{"lang": "eng", "text": "a"}\n{"lang": "arb", "text": "\xff"}\n')
-    assert report("--parallel", str(parallel)) == 1
+    assert report("--parallel", str(parallel)) == INPUT_REFUSED
     assert f"{parallel}:2: invalid UTF-8" in capsys.readouterr().err
     parallel.write_text('{"lang": "eng", "text": " "}\n{"lang": "arb", "text": "x"}\n')
-    assert report("--parallel", str(parallel)) == 1
+    assert report("--parallel", str(parallel)) == INPUT_REFUSED
     assert "no text in the reference language 'eng'" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert report("--corpus", f"ar={empty}") == 1
+    assert report("--corpus", f"ar={empty}") == INPUT_REFUSED
     assert f"--corpus ar={empty}: no text" in capsys.readouterr().err
 
 

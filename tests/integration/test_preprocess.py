@@ -15,6 +15,7 @@ import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.commands import preprocess as preprocess_cmd
+from megatron_ext.commands.options import INPUT_REFUSED
 from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
 from megatron_ext.data.sentences import SentenceSplitter
 from megatron_ext.outputs import OutputExistsError
@@ -192,7 +193,7 @@ def test_edge_file_skip_mode_writes_exactly_the_usable_documents(
 def test_edge_file_default_mode_names_file_and_line(tmp_path, corpora, llama2_tokenizer, capsys):
     source = corpora / "edge" / "bad_lines.jsonl"
     argv = cli_args("--input", source, tmp_path / "edge", llama2_tokenizer)
-    assert preprocess_cmd.main(argv) == 1
+    assert preprocess_cmd.main(argv) == INPUT_REFUSED
     err = capsys.readouterr().err
     assert f"{source}:4: invalid JSON" in err
     assert list(tmp_path.iterdir()) == []  # nothing final, nothing temporary
@@ -206,7 +207,7 @@ def test_a_lone_surrogate_escape_is_a_bad_line_not_a_crash(tmp_path, llama2_toke
         '{"text": "first"}\n{"text": "bad \\ud800 half"}\n{"text": "emoji \\ud83d\\ude00"}\n'
     )
     argv = cli_args("--input", source, tmp_path / "out" / "web", llama2_tokenizer)
-    assert preprocess_cmd.main(argv) == 1
+    assert preprocess_cmd.main(argv) == INPUT_REFUSED
     assert f'{source}:2: "text" has a lone surrogate \\ud800' in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []  # nothing final, nothing temporary
     assert preprocess_cmd.main([*argv, "--on-bad-line", "skip"]) == 0
@@ -225,7 +226,7 @@ def test_a_run_that_writes_no_document_fails(tmp_path, corpora, llama2_tokenizer
     megatron-core cannot open, and exited 0."""
     source = corpora / "ar" / "valid.jsonl"
     argv = cli_args("--input", source, tmp_path / "ar", llama2_tokenizer, "--on-bad-line", "skip")
-    assert preprocess_cmd.main([*argv, "--json-keys", "txt"]) == 1
+    assert preprocess_cmd.main([*argv, "--json-keys", "txt"]) == INPUT_REFUSED
     lines = len(source.read_bytes().splitlines())
     assert (
         f"{source}: no document for --json-keys txt in {lines:,} lines (skipped: missing_key "
@@ -239,7 +240,7 @@ def test_splitting_refuses_an_unknown_language(tmp_path, corpora, llama2_tokeniz
     (missing Arabic's question mark) without a word."""
     source = corpora / "ar" / "valid.jsonl"
     argv = cli_args("--input", source, tmp_path / "ar", llama2_tokenizer, "--split-sentences")
-    assert preprocess_cmd.main([*argv, "--lang", "arabc"]) == 1
+    assert preprocess_cmd.main([*argv, "--lang", "arabc"]) == INPUT_REFUSED
     assert "--lang: 'arabc' is not a language: give an ISO 639 code" in capsys.readouterr().err
     assert list(tmp_path.glob("ar*")) == []
     manifest = tmp_path / "blend.yaml"
@@ -248,7 +249,7 @@ def test_splitting_refuses_an_unknown_language(tmp_path, corpora, llama2_tokeniz
         f"  en: {{inputs: {corpora / 'en' / 'valid.jsonl'}, share: 1}}\n"
     )
     argv = cli_args("--manifest", manifest, tmp_path / "mix", llama2_tokenizer, "--split-sentences")
-    assert preprocess_cmd.main(argv) == 1
+    assert preprocess_cmd.main(argv) == INPUT_REFUSED
     err = capsys.readouterr().err
     assert f"{manifest}: language ar_web: 'ar_web' is not a language" in err
     assert err.rstrip().endswith("; set its lang")
@@ -389,7 +390,7 @@ def test_manifest_mistakes_are_named_before_any_work(
             f"  ar: {{inputs: {arabic}, share: 0.3}}\n"
         )
         argv = cli_args("--manifest", manifest, tmp_path / "data" / "mix", llama2_tokenizer)
-        assert preprocess_cmd.main(argv) == 1
+        assert preprocess_cmd.main(argv) == INPUT_REFUSED
         assert message in capsys.readouterr().err
         assert not (tmp_path / "data").exists()
     manifest.write_text(
@@ -491,7 +492,7 @@ def test_manifest_rerun_rebuilds_nothing_stale_or_damaged(
     kept = {p: p.read_bytes() for p in files_of(tmp_path / "mix_en")}
 
     def refused(*extra: str) -> str:
-        assert preprocess_cmd.main([*argv, *extra]) == 1
+        assert preprocess_cmd.main([*argv, *extra]) == INPUT_REFUSED
         assert {p: p.read_bytes() for p in kept} == kept  # nothing touched
         err = capsys.readouterr().err
         assert f"en: {stem} exists, but " in err
@@ -564,7 +565,7 @@ def test_clear_errors_for_missing_input_and_bad_tokenizer(tmp_path, corpora, cap
         preprocess_cmd.main(
             ["--input", str(tmp_path / "nope.jsonl"), *base, "--tokenizer-model", str(bad_model)]
         )
-        == 1
+        == INPUT_REFUSED
     )
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     assert (
@@ -577,7 +578,7 @@ def test_clear_errors_for_missing_input_and_bad_tokenizer(tmp_path, corpora, cap
                 str(bad_model),
             ]
         )
-        == 1
+        == INPUT_REFUSED
     )
     assert "not a SentencePiece model" in capsys.readouterr().err
 

@@ -396,7 +396,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_it(
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-3000:]
     message = err.strip().splitlines()[-1]
-    assert message.startswith(f"megatron-ext train: {save / 'iter_0000004.tmp'}: the checkpoint ")
+    checkpoint = save / "iter_0000004.tmp"
+    assert message.startswith(f"megatron-ext train: error: {checkpoint}: the checkpoint ")
     assert "could not be written (CheckpointException: " in message
     assert "GiB free on that file system" in message
     assert "The latest complete checkpoint, iter_0000002, is intact: --load resumes it." in message
@@ -419,7 +420,7 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_instead(
     pointer = save / "latest_checkpointed_iteration.txt"
     message = err.strip().splitlines()[-1]  # one line; what torch says of the file may vary
     assert message.startswith(
-        f"megatron-ext train: {save / 'iter_0000004'}: cannot load (CheckpointException: "
+        f"megatron-ext train: error: {save / 'iter_0000004'}: cannot load (CheckpointException: "
     )
     assert message.endswith(f"); to resume from iter_0000002 instead, write 2 into {pointer}")
     pointer.write_text("2\n")  # as the message says
