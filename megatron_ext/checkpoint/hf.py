@@ -162,6 +162,15 @@ class HFCheckpoint:
     def _validate(self) -> None:
         expected = expected_shapes(self.arch)
         names = set(self.files) - {n for n in self.files if n.endswith("rotary_emb.inv_freq")}
+        if self.arch.tie_word_embeddings and "lm_head.weight" in names:
+            # Some exports write the tied matrix twice: one copy is the same model, another is not.
+            if not torch.equal(self.get("lm_head.weight"), self.get("model.embed_tokens.weight")):
+                raise CheckpointError(
+                    f"{self.files['lm_head.weight']}: tensor lm_head.weight differs from "
+                    "model.embed_tokens.weight, but config.json ties them "
+                    "(tie_word_embeddings: true): which one is the model's?"
+                )
+            names.discard("lm_head.weight")
         missing = sorted(set(expected) - names)
         if missing:
             raise CheckpointError(

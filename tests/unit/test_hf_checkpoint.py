@@ -169,3 +169,20 @@ def test_rope_of_transformers_5_and_earlier_configs():
     written = LlamaArch(64, 4, 8, 2, 128, 300, rope_theta=1e6).to_hf_config()
     assert LlamaArch.from_hf_config(written).rope_theta == 1e6
     assert transformers.LlamaConfig(**written).rope_parameters["rope_theta"] == 1e6
+
+
+def test_a_tied_checkpoint_may_hold_its_output_layer_as_a_copy(tmp_path, model):
+    """Some exports write the tied matrix twice; a copy that differs is refused, not guessed."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    config = {**model.config.to_dict(), "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    checkpoint = HFCheckpoint(tmp_path)
+    assert checkpoint.arch.tie_word_embeddings
+    tensors["lm_head.weight"][3, 0] += 1.0
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens"):
+        HFCheckpoint(tmp_path)
