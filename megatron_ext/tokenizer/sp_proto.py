@@ -54,6 +54,7 @@ _NORMALIZER_FIELDS = {
 # Defaults of sentencepiece_model.proto for fields a model may omit.
 _TRAINER_DEFAULTS = {
     "model_type": "unigram",
+    "vocab_size": 8000,
     "character_coverage": 0.9995,
     "max_sentence_length": 4192,
     "max_sentencepiece_length": 16,
@@ -74,7 +75,8 @@ _TRAINER_DEFAULTS = {
     "pad_piece": "<pad>",
 }
 _NORMALIZER_DEFAULTS = {
-    "name": "nmt_nfkc",
+    # Without a name there is no character map either, and sentencepiece normalises nothing.
+    "name": "identity",
     "add_dummy_prefix": True,
     "remove_extra_whitespaces": True,
     "escape_whitespaces": True,
