@@ -87,3 +87,37 @@ def test_training_learns_abbreviations_and_round_trips(tmp_path, corpora):
 def test_missing_params_fail_fast(tmp_path):
     with pytest.raises(ValueError, match="cannot read Punkt parameters"):
         load_punkt_params(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    ("lang", "text"),
+    [
+        ("hi", "मैं घर गया। फिर लौटा।"),
+        ("ur", "میں گھر گیا۔ پھر واپس آیا۔"),
+        ("fa", "کجا رفتی؟ به خانه رفتم."),
+        ("ps", "ته چیرته ځې؟ کور ته ځم."),
+        ("am", "ሰላም ነው። ደህና ነህ፧"),
+        ("hy", "Բարեւ։ Ինչպես ես։"),
+        ("my", "မင်္ဂလာပါ။ နေကောင်းလား။"),
+    ],
+)
+def test_each_scripts_own_sentence_end(lang, text):
+    """Written by hand: two sentences that Latin rules alone read as one."""
+    assert len(SentenceSplitter(lang, False, None).split(text)) == 2
+    assert len(SentenceSplitter("en", False, None).split(text)) == 1
+
+
+def test_chinese_end_runs_half_width_marks_and_closing_brackets():
+    split = SentenceSplitter("zh", keep_newlines=False, params=None).split
+    assert split("真的吗？！是的。") == ["真的吗？！", "是的。"]
+    assert split("好!再见?") == ["好!", "再见?"]
+    assert split("（好。）下雨了。") == ["（好。）", "下雨了。"]
+
+
+@pytest.mark.parametrize(
+    ("lang", "text"),
+    [("en", " \nHello there. Bye.\n"), ("ar", " \nمرحبا. وداعا.\n"), ("zh", " \n你好。再见。\n")],
+)
+def test_keep_newlines_keeps_leading_and_trailing_whitespace(lang, text):
+    sentences = SentenceSplitter(lang, keep_newlines=True, params=None).split(text)
+    assert "".join(sentences) == text and len(sentences) == 2

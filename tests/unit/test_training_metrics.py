@@ -90,6 +90,8 @@ def test_a_run_started_afresh_hides_an_earlier_runs_tensorboard_points(tmp_path)
         log = MetricsLog(tmp_path / "metrics.jsonl", str(tmp_path / "tb"))
         for step, loss in enumerate(losses, start=1):
             log.write({"step": step, "loss": loss})
+        # Each line is on disk as it is written: a job killed with -9 keeps its history.
+        assert [e["loss"] for e in read_metrics(tmp_path / "metrics.jsonl")] == losses
         log.close()
     events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
