@@ -1,9 +1,10 @@
 """Text normalisation shared by preprocessing and tokenizer training (off unless asked for).
 
 ``nfkc``: Unicode NFKC (folds Arabic presentation forms, full-width Latin, ligatures).
-``arabic``: removes tatweel (U+0640), harakat and other combining marks (U+064B-U+065F, U+0670),
-Quranic annotation signs (U+06D6-U+06ED except the letters among them), the Arabic letter mark
-(U+061C), and maps the alef variants أ إ آ ٱ to bare alef ا.
+``arabic``: removes tatweel (U+0640), harakat and the other combining marks (U+0610-U+061A, the
+small high signs and small harakat; U+064B-U+065F; U+0670), Quranic annotation marks (U+06D6-U+06ED,
+but not the letters and symbols among them), the Arabic letter mark (U+061C), and maps the alef
+variants أ إ آ ٱ to bare alef ا.
 
 Normalisers compose in the order given (``["nfkc", "arabic"]``); each is a ``str -> str`` function
 built on ``str.translate`` / ``unicodedata`` so it costs little next to tokenization.
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 _ARABIC_DELETE = (
     [0x0640, 0x061C, 0x0670]
+    + list(range(0x0610, 0x061B))
     + list(range(0x064B, 0x0660))
     + list(range(0x06D6, 0x06DD))
     + list(range(0x06DF, 0x06E5))
