@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import shutil
 
 import pytest
@@ -180,3 +181,38 @@ def test_zstd_cut_short_or_damaged_is_named_and_frames_are_all_read(tmp_path, co
     damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)
     with pytest.raises(InputError, match="damaged.jsonl.zst: cannot decompress .*damaged"):
         records_of_bytes(tmp_path / "damaged.jsonl.zst", bytes(damaged))
+
+
+def test_parquet_rows_are_numbered_across_batches(tmp_path):
+    """A bad record is named by its row (1-based), also past the reader's first batch."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts: list[str | None] = [f"document {i}" for i in range(5000)]
+    texts[4096] = None
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=1500)
+    read = records(path)
+    assert [line for line, _ in read] == list(range(1, 5001))
+    bad = [line for line, (field,) in read if not isinstance(field, str)]
+    assert bad == [4097]
+
+
+def test_blocks_account_for_every_input_byte(tmp_path, corpora):
+    """Progress counts bytes of the file as stored: all of them, once, in every format."""
+    source = corpora / "zh" / "train.jsonl"
+    paths = [source, tmp_path / "zh.jsonl.gz"]
+    paths[1].write_bytes(gzip.compress(source.read_bytes()))
+    zstandard = pytest.importorskip("zstandard")
+    paths.append(tmp_path / "zh.jsonl.zst")
+    paths[2].write_bytes(zstandard.ZstdCompressor().compress(source.read_bytes()))
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    paths.append(tmp_path / "zh.parquet")
+    texts = [fields[0] for _, fields in records(source)]
+    rows = (texts * (5000 // len(texts) + 1))[:5000]  # beyond the reader's batches of rows
+    pq.write_table(pa.table({"text": rows}), paths[3], row_group_size=1000)
+    for path in paths:
+        consumed = [block.consumed for block in iter_blocks(str(path), 1 << 14)]
+        assert len(consumed) > 2 and sum(consumed) == os.path.getsize(path), path.name
