@@ -83,3 +83,42 @@ def test_pieces_tied_above_the_lowest_score_are_refused(llama2_tokenizer):
     model.pieces += [Piece("▁كتاب", 0.0), Piece("▁قلم", 0.0)]
     with pytest.raises(HFExportError, match=r"2 pieces share scores \('▁كتاب' and '▁قلم' at 0.0\)"):
         check_exportable(model)
+
+
+def _train(
+    tmp_path, model_type: str, vocab_size: int = 40, **options
+) -> tuple[spm.SentencePieceProcessor, object]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the cat {i} sat on the mat كتب الولد" for i in range(200)))
+    prefix = tmp_path / model_type
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), model_type=model_type, vocab_size=vocab_size,
+        normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2, **options,
+    )  # fmt: skip
+    model_file = prefix.with_suffix(".model")
+    return spm.SentencePieceProcessor(model_file=str(model_file)), parse_model(
+        model_file.read_bytes()
+    )
+
+
+def test_unknown_characters_fuse_into_one_unk_as_in_sentencepiece(tmp_path):
+    """Without byte fallback, a run of unknown characters is one <unk>, in both."""
+    sp, model = _train(tmp_path, "bpe", byte_fallback=False)
+    hf = build_tokenizer(model)
+    for text in ("x😀😀y", "the 😀 cat 漢字漢字 sat"):
+        assert hf.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+    assert sp.unk_id() in sp.encode("x😀😀y")
+
+
+def test_a_pair_starts_each_text_with_bos_as_llama_does(pair):
+    """Llama-2's LlamaTokenizer: <s> A <s> B (no </s>), each text as sentencepiece splits it."""
+    sp, hf = pair
+    first, second = sp.encode("Hello world"), sp.encode("كتب الولد")
+    expected = [sp.bos_id(), *first, sp.bos_id(), *second]
+    assert hf.encode("Hello world", "كتب الولد").ids == expected
+
+
+def test_only_bpe_models_are_exported(tmp_path):
+    _, model = _train(tmp_path, "unigram", vocab_size=300, byte_fallback=True)
+    with pytest.raises(HFExportError, match="only BPE models can be exported, not unigram"):
+        check_exportable(model)
