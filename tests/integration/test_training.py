@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import yaml
 
 from megatron_ext.distributed import free_port
 from megatron_ext.training.metrics import read_metrics
 from tests.distributed import run_ranks
-from tests.helpers import REPO
+from tests.helpers import REPO, read_texts
 
 # A Llama-shaped network small enough for many short runs on two cores.
 MICRO_ARCH = {
@@ -876,7 +877,7 @@ def _validation_warnings(rank, world_size, config_path, overrides):
 
 
 def test_held_out_datasets_are_validated_whole_and_reported(
-    tmp_path, small_tokenizer, training_data, held_out_data
+    tmp_path, corpora, small_tokenizer, training_data, held_out_data
 ):
     """A run on Arabic alone watches English retention on held-out files (--valid-data-path)."""
     held_out = [held_out_data["en"], held_out_data["ar"]]
@@ -904,6 +905,15 @@ def test_held_out_datasets_are_validated_whole_and_reported(
     valid = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if "split" in e]
     assert [(e["step"], e["lang"]) for e in valid] == [(0, "en"), (0, "ar"), (2, "en"), (2, "ar")]
     assert all(e["tokens"] == 4 * 64 and math.isfinite(e["bpc"]) for e in valid)
+    # Bits per character = loss in nats x tokens / (ln 2 x characters): the characters per token
+    # it implies are those of the text as sentencepiece splits it (within a 256-token sample's
+    # spread; a lost ln 2 is 44% off, bytes for characters 80% in Arabic).
+    sp = spm.SentencePieceProcessor(model_file=str(small_tokenizer))
+    for entry in valid:
+        texts = read_texts(corpora / entry["lang"] / "valid.jsonl")
+        tokens = sum(len(ids) + 1 for ids in sp.encode(texts))  # + the end-of-document token
+        implied = entry["loss"] / (entry["bpc"] * math.log(2))
+        assert abs(implied / (sum(map(len, texts)) / tokens) - 1) < 0.25, entry
 
 
 @pytest.mark.parametrize(
