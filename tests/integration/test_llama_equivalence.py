@@ -33,7 +33,13 @@ def tiny_llama(kv_heads: int, **config_overrides):
         **config_overrides,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Norm weights start at 1, which would let a mapping swap or drop a norm unseen.
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.uniform_(0.5, 1.5)
+    return model
 
 
 def megatron_shard(hf_model, arch: LlamaArch, tp: int, rank: int) -> dict:

@@ -23,9 +23,10 @@ def _random_documents(rng, vocab, n_docs, max_sentences):
     return docs
 
 
-def _write_ours(prefix, docs, dtype, blocks=3):
+def _write_ours(prefix, docs, dtype, blocks=3, parts=None):
+    """Written in ``blocks`` equal parts, or in the given lists of document numbers."""
     writer = IndexedDatasetWriter(f"{prefix}.bin", dtype)
-    for part in np.array_split(np.arange(len(docs)), blocks):
+    for part in parts if parts is not None else np.array_split(np.arange(len(docs)), blocks):
         chosen = [docs[i] for i in part]
         tokens = np.concatenate([t for t, _ in chosen]) if chosen else np.zeros(0)
         lengths = np.concatenate([n for _, n in chosen]) if chosen else np.zeros(0)
@@ -70,10 +71,14 @@ def test_blocks_without_documents_change_no_byte(tmp_path):
     """The index is written block by block: empty blocks (all lines skipped) must not shift
     the pointers or document indices."""
     docs = _random_documents(np.random.default_rng(0), 32000, 20, 3)
-    _write_ours(tmp_path / "ours", docs, np.uint16, blocks=64)  # 44 of them empty
+    _write_ours(tmp_path / "ours", docs, np.uint16, blocks=64)  # 44 of them empty, at the end
+    # and empty ones between full ones, where a pointer reset would shift what follows.
+    parts = [[0, 1], [], [2, 3], [], [], list(range(4, 20))]
+    _write_ours(tmp_path / "between", docs, np.uint16, parts=parts)
     _write_megatron(tmp_path / "ref", docs, np.uint16)
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+        assert (tmp_path / f"between{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -107,6 +112,8 @@ def test_rejects_inconsistent_blocks(tmp_path):
     writer = IndexedDatasetWriter(tmp_path / "x.bin", np.uint16)
     with pytest.raises(ValueError, match="sequence lengths"):
         writer.add_documents(np.zeros(5, np.uint16), np.array([2, 2]), np.array([2]))
+    with pytest.raises(ValueError, match="sequences per document"):
+        writer.add_documents(np.zeros(4, np.uint16), np.array([2, 2]), np.array([1]))
     with pytest.raises(TypeError):
         writer.add_documents(np.zeros(4, np.int32), np.array([2, 2]), np.array([2]))
     writer.close()
@@ -122,10 +129,14 @@ def test_size_check_accepts_megatrons_files_and_names_a_pair_cut_short(tmp_path,
     del reference
     whole_idx, whole_bin = (tmp_path / "d.idx").read_bytes(), (tmp_path / "d.bin").read_bytes()
 
-    (tmp_path / "d.bin").write_bytes(whole_bin[:-2])  # one token short
-    with pytest.raises(IndexedDatasetError, match=r"d\.bin: [\d,]+ bytes, but .*d\.idx says"):
-        check_indexed_files(prefix)
+    for damaged in (whole_bin[:-2], whole_bin + b"\0\0"):  # a token short, or another run's
+        (tmp_path / "d.bin").write_bytes(damaged)
+        with pytest.raises(IndexedDatasetError, match=r"d\.bin: [\d,]+ bytes, but .*d\.idx says"):
+            check_indexed_files(prefix)
     (tmp_path / "d.bin").write_bytes(whole_bin)
+    (tmp_path / "d.idx").write_bytes(whole_idx[:9] + bytes([2]) + whole_idx[10:])  # version 2
+    with pytest.raises(IndexedDatasetError, match="version"):
+        check_indexed_files(prefix)
     (tmp_path / "d.idx").write_bytes(whole_idx[:-8])
     with pytest.raises(IndexedDatasetError, match=r"d\.idx: [\d,]+ bytes, but its header"):
         check_indexed_files(prefix)
