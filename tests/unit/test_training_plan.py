@@ -36,6 +36,43 @@ def test_parameter_count_matches_transformers(preset):
     assert plan.tokens_per_step == 16 * config.seq_length
 
 
+@pytest.mark.parametrize(
+    ("precision", "distributed_optimizer"),
+    [(["--bf16"], "true"), ([], "true"), ([], "false")],
+    ids=["bf16-distopt", "fp32-distopt", "fp32"],
+)
+def test_memory_per_gpu_of_the_busiest_pipeline_stage(precision, distributed_optimizer):
+    """70B at TP=2, PP=4, DP=2, counted from transformers' own layers: the first stage holds a
+    quarter of the layers and the embedding (the last the output layer, as large)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = PRESETS["llama2-70b"]
+    padded = arch.padded_vocab_size(2)
+    with torch.device("meta"):
+        reference = LlamaForCausalLM(LlamaConfig(**arch.to_hf_config(vocab_size=padded)))
+    layer = sum(p.numel() for p in reference.model.layers[0].parameters())
+    per_gpu = (arch.num_layers // 4 * layer + padded * arch.hidden_size) // 2
+    overrides = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4",
+                 "--global-batch-size", "64", "--use-distributed-optimizer",
+                 distributed_optimizer, *precision]  # fmt: skip
+    config = load_config(None, overrides)
+    plan = plan_run(config, arch, padded, world_size=16)
+    gib = 1024**3
+    assert plan.params_per_gpu == per_gpu
+    assert plan.weights_gib == pytest.approx(per_gpu * (2 if config.bf16 else 4) / gib)
+    assert plan.grads_gib == pytest.approx(per_gpu * 4 / gib)  # fp32 gradients, always
+    # Adam: fp32 main weights (bf16 only) and two moments, sharded over DP=2 when distributed.
+    optimizer = (12 if config.bf16 else 8) / (2 if config.use_distributed_optimizer else 1)
+    assert plan.optimizer_gib == pytest.approx(per_gpu * optimizer / gib)
+    # Saved: weights, and main weights with moments; the distributed optimizer saves main
+    # weights in fp32 too.
+    total = sum(p.numel() for p in reference.parameters())
+    saved = (2 if config.bf16 else 4) + (
+        8 if not (config.bf16 or config.use_distributed_optimizer) else 12
+    )
+    assert plan.checkpoint_gib == pytest.approx(total * saved / gib)
+
+
 @pytest.mark.parametrize("layers_trainable", [True, False], ids=["all", "embeddings"])
 def test_flops_per_token_match_pytorchs_count_of_a_transformers_step(layers_trainable):
     """MFU's numerator against torch's FLOP counter on transformers' Llama, forward + backward.
