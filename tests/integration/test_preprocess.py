@@ -426,7 +426,10 @@ def test_manifest_blend_realises_token_shares(tmp_path, corpora, llama2_tokenize
     blend = json.loads((tmp_path / "data" / "mix_blend.json").read_text())
     assert blend["data_path"] == data_path
     assert [e["name"] for e in blend["languages"]] == ["en", "ar"]
-    assert blend["languages"][1]["epochs"] > blend["languages"][0]["epochs"]
+    assert [e["weight"] for e in blend["languages"]] == [0.25, 0.75]  # shares 1:3, normalised
+    for entry in blend["languages"]:  # the corpus read as often as its share of 2M tokens needs
+        tokens = int(IndexedDataset(entry["dataset"]).sequence_lengths.sum())
+        assert entry["epochs"] == pytest.approx(entry["weight"] * 2_000_000 / tokens)
 
     seq_length, samples = 512, 3000
     gpt_config = GPTDatasetConfig(
