@@ -16,6 +16,8 @@ from tests.helpers import read_texts
         ("قَالَ رَسُولُ اللَّهِ ﷺ: «إِنَّمَا الأَعْمَالُ»", 6),  # harakat stay inside words
         ("قال رسول الله", 3),
         ("床前明月光，疑是地上霜。", 10),  # one word per Han character
+        ("こんにちは、カタカナ", 9),  # and per kana
+        ("㐀㐁𠀀", 3),  # rare Han: extensions A and B
         ("नमस्ते दुनिया", 2),  # Devanagari vowel signs and virama are marks
         ("2024 — 3.5 kg", 4),
         ("", 0),
@@ -41,7 +43,13 @@ def test_measure_matches_sentencepiece(sp, corpora):
     assert m.characters == sum(map(len, texts))
     assert m.bytes == sum(len(t.encode()) for t in texts)
     assert m.fertility == m.tokens / m.words
-    assert m.as_dict()["bytes_per_token"] == round(m.bytes / m.tokens, 4)
+    words = sum(len(t.split()) for t in texts)  # what papers count: "a\tb\nc" is three
+    row = m.as_dict()
+    assert row["fertility"] == round(m.tokens / sum(map(count_words, texts)), 4)
+    assert row["tokens_per_whitespace_word"] == round(m.tokens / words, 4)
+    assert row["chars_per_token"] == round(m.characters / m.tokens, 4)
+    assert row["bytes_per_token"] == round(m.bytes / m.tokens, 4)
+    assert row["byte_fallback_share"] == round(m.byte_tokens / m.tokens, 6)
 
 
 def test_parity_is_relative_to_the_reference(sp):
