@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    from megatron_ext.commands.options import quiet_known_warnings
+
+    quiet_known_warnings()  # the demo imports megatron-core too (stage 5's free_port)
     started = time.perf_counter()
     if args.force:
         for name in OUTPUTS:
