@@ -428,7 +428,8 @@ def test_manifest_blend_realises_token_shares(tmp_path, corpora, llama2_tokenize
     assert [e["name"] for e in blend["languages"]] == ["en", "ar"]
     assert [e["weight"] for e in blend["languages"]] == [0.25, 0.75]  # shares 1:3, normalised
     for entry in blend["languages"]:  # the corpus read as often as its share of 2M tokens needs
-        tokens = int(IndexedDataset(entry["dataset"]).sequence_lengths.sum())
+        index = IndexedDataset(entry["dataset"])  # alive while its memory map is read
+        tokens = int(index.sequence_lengths.sum())
         assert entry["epochs"] == pytest.approx(entry["weight"] * 2_000_000 / tokens)
 
     seq_length, samples = 512, 3000
