@@ -466,10 +466,8 @@ def plot_training(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def training_section(result: dict, out: Path) -> str:
-    """Markdown section of the report for stage 5."""
-    import sentencepiece
-
+def training_section(result: dict, out: Path, vocab: int) -> str:
+    """Markdown section of the report for stage 5 (``vocab``: the expanded tokenizer's size)."""
     metrics = result["metrics"]
     plot_training(metrics, out / "training.png")
     train = [m for m in metrics if "split" not in m]
@@ -483,7 +481,6 @@ def training_section(result: dict, out: Path) -> str:
     before = next(m["loss"] for m in train if m["step"] == second - 1)
     peak = max(m["loss"] for m in train if second <= m["step"] < second + 3)
     tokens = train[-1]["consumed_tokens"]
-    vocab = len(sentencepiece.SentencePieceProcessor(str(out / "tokenizer" / "tokenizer.model")))
     held_ar = [m["loss"] for m in valid if m["lang"] == "udhr_ar"]
     if held_ar[-1] > held_ar[0]:
         held_out = (
@@ -627,12 +624,13 @@ def _run_stages(out: Path, started: float) -> int:
     grown = expand_model(out, tokenizer, out / "tokenizer" / "tokenizer.model")
     trained = continued_pretraining(out, corpora)
     plans = cluster_plans(out)
+    vocab = expansion["tokenizers"]["expanded"]["size"]
     sections = [
         preprocess_section(blend, trained["blend"], out),
         tokenizer_section(expansion),
         model_section(grown),
-        training_section(trained, out),
-        cluster_section(plans, expansion["tokenizers"]["expanded"]["size"]),
+        training_section(trained, out, vocab),
+        cluster_section(plans, vocab),
     ]
     kept = [name for name, reused in (("tokenizer", expansion["reused"]),
                                       ("training", trained["reused"])) if reused]  # fmt: skip

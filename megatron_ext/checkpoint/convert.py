@@ -39,8 +39,8 @@ from megatron_ext.checkpoint.layout import (
     megatron_layer_to_hf,
 )
 from megatron_ext.embeddings.init import (
-    INIT_METHODS,
     SAMPLED_INITS,
+    check_init_method,
     init_new_rows,
     subword_decomposition,
 )
@@ -233,10 +233,7 @@ def hf_to_megatron(
     """
     from megatron.core import dist_checkpointing
 
-    if embedding_init not in INIT_METHODS:
-        raise ValueError(
-            f"unknown --embedding-init {embedding_init}; choose from {', '.join(INIT_METHODS)}"
-        )
+    check_init_method(embedding_init)
     output_dir = Path(output_dir)
     check_output_dir(
         output_dir,

@@ -30,6 +30,14 @@ INIT_METHODS = ("avg_subwords", "mean", "mean_cov", "gaussian", "xavier_uniform"
 SAMPLED_INITS = ("mean_cov", "gaussian", "xavier_uniform")  # those that draw from the seed
 
 
+def check_init_method(method: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``method`` is one of ``INIT_METHODS``."""
+    if method not in INIT_METHODS:
+        raise ValueError(
+            f"unknown --embedding-init {method}; choose from {', '.join(INIT_METHODS)}"
+        )
+
+
 def _prefixless_processor(model_path: str | os.PathLike) -> sentencepiece.SentencePieceProcessor:
     """The base model with no dummy prefix and no whitespace trimming, for mid-word pieces."""
     with open(model_path, "rb") as f:
@@ -89,10 +97,7 @@ def init_new_rows(
     Returns:
         A ``[num_new, H]`` tensor in ``base_rows``' dtype.
     """
-    if method not in INIT_METHODS:
-        raise ValueError(
-            f"unknown --embedding-init {method}; choose from {', '.join(INIT_METHODS)}"
-        )
+    check_init_method(method)
     base = base_rows.float()
     hidden = base.shape[1]
     if method == "avg_subwords":
