@@ -133,6 +133,22 @@ def test_plain_text_one_document_per_line(tmp_path):
     assert [n for n, f in got if isinstance(f[0], BadField)] == [2, 4]
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("doc.jsonl", "a"),
+        ("doc.json", "a"),
+        ("doc.ndjson", "a"),
+        ("doc.JSONL", "a"),
+        ("doc.txt", '{"text": "a"}'),
+        ("doc.text", '{"text": "a"}'),
+    ],
+)
+def test_each_documented_suffix_reads_as_its_format(tmp_path, name, text):
+    """The module's documented suffixes: JSON Lines parse the object, plain text keeps the line."""
+    assert records_of_bytes(tmp_path / name, b'{"text": "a"}\n') == [(1, [text])]
+
+
 def test_json_that_is_not_an_object(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('["a list"]\n"a string"\n{"text": null}\n')
