@@ -52,7 +52,7 @@ from megatron_ext.tokenizer.encoders import (
     first_other_piece,
     load_sentencepiece,
 )
-from megatron_ext.tokenizer.sp_proto import parse_model
+from megatron_ext.tokenizer.sp_proto import Piece, parse_model
 
 METADATA = "megatron_ext.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -110,7 +110,7 @@ def load_dist_checkpoint(sharded: dict, checkpoint_dir: str | os.PathLike) -> di
 
 def _vocabulary_plan(
     hf: HFCheckpoint, tokenizer_model: str | None, base_tokenizer_model: str | None
-) -> tuple[int, list[str], str | None]:
+) -> tuple[int, list[Piece], str | None]:
     """(new vocabulary size, new pieces, base tokenizer path) after checking the tokenizers."""
     if tokenizer_model is None:
         return hf.arch.vocab_size, [], None
@@ -139,8 +139,7 @@ def _vocabulary_plan(
             f"{tokenizer_model}: piece {i} is {new.id_to_piece(i)!r}, the base has "
             f"{base.id_to_piece(i)!r}: the new tokenizer must extend the base one"
         )
-    pieces = [new.id_to_piece(i) for i in range(old_size, len(new))]
-    return len(new), pieces, base_path
+    return len(new), parse_model(Path(tokenizer_model).read_bytes()).pieces[old_size:], base_path
 
 
 def _pieces_sha256(tokenizer_model: str, vocab_size: int) -> str | None:
@@ -162,7 +161,7 @@ def _vocab_rows(
     base_rows: torch.Tensor,
     padded: int,
     method: str,
-    new_pieces: list[str],
+    new_pieces: list[Piece],
     decomposition: list[list[int]] | None,
     generator: torch.Generator,
 ) -> torch.Tensor:
@@ -254,9 +253,8 @@ def hf_to_megatron(
 
     decomposition = None
     if new_pieces and embedding_init == "avg_subwords":
-        pieces = parse_model(Path(tokenizer_model).read_bytes()).pieces[hf.arch.vocab_size :]
         try:
-            decomposition = subword_decomposition(pieces, base_path, hf.arch.vocab_size)
+            decomposition = subword_decomposition(new_pieces, base_path, hf.arch.vocab_size)
         except ValueError as err:
             raise CheckpointError(f"{tokenizer_model}: {err} ({base_path})") from err
     generator = torch.Generator().manual_seed(seed)
@@ -351,8 +349,10 @@ def load_into(model, checkpoint_dir: str | os.PathLike) -> None:
     apply_model_state(model, {k: v for k, v in state.items() if k in sharded}, checkpoint_dir)
 
 
-def _check_export_tokenizer(tokenizer_model: str, checkpoint_dir: str, metadata: dict) -> None:
-    """Refuse a tokenizer other than the one the checkpoint's rows follow.
+def _check_export_tokenizer(
+    tokenizer_model: str, checkpoint_dir: str, metadata: dict
+) -> SentencePieceEncoder:
+    """The tokenizer, refused when it is not the one the checkpoint's rows follow.
 
     Raises:
         CheckpointError: Another number of pieces, or other pieces than the checkpoint recorded.
@@ -373,6 +373,7 @@ def _check_export_tokenizer(tokenizer_model: str, checkpoint_dir: str, metadata:
             f"(pieces sha256 {actual[:12]}, the checkpoint's {recorded[:12]}): "
             "its ids would name other tokens; export with the tokenizer it was trained with"
         )
+    return encoder
 
 
 def _exportable_tokenizer(tokenizer_model: str):
@@ -396,15 +397,15 @@ def _exportable_tokenizer(tokenizer_model: str):
     return model, None
 
 
-def _special_token_ids(tokenizer_model: str | None) -> dict[str, int]:
+def _special_token_ids(encoder: SentencePieceEncoder | None) -> dict[str, int]:
     """``generation_config.json``'s token ids: the tokenizer's, or Llama-2's without one.
 
     Llama-2's SentencePiece model has no pad piece, and its own files pad with ``<unk>`` (id 0);
     so does the export of any such tokenizer, so that batched ``generate`` needs no pad setting.
     """
-    if not tokenizer_model:
+    if encoder is None:
         return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    processor = SentencePieceEncoder(tokenizer_model).processor
+    processor = encoder.processor
     pad = processor.pad_id() if processor.pad_id() >= 0 else processor.unk_id()
     return {
         "bos_token_id": processor.bos_id(),
@@ -454,9 +455,9 @@ def megatron_to_hf(
     )
     metadata = read_metadata(checkpoint_dir)
     arch = LlamaArch(**metadata["arch"])
-    tokenizer_files, skipped = None, None
+    encoder, tokenizer_files, skipped = None, None, None
     if tokenizer_model:
-        _check_export_tokenizer(tokenizer_model, str(checkpoint_dir), metadata)
+        encoder = _check_export_tokenizer(tokenizer_model, str(checkpoint_dir), metadata)
         tokenizer_files, skipped = _exportable_tokenizer(tokenizer_model)
     stored = DTYPES[metadata["dtype"]]
     export_dtype = DTYPES[dtype] if dtype else stored
@@ -480,7 +481,7 @@ def megatron_to_hf(
         for name, tensor in tensors():
             yield name, _cast(tensor, export_dtype, f"{checkpoint_dir}: {name}")
 
-    special_ids = _special_token_ids(tokenizer_model)
+    special_ids = _special_token_ids(encoder)
     with atomic_directory(output_dir, force=force) as staging:
         config = arch.to_hf_config(
             torch_dtype=str(export_dtype).removeprefix("torch."),
