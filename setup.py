@@ -4,6 +4,11 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# transformers 5.25 and later require Hugging Face's `kernels` distribution, whose import name is
+# that of this project's `kernels` package: with both installed, one shadows the other
+# (megatron_ext/model/__init__.py says so when it happens). Until then transformers is kept below.
+TRANSFORMERS = "transformers<5.25"
+
 setup(
     name="megatron-ext",
     version="0.1.0",
@@ -37,12 +42,12 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "parquet": ["pyarrow"],
         # Hugging Face tokenizer files on export (and the tests' reference models).
-        "hf": ["transformers"],
+        "hf": [TRANSFORMERS],
         "tensorboard": ["tensorboard"],
         "dev": [
             "tensorboard",
             "pyarrow",
-            "transformers",
+            TRANSFORMERS,
             "pytest",
             "pytest-benchmark",
             "ruff",
