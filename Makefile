@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) examples/quickstart/demo.py --output-dir demo_output
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
