@@ -28,7 +28,8 @@ def test_the_model_refuses_another_kernels_package(tmp_path):
 def test_transformers_does_not_take_ours_for_hugging_faces():
     """transformers imports Hugging Face's ``kernels`` API whenever it believes it installed."""
     import_utils = pytest.importorskip("transformers.utils.import_utils")
-    assert Path(kernels.__file__).parent == Path(__file__).resolve().parents[2] / "kernels"
+    repo = Path(__file__).resolve().parents[2]
+    assert Path(kernels.__file__).resolve().parent == repo / "kernels"
     assert not import_utils.is_kernels_available(), (
         "Hugging Face's `kernels` distribution is installed beside megatron-ext's `kernels` "
         "package (transformers 5.25 and later require it): pip uninstall kernels; "
