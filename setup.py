@@ -6,7 +6,8 @@ from setuptools import find_packages, setup
 
 # transformers 5.25 and later require Hugging Face's `kernels` distribution, whose import name is
 # that of this project's `kernels` package: with both installed, one shadows the other
-# (megatron_ext/model/__init__.py says so when it happens). Until then transformers is kept below.
+# (megatron_ext/model/__init__.py says so when it happens). Until our kernels take a name of their
+# own, transformers is kept below 5.25.
 TRANSFORMERS = "transformers<5.25"
 
 setup(
