@@ -85,8 +85,17 @@ def _dispatch(argv: list[str]) -> int:
     if name not in COMMANDS:
         print(f"megatron-ext: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return module.main(rest)
+    except ImportError as err:
+        if err.name != "kernels":
+            raise
+        # Another project's `kernels` package hides ours (megatron_ext/model/__init__.py says
+        # which and what to do): one line, as the commands' own errors.
+        from megatron_ext.commands.options import RUN_FAILED, fail
+
+        return fail(name, err, RUN_FAILED)
 
 
 if __name__ == "__main__":

@@ -12,5 +12,6 @@ if not getattr(kernels, "MEGATRON_EXT", False):
     raise ImportError(
         f"{kernels.__file__}: this `kernels` package is not megatron-ext's but another of the "
         "same import name (Hugging Face's `kernels`, which transformers 5.25 and later require): "
-        "`pip uninstall kernels` and `pip install 'transformers<5.25'`"
+        "`pip uninstall kernels` and `pip install 'transformers<5.25'`",
+        name="kernels",
     )

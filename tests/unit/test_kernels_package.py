@@ -1,5 +1,6 @@
 """The import name ``kernels`` is shared with Hugging Face's ``kernels`` distribution."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,34 @@ import kernels
 
 
 def test_the_model_refuses_another_kernels_package(tmp_path):
-    """One found first on ``sys.path`` fails with the reason, not a missing submodule."""
-    other = tmp_path / "kernels"
-    other.mkdir()
+    """One found first on ``sys.path`` fails with the reason, not a missing submodule; the
+    command says it in one line."""
+    other = tmp_path / "other" / "kernels"
+    other.mkdir(parents=True)
     (other / "__init__.py").write_text("from importlib import import_module  # another project\n")
+    reason = f"{other / '__init__.py'}: this `kernels` package is not megatron-ext's"
+    env = {**os.environ, "PYTHONPATH": str(other.parent)}
     done = subprocess.run(
         [sys.executable, "-c", "import megatron_ext.model.gpt"],
-        cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
+        cwd=tmp_path,  # not the checkout, whose own `kernels/` would come first
     )
     assert done.returncode != 0
-    assert f"{other / '__init__.py'}: this `kernels` package is not megatron-ext's" in done.stderr
-    assert "pip uninstall kernels" in done.stderr
+    assert reason in done.stderr and "pip uninstall kernels" in done.stderr
+    config = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_ext.cli", "train", "--config", str(config),
+         "--train-iters", "1", "--save", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"megatron-ext train: error: {reason}")
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_transformers_does_not_take_ours_for_hugging_faces():
