@@ -9,6 +9,8 @@ import pytest
 
 import kernels
 
+CHECKOUT = Path(__file__).resolve().parents[2]
+
 
 def test_the_model_refuses_another_kernels_package(tmp_path):
     """One found first on ``sys.path`` fails with the reason, not a missing submodule; the
@@ -27,7 +29,7 @@ def test_the_model_refuses_another_kernels_package(tmp_path):
     )
     assert done.returncode != 0
     assert reason in done.stderr and "pip uninstall kernels" in done.stderr
-    config = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
+    config = CHECKOUT / "examples" / "configs" / "tiny.yaml"
     done = subprocess.run(
         [sys.executable, "-m", "megatron_ext.cli", "train", "--config", str(config),
          "--train-iters", "1", "--save", str(tmp_path / "run")],
@@ -44,8 +46,7 @@ def test_the_model_refuses_another_kernels_package(tmp_path):
 def test_transformers_does_not_take_ours_for_hugging_faces():
     """transformers imports Hugging Face's ``kernels`` API whenever it believes it installed."""
     import_utils = pytest.importorskip("transformers.utils.import_utils")
-    repo = Path(__file__).resolve().parents[2]
-    assert Path(kernels.__file__).resolve().parent == repo / "kernels"
+    assert Path(kernels.__file__).resolve().parent == CHECKOUT / "kernels"
     assert not import_utils.is_kernels_available(), (
         "Hugging Face's `kernels` distribution is installed beside megatron-ext's `kernels` "
         "package (transformers 5.25 and later require it): pip uninstall kernels; "
