@@ -16,6 +16,39 @@ class ArchitectureError(ValueError):
     """A configuration this project cannot build or convert."""
 
 
+
+# What transformers' LlamaConfig takes for a key its config.json leaves out, so that a trimmed or
+# hand-written config converts to the model transformers would load from it.
+HF_DEFAULTS = {
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+_FIELD_RULES = {
+    "int": "an integer of at least 1",
+    "float": "a finite number above 0",
+    "bool": "true or false",
+}
+
+
+def _check_field(name: str, kind: str, value: Any) -> None:
+    """Raise unless ``value`` is of the field's ``kind`` (its annotation) and in range.
+
+    Checked before anything divides by a field: a YAML ``arch:`` mapping or a hand-written
+    ``config.json`` may hold a string, a boolean (which Python counts as 1) or a 0.
+    """
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = number and isinstance(value, int) and value >= 1
+    else:
+        ok = number and math.isfinite(value) and value > 0
+    if not ok:
+        raise ArchitectureError(f"{name} must be {_FIELD_RULES[kind]}, got {value!r}")
+
 @dataclass(frozen=True)
 class LlamaArch:
     """The shape of a Llama-2-style decoder (RMSNorm, SwiGLU, RoPE, GQA, untied output).
@@ -45,6 +78,8 @@ class LlamaArch:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_field(field.name, field.type, getattr(self, field.name))
         if self.hidden_size % self.num_attention_heads:
             raise ArchitectureError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
@@ -129,29 +164,36 @@ class LlamaArch:
             raise ArchitectureError(f"{source}: hidden_act {config['hidden_act']} is not silu")
         try:
             heads = config["num_attention_heads"]
-            head_dim = config.get("head_dim") or config["hidden_size"] // heads
-            if head_dim * heads != config["hidden_size"]:
-                raise ArchitectureError(
-                    f"{source}: head_dim {head_dim} x {heads} heads != hidden_size"
-                )
-            return cls(
+            fields = dict(
                 hidden_size=config["hidden_size"],
                 num_layers=config["num_hidden_layers"],
                 num_attention_heads=heads,
                 num_query_groups=config.get("num_key_value_heads") or heads,
                 ffn_hidden_size=config["intermediate_size"],
                 vocab_size=config["vocab_size"],
-                max_position_embeddings=config.get("max_position_embeddings", 4096),
+                max_position_embeddings=config.get(
+                    "max_position_embeddings", HF_DEFAULTS["max_position_embeddings"]
+                ),
                 rope_theta=_rope_theta(config, source),
-                norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                norm_eps=float(config.get("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"])),
+                tie_word_embeddings=config.get(
+                    "tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"]
+                ),
             )
         except KeyError as err:
             raise ArchitectureError(f"{source}: missing {err.args[0]}") from err
-        except ArchitectureError:
-            raise
         except (TypeError, ValueError) as err:  # a null or a string where a number belongs
+            if isinstance(err, ArchitectureError):
+                raise
             raise ArchitectureError(f"{source}: {err}") from err
+        try:
+            arch = cls(**fields)
+        except ArchitectureError as err:
+            raise ArchitectureError(f"{source}: {err}") from err
+        head_dim = config.get("head_dim")
+        if head_dim and head_dim != arch.head_dim:
+            raise ArchitectureError(f"{source}: head_dim {head_dim} x {heads} heads != hidden_size")
+        return arch
 
     def to_hf_config(self, **extra: Any) -> dict[str, Any]:
         """A ``config.json`` dictionary for ``LlamaForCausalLM`` (``extra`` adds e.g. token ids)."""
@@ -236,7 +278,9 @@ def _rope_theta(config: dict[str, Any], source: str) -> float:
             f"{source}: rope_theta {theta} and rope_parameters.rope_theta "
             f"{parameters['rope_theta']} disagree"
         )
-    return float(parameters.get("rope_theta", 10000.0 if theta is None else theta))
+    if theta is None:
+        theta = HF_DEFAULTS["rope_theta"]
+    return float(parameters.get("rope_theta", theta))
 
 
 PRESETS: dict[str, LlamaArch] = {

@@ -778,7 +778,7 @@ def _scalar_type(hint: Any) -> Any:
 def _coerce(name: str, value: Any, where: str) -> Any:
     """``value`` (from YAML or the command line) as the type of field ``name``."""
     if value is None:
-        return None
+        return _unset(_HINTS[name], _flag(name), where)
     if name == "stages":
         if not isinstance(value, list):
             raise ConfigError(f"{where}: stages must be a list of mappings")
@@ -794,12 +794,25 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         return [str(x) for x in items]
     if isinstance(value, list):
         raise ConfigError(f"{where}: {_flag(name)} takes one value, got {value}")
-    return _typed(target, _flag(name), value, where)
+    return coerce_value(target, _flag(name), value, where)
 
 
-def _typed(target: type, label: str, value: Any, where: str) -> Any:
-    """``value`` as a ``target`` (bool, int, float or str), or a ConfigError naming ``label``."""
+def _unset(hint: Any, label: str, where: str) -> None:
+    """None (YAML's ``null``) for a setting that may be unset; a ConfigError for the others."""
+    if type(None) not in typing.get_args(hint):
+        raise ConfigError(f"{where}: {label} needs a value, got null")
+    return None
+
+
+def coerce_value(target: type, label: str, value: Any, where: str) -> Any:
+    """``value`` as a ``target`` (bool, int, float or str), or a ConfigError naming ``label``.
+
+    Strings are read as the command line gives them ("8", "1e-4", "true"); a YAML boolean is
+    not a number (Python's True would pass as 1).
+    """
     try:
+        if isinstance(value, bool) and target in (int, float):
+            raise ValueError(value)
         if target is bool:
             if isinstance(value, bool):
                 return value
@@ -837,9 +850,11 @@ def _stage(data: Any, where: str) -> StageConfig:
             raise ConfigError(
                 f"{where}: unknown key {key!r} (known: {', '.join(sorted(_STAGE_HINTS))})"
             )
-        if value is not None:
-            value = _typed(_scalar_type(_STAGE_HINTS[name]), name, value, where)
-        values[name] = value
+        hint = _STAGE_HINTS[name]
+        if value is None:
+            values[name] = _unset(hint, name, where)
+        else:
+            values[name] = coerce_value(_scalar_type(hint), name, value, where)
     return StageConfig(**values)
 
 

@@ -22,7 +22,7 @@ from megatron_ext.model.fusions import (
 )
 from megatron_ext.model.gpt import LlamaGPTModel, build_gpt_model, transformer_engine_enabled
 from megatron_ext.training import checkpointing
-from megatron_ext.training.config import ConfigError, TrainConfig
+from megatron_ext.training.config import ConfigError, TrainConfig, coerce_value
 
 
 @dataclass
@@ -149,6 +149,10 @@ def _check_same_arch(config: TrainConfig, saved: LlamaArch, where: str) -> None:
         )
 
 
+# LlamaArch's field annotations (strings under `from __future__ import annotations`).
+_ARCH_TYPES = {"int": int, "float": float, "bool": bool}
+
+
 def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
     if isinstance(arch, str):
         if arch not in PRESETS:
@@ -160,16 +164,17 @@ def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
         base = asdict(_arch_from_config(preset))
         base.update(fields)
         fields = base
-    fields.setdefault("vocab_size", 0)  # the tokenizer's size replaces it
-    known = [field.name for field in dataclasses.fields(LlamaArch)]
-    for name in fields:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+    fields.setdefault("vocab_size", 1)  # a placeholder: the tokenizer's size replaces it
+    kinds = {field.name: field.type for field in dataclasses.fields(LlamaArch)}
+    for name, value in fields.items():
+        if name not in kinds:
+            close = difflib.get_close_matches(name, kinds, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(kinds)})"
             raise ConfigError(f"arch: unknown field {name!r}{hint}")
+        fields[name] = coerce_value(_ARCH_TYPES[kinds[name]], name, value, "arch")
     try:
         return LlamaArch(**fields)
-    except TypeError as err:
+    except (TypeError, ArchitectureError) as err:
         raise ConfigError(f"arch: {err}") from err
 
 

@@ -171,6 +171,34 @@ def test_rope_of_transformers_5_and_earlier_configs():
     assert transformers.LlamaConfig(**written).rope_parameters["rope_theta"] == 1e6
 
 
+@pytest.mark.parametrize(
+    "left_out", ["rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "rope_theta"]
+)
+def test_a_key_left_out_of_config_json_means_what_transformers_reads(left_out):
+    """A trimmed config converted with Llama-2's eps 1e-5 where transformers runs 1e-6: other
+    logits, and the export wrote the wrong value back."""
+    written = LlamaArch(64, 4, 8, 2, 128, 300, rope_theta=5e5, norm_eps=1e-5).to_hf_config(
+        max_position_embeddings=4096, tie_word_embeddings=True
+    )
+    del written[left_out], written["rope_parameters"]
+    arch = LlamaArch.from_hf_config(written)
+    loaded = LlamaArch.from_hf_config(transformers.LlamaConfig(**written).to_dict())
+    assert arch == loaded
+
+
+def test_config_json_values_of_the_wrong_type_are_named():
+    written = LlamaArch(64, 4, 8, 2, 128, 300).to_hf_config()
+    for key, value, message in (
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+        ("num_hidden_layers", 0, "num_layers must be an integer of at least 1, got 0"),
+        ("rms_norm_eps", -1e-6, "norm_eps must be a finite number above 0"),
+        ("vocab_size", 300.0, "vocab_size must be an integer of at least 1, got 300.0"),
+        ("num_attention_heads", 0, "num_attention_heads must be an integer of at least 1, got 0"),
+    ):
+        with pytest.raises(ArchitectureError, match=f"^config.json: {message}"):
+            LlamaArch.from_hf_config({**written, key: value})
+
+
 def test_a_tied_checkpoint_may_hold_its_output_layer_as_a_copy(tmp_path, model):
     """Some exports write the tied matrix twice; a copy that differs is refused, not guessed."""
     from safetensors.torch import save_file

@@ -208,6 +208,69 @@ def test_stage_values_are_typed_where_they_are_read(tmp_path, setting, message):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        # Trained at sequence length 1 (Python's True is 1).
+        ("seq_length: true", r"c\.yaml: --seq-length expects int, got True"),
+        ("lr: false", "--lr expects a finite float, got False"),
+        ("stages:\n  - {name: a, train_iters: true}", r"stages\[0\]: train_iters expects int"),
+        # Ran unseeded: two runs of one config gave other losses.
+        ("seed: null", r"c\.yaml: --seed needs a value, got null"),
+        # Each ended in a TypeError traceback.
+        ("micro_batch_size: ~", "--micro-batch-size needs a value, got null"),
+        ("split: null", "--split needs a value"),
+        ("data_path: null", "--data-path needs a value"),
+        ("stages:\n  - {name: a, trainable: null}", r"stages\[0\]: trainable needs a value"),
+    ],
+)
+def test_yaml_booleans_and_nulls_are_not_numbers_or_defaults(tmp_path, yaml_text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_settings_that_may_be_unset_take_null(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("save: null\nrecompute_granularity: ~\nstages:\n  - {name: a, lr: null}\n")
+    config = load_config(path, REQUIRED)
+    assert config.save is None and config.stages[0].lr is None
+    config.validate(1)
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("tie_word_embeddings: maybe", "arch: tie_word_embeddings expects bool, got 'maybe'"),
+        ("norm_eps: abc", "arch: norm_eps expects a finite float, got 'abc'"),
+        ("norm_eps: 0", "arch: norm_eps must be a finite number above 0, got 0.0"),
+        ("num_layers: 0", "arch: num_layers must be an integer of at least 1, got 0"),
+        ("num_layers: 4.5", "arch: num_layers expects int, got 4.5"),
+        ("num_layers: true", "arch: num_layers expects int, got True"),
+    ],
+)
+def test_architecture_fields_are_typed_and_in_range(tmp_path, field, message):
+    from megatron_ext.training.model import resolve_arch
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"arch: {{preset: tiny, {field}}}\n")
+    with pytest.raises(ConfigError, match=message):
+        resolve_arch(load_config(path, REQUIRED), 2000, None)
+
+
+def test_architecture_fields_read_as_the_command_line_would(tmp_path):
+    from megatron_ext.arch import PRESETS
+    from megatron_ext.training.model import resolve_arch
+
+    path = tmp_path / "c.yaml"
+    # 'no' made a tied model, trained and saved: the string is truthy.
+    path.write_text("arch: {preset: tiny, hidden_size: '512', tie_word_embeddings: 'no'}\n")
+    arch = resolve_arch(load_config(path, REQUIRED), 2000, None).arch
+    tiny = PRESETS["tiny"]
+    assert arch == dataclasses.replace(tiny, hidden_size=512, vocab_size=2000)
+
+
 def test_stage_booleans_read_as_the_run_settings_do(tmp_path):
     path = tmp_path / "s.yaml"
     # A quoted "no" was truthy: the stage would have frozen the base rows.
