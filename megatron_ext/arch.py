@@ -16,7 +16,6 @@ class ArchitectureError(ValueError):
     """A configuration this project cannot build or convert."""
 
 
-
 # What transformers' LlamaConfig takes for a key its config.json leaves out, so that a trimmed or
 # hand-written config converts to the model transformers would load from it.
 HF_DEFAULTS = {
@@ -48,6 +47,7 @@ def _check_field(name: str, kind: str, value: Any) -> None:
         ok = number and math.isfinite(value) and value > 0
     if not ok:
         raise ArchitectureError(f"{name} must be {_FIELD_RULES[kind]}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class LlamaArch:
