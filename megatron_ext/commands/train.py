@@ -122,15 +122,17 @@ def _before_conversion(config):
     return dataclasses.replace(config, pretrained_checkpoint=None)
 
 
-def summary(result) -> str:
+def summary(result, save: str | None) -> str:
     """The closing line(s): where the run ended, what it processed, how well it validates."""
+    # Stopped before its first iteration, a run has nothing to save.
+    checkpoint = result.checkpoint or ("(none written)" if save else "(none: no --save)")
     status = f"interrupted ({result.interrupted})" if result.interrupted else "done"
     speed = result.tokens / result.step_seconds if result.step_seconds else 0.0
     lines = [
         f"train: {status} at iteration {result.iteration}, {result.skipped_iters} skipped in the "
         f"whole run; this job trained {result.tokens:,} tokens, {result.step_seconds:.0f} s in "
         f"iterations ({speed:,.0f} tokens/s), {result.seconds:.0f} s end to end; "
-        f"checkpoint {result.checkpoint or '(none: no --save)'}"
+        f"checkpoint {checkpoint}"
     ]
     for lang, values in result.valid.items():
         lines.append(
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.get_rank() == dist.get_world_size() - 1:  # the last pipeline stage knows the losses
-        print(summary(result))
+        print(summary(result, config.save))
     dist.destroy_process_group()
     return 0
 

@@ -495,7 +495,8 @@ class TrainConfig:
                 + (
                     f"torchrun --nproc-per-node {tp * pp} -m megatron_ext.cli train ..."
                     if tp * pp <= 8
-                    else f"{-(-tp * pp // 8)} nodes of 8 GPUs or a multiple, with "
+                    # The fewest whole nodes whose GPUs split into TP x PP groups.
+                    else f"{math.lcm(8, tp * pp) // 8} nodes of 8 GPUs or a multiple, with "
                     "examples/slurm/train.sbatch"
                 )
                 + ")"

@@ -1368,6 +1368,7 @@ def test_sigterm_while_the_command_imports_stops_cleanly(tmp_path, small_tokeniz
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "interrupted (SIGTERM) at iteration 0" in out
+    assert out.rstrip().endswith("checkpoint (none written)")
     assert json.loads((save / "interrupted.json").read_text())["iteration"] == 0
 
 

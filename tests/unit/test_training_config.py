@@ -433,6 +433,11 @@ def test_validate_checks_batch_and_layout():
         load_config(None, [*REQUIRED, *batch]).validate(2)
     with pytest.raises(ConfigError, match="3 processes cannot be split"):
         load_config(None, [*REQUIRED, "--tensor-model-parallel-size", "2"]).validate(3)
+    for tp, pp, nodes in ((4, 5, 5), (8, 4, 4), (8, 3, 3), (2, 6, 3)):
+        layout = [f"--tensor-model-parallel-size={tp}", f"--pipeline-model-parallel-size={pp}"]
+        with pytest.raises(ConfigError, match=f"multiple of {tp * pp}: {nodes} nodes of 8 GPUs"):
+            load_config(None, [*REQUIRED, *layout]).validate(16)
+        load_config(None, [*REQUIRED, *layout]).validate(8 * nodes)  # the advice works
     with pytest.raises(ConfigError, match="--seq-length 127 is not a multiple of 2"):
         sequence_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
         load_config(None, [*REQUIRED, *sequence_parallel, "--seq-length", "127"]).validate(2)
