@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from megatron_ext.yamlfile import YamlFileError, read_yaml
 
 
 class ManifestError(ValueError):
@@ -66,9 +66,9 @@ def load_manifest(path: str | os.PathLike) -> BlendManifest:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ManifestError(f"{path}: cannot read manifest ({err})") from err
+        data = read_yaml(path, "manifest")
+    except YamlFileError as err:
+        raise ManifestError(str(err)) from err
     if not isinstance(data, dict) or not isinstance(data.get("languages"), dict):
         raise ManifestError(f"{path}: expected a mapping with a 'languages' mapping")
     unknown = set(data) - {"languages", "output_prefix", "train_tokens"}

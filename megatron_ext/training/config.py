@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from megatron_ext.yamlfile import YamlFileError, read_yaml
 
 
 class ConfigError(ValueError):
@@ -936,29 +936,6 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return values
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping.
-
-    YAML itself keeps the last value silently, so a setting repeated further down a long config
-    would override the one the reader sees.
-    """
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{key!r} is given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (None: defaults), then apply command-line ``overrides``.
 
@@ -971,14 +948,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     if path is not None:
         where = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark
-            line = f"line {mark.line + 1}: " if mark else ""
-            raise ConfigError(f"{where}: {line}{err.problem}") from err
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{where}: cannot read config ({err})") from err
+            data = read_yaml(path, "config") or {}
+        except YamlFileError as err:
+            raise ConfigError(str(err)) from err
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of settings")
         for key, value in data.items():

@@ -44,6 +44,13 @@ def test_a_manifest_is_read_as_written(tmp_path):
         ("languages:\n  en: {input: en.jsonl, share: 1}\n", "unknown keys input"),
         ("languages:\n  en: {share: 1}\n", "'inputs' must be a path"),
         ("train_tokens: lots\nlanguages:\n  en: {inputs: en.jsonl, share: 1}\n", "a number"),
+        # The second en was preprocessed as en; the first vanished.
+        (
+            "languages:\n  en: {inputs: en.jsonl, share: 1}\n  ar: {inputs: en.jsonl, share: 3}\n"
+            "  en: {inputs: en.jsonl, share: 2}\n",
+            r"blend\.yaml: line 4: 'en' is given twice",
+        ),
+        ("languages: [en\n", r"blend\.yaml: line 2: expected ',' or ']'"),
     ],
 )
 def test_manifest_mistakes_are_named(tmp_path, text, message):
