@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _TMP_MARKER = ".tmp."
+# A replaced output between the two renames that swap a new directory in.
+_OLD_MARKER = ".old."
 
 
 class OutputExistsError(FileExistsError):
@@ -130,11 +132,26 @@ class AtomicOutputs:
                 self.temp(path).unlink()
 
 
-def _temporaries(path: Path) -> Iterator[tuple[Path, int]]:
-    for candidate in path.parent.glob(f"{path.name}{_TMP_MARKER}*"):
-        pid_text = candidate.name[len(path.name) + len(_TMP_MARKER) :]
+def _temporaries(path: Path, marker: str = _TMP_MARKER) -> Iterator[tuple[Path, int]]:
+    for candidate in path.parent.glob(f"{path.name}{marker}*"):
+        pid_text = candidate.name[len(path.name) + len(marker) :]
         if pid_text.isdigit():
             yield candidate, int(pid_text)
+
+
+def _left_by_the_dead(path: Path, marker: str) -> Iterator[Path]:
+    """``path``'s siblings named with ``marker`` by processes that no longer run."""
+    for candidate, pid in _temporaries(path, marker):
+        if pid != os.getpid() and not pid_alive(pid):
+            yield candidate
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree or a file (``--force`` may replace either)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -143,11 +160,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     Returns:
         The paths removed.
     """
-    removed = []
-    for candidate, pid in _temporaries(Path(path)):
-        if pid != os.getpid() and not pid_alive(pid):
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate)
+    removed = list(_left_by_the_dead(Path(path), _TMP_MARKER))
+    for candidate in removed:
+        candidate.unlink(missing_ok=True)
     return removed
 
 
@@ -156,29 +171,40 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
     """A directory that appears under its final name only when the block completes.
 
     Yields a temporary sibling (``{name}.tmp.{pid}``) to fill; on success it is renamed to
-    ``path`` (an existing ``path`` is replaced only with ``force``), on an exception it is deleted.
-    Temporary directories left by dead processes are removed first.
+    ``path`` (an existing ``path``, directory or file, is replaced only with ``force``), on an
+    exception it is deleted.
+
+    What a killed run left is dealt with first: its temporary directory is removed, and an output
+    it had moved aside to replace (``{name}.old.{pid}``) is put back if nothing took its place
+    (killed between the two renames), deleted otherwise (killed while deleting it).
 
     Raises:
         OutputExistsError: On entry, if ``path`` exists and ``force`` is false.
     """
     path = Path(path)
+    for old in _left_by_the_dead(path, _OLD_MARKER):
+        if path.exists():
+            _remove(old)
+        else:
+            os.replace(old, path)
     if path.exists() and not force:
         raise OutputExistsError(f"output already exists (pass --force to overwrite): {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for candidate, pid in _temporaries(path):
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(candidate, ignore_errors=True)
+    for stale in _left_by_the_dead(path, _TMP_MARKER):
+        _remove(stale)
     tmp = path.with_name(f"{path.name}{_TMP_MARKER}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        _remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        old = path.with_name(f"{path.name}.old.{os.getpid()}")
+        old = path.with_name(f"{path.name}{_OLD_MARKER}{os.getpid()}")
         if path.exists():
             # Two renames, so a failure between them still leaves the complete old output.
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            _remove(old)
     finally:
+        # Quietly: an error here would hide the one that ended the block.
         shutil.rmtree(tmp, ignore_errors=True)

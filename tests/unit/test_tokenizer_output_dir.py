@@ -48,3 +48,41 @@ def test_stale_temporary_of_dead_process_is_removed(tmp_path):
         pass
     assert not stale.exists()
     assert os.path.isdir(tmp_path / "out")
+
+
+DEAD_PID = 2**22 + 12346  # above the default pid_max: no such process
+
+
+def test_an_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
+    """Killed between its two renames, a --force run left the complete old output under
+    `.old.PID` and nothing under the final name."""
+    out = tmp_path / "out"
+    aside = tmp_path / f"out.old.{DEAD_PID}"
+    aside.mkdir()
+    (aside / "model.bin").write_text("old")
+    with pytest.raises(OutputExistsError), atomic_directory(out):
+        pass  # without --force the old output stays, under its own name again
+    assert (out / "model.bin").read_text() == "old" and not aside.exists()
+
+
+def test_an_output_a_killed_run_was_deleting_is_removed(tmp_path):
+    """Killed while deleting the replaced output: the new one is in place, the old one was
+    left (a 70B checkpoint's disk) and never removed by later runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "new.txt").write_text("new")
+    aside = tmp_path / f"out.old.{DEAD_PID}"
+    (aside / "deep").mkdir(parents=True)
+    with atomic_directory(out, force=True) as tmp:
+        (tmp / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["newer.txt"]
+
+
+def test_force_replaces_a_file(tmp_path):
+    out = tmp_path / "tokenizer.model"
+    out.write_text("a file")
+    with atomic_directory(out, force=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model"]
