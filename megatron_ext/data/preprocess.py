@@ -375,6 +375,16 @@ def _validate(config: PreprocessConfig, files: list[str], encoder: TextEncoder) 
     if config.append_eod and encoder.eod < 0:
         raise ValueError(f"{config.tokenizer_model}: the tokenizer has no end-of-document token")
     build_normalizer(config.normalize)
+    # --force replaces outputs: never one that is an input too.
+    outputs = [p for group in output_paths(config).values() for p in group]
+    named = [*files, config.tokenizer_model, config.punkt_params]
+    inputs = {Path(f).resolve(): f for f in named if f}
+    for output in [*outputs, punkt_output_path(config)]:
+        if output is not None and output.resolve() in inputs:
+            raise InputError(
+                f"--output-prefix {config.output_prefix}: output {output} is the input "
+                f"{inputs[output.resolve()]}; choose another prefix"
+            )
 
 
 def punkt_output_path(config: PreprocessConfig) -> Path | None:

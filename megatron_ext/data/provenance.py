@@ -35,7 +35,13 @@ def outputs_made_from(config: PreprocessConfig, files: list[str]) -> dict:
     split = config.split_sentences
     punkt: str | dict | None = config.punkt_params if split else None
     if split and punkt not in (PUNKT_TRAIN, PUNKT_UNTRAINED):
-        punkt = {"file": config.punkt_params, "sha256": sha256_file(config.punkt_params)}
+        try:
+            digest = sha256_file(config.punkt_params)
+        except OSError as err:  # a wrong path: the user's to fix, not a failed run
+            raise ValueError(
+                f"--punkt-params {config.punkt_params}: cannot read it ({err.strerror})"
+            ) from err
+        punkt = {"file": config.punkt_params, "sha256": digest}
     return {
         "inputs": [
             {"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_ext.commands import preprocess as preprocess_cmd
 from megatron_ext.commands.options import INPUT_REFUSED
 from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
+from megatron_ext.data.readers import InputError
 from megatron_ext.data.sentences import SentenceSplitter
 from megatron_ext.outputs import OutputExistsError
 from tests.helpers import REPO, read_texts
@@ -148,6 +150,10 @@ def test_learnt_punkt_parameters_are_saved_for_other_shards(
     untrained = cli_args("--input", source, tmp_path / "u", llama2_tokenizer, "--split-sentences")
     assert preprocess_cmd.main([*untrained, "--punkt-params", "untrained"]) == 0
     assert learnt[0].read_bytes() != files_of(tmp_path / "u", "sentence")[0].read_bytes()
+    capsys.readouterr()
+    for wrong in (tmp_path / "nothere.json", tmp_path):  # a user's to fix: exit 2, not 1
+        assert preprocess_cmd.main([*untrained, "--force", "--punkt-params", str(wrong)]) == 2
+        assert f"error: --punkt-params {wrong}: cannot read it" in capsys.readouterr().err
 
 
 def _usable_edge_texts(path):
@@ -267,6 +273,18 @@ def test_existing_outputs_need_force(tmp_path, corpora, llama2_tokenizer):
     other.force = True
     run_preprocess(other, progress=False)
     assert files_of(tmp_path / "zh")[0].read_bytes() != before[files_of(tmp_path / "zh")[0]]
+
+
+def test_force_never_replaces_an_input(tmp_path, corpora, llama2_tokenizer):
+    """An input named like an output was replaced by the run's `.stats.json`."""
+    source = tmp_path / "y_text_document.stats.json"
+    shutil.copy(corpora / "en" / "valid.jsonl", source)
+    cfg = config(llama2_tokenizer, [source], tmp_path / "y")
+    cfg.force = True
+    with pytest.raises(InputError, match=f"output {source} is the input {source}; choose"):
+        run_preprocess(cfg, progress=False)
+    assert source.read_bytes() == (corpora / "en" / "valid.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
 
 def _start_and_interrupt(tmp_path, cmd, sig, processes: int = 0):
