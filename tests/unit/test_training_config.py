@@ -199,6 +199,8 @@ def test_stage_mistakes_are_named(tmp_path, stages, message):
         ("lr: abc", r"stages\[0\]: lr expects a finite float, got 'abc'"),
         ("lr: .inf", "lr expects a finite float"),
         ("new_rows_only: maybe", "new_rows_only expects bool"),
+        ("train_iters: true", r"stages\[0\]: train_iters expects int, got True"),
+        ("trainable: null", r"stages\[0\]: trainable needs a value, got null"),
     ],
 )
 def test_stage_values_are_typed_where_they_are_read(tmp_path, setting, message):
@@ -214,14 +216,12 @@ def test_stage_values_are_typed_where_they_are_read(tmp_path, setting, message):
         # Trained at sequence length 1 (Python's True is 1).
         ("seq_length: true", r"c\.yaml: --seq-length expects int, got True"),
         ("lr: false", "--lr expects a finite float, got False"),
-        ("stages:\n  - {name: a, train_iters: true}", r"stages\[0\]: train_iters expects int"),
         # Ran unseeded: two runs of one config gave other losses.
         ("seed: null", r"c\.yaml: --seed needs a value, got null"),
         # Each ended in a TypeError traceback.
         ("micro_batch_size: ~", "--micro-batch-size needs a value, got null"),
         ("split: null", "--split needs a value"),
         ("data_path: null", "--data-path needs a value"),
-        ("stages:\n  - {name: a, trainable: null}", r"stages\[0\]: trainable needs a value"),
     ],
 )
 def test_yaml_booleans_and_nulls_are_not_numbers_or_defaults(tmp_path, yaml_text, message):
