@@ -46,6 +46,7 @@ not wrap ``hidden`` in ``copy_to_tensor_model_parallel_region``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -389,12 +390,9 @@ def _global_lse_and_loss(
         dist.all_reduce(sums, group=cfg.tp_group)
         sum_exp, target_logit, logit_sum = sums
     lse = row_max + torch.log(sum_exp)
-    loss = (
-        lse
-        - (1.0 - cfg.smoothing) * target_logit
-        - (cfg.smoothing / cfg.vocab_size) * logit_sum
-        + cfg.z_loss * lse.square()
-    )
+    loss = lse - (1.0 - cfg.smoothing) * target_logit - (cfg.smoothing / cfg.vocab_size) * logit_sum
+    if cfg.z_loss:  # 0 x lse^2 is NaN once lse^2 overflows
+        loss += cfg.z_loss * lse.square()
     return lse, loss, None if shifted is None else (shifted, local_max)
 
 
@@ -582,13 +580,23 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.grad_hidden = grad_hidden
         ctx.grad_weight = None if dw_in_main_grad else grad_weight
         ctx.cfg, ctx.grads_now, ctx.dw_in_main_grad = cfg, grads_now, dw_in_main_grad
+        # Selected, not multiplied: an ignored token's loss is 0 even where its hidden state is
+        # not finite.
         if cfg.reduction == "none":
-            return loss * token_weight
-        return (loss * scale).sum()
+            return torch.where(token_weight != 0, loss * token_weight, 0.0)
+        return torch.where(scale != 0, loss * scale, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Scale the gradients kept by forward, or recompute them chunk by chunk."""
+        # The gradients depend on hidden and weight through kernels autograd cannot see, so a
+        # second derivative (a gradient penalty) would silently lack their terms. Autograd runs
+        # backward with grad mode on only under create_graph=True.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_linear_cross_entropy has no second derivative (backward with "
+                "create_graph=True)"
+            )
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         hidden, weight, target, lse, scale = ctx.saved_tensors
         if ctx.grads_now:
@@ -712,16 +720,17 @@ def fused_linear_cross_entropy(
             or a ``vocab_size`` that leaves the last rank's shard only padding; on CPU tensors
             also a label outside the vocabulary that is not ``ignore_index`` (CUDA: a
             device-side assertion).
+        RuntimeError: In backward, under ``create_graph=True``: there is no second derivative.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     # Written so that NaN fails too.
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
-    if not z_loss >= 0:
-        raise ValueError(f"z_loss must be at least 0, got {z_loss}")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"softcap must be positive and finite, got {softcap}")
+    if not 0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be at least 0 and finite, got {z_loss}")
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if weight.dim() != 2 or weight.shape[1] != hidden_2d.shape[1]:
@@ -741,8 +750,10 @@ def fused_linear_cross_entropy(
                 f"{name} {tuple(tensor.shape)} does not match hidden {tuple(hidden.shape)}: "
                 "give them the same leading shape (or flatten them)"
             )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise ValueError(
+            f"hidden is {hidden.dtype} and weight {weight.dtype}: give both one floating-point type"
+        )
     check_token_ids("labels", labels)
 
     group = resolve_tp_group(tp_group)

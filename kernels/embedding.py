@@ -30,6 +30,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from torch.autograd.function import once_differentiable
 
 from kernels._common import (
     Backend,
@@ -142,7 +143,9 @@ def _lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, triton_pa
     elif not triton_path:
         rows = flat - vocab_start
         hit = (rows >= 0) & (rows < weight.shape[0])
-        torch.mul(weight[rows.where(hit, 0)], hit[:, None], out=out)
+        # Selected, not multiplied by the mask: a NaN in row 0 would give NaN for every other
+        # rank's id (megatron-core assigns 0 too).
+        torch.where(hit[:, None], weight[rows.where(hit, 0)], weight.new_zeros(()), out=out)
     return out.view(*ids.shape, weight.shape[1])
 
 
@@ -214,6 +217,7 @@ class VocabParallelEmbeddingFunction(torch.autograd.Function):
         return _lookup(ids, weight, vocab_start, triton_path)
 
     @staticmethod
+    @once_differentiable  # linear in grad_out: its second derivative flows through grad_out only
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Sorted segment sums into ``main_grad`` when present, else a zero gradient tensor."""
         ids, weight = ctx.saved_tensors
@@ -259,6 +263,11 @@ def vocab_parallel_embedding(
             tensors are not checked here).
     """
     check_token_ids("ids", ids)
+    if weight.dim() != 2 or weight.shape[0] == 0 or not weight.is_floating_point():
+        raise ValueError(
+            f"weight {tuple(weight.shape)} {weight.dtype} is not a [rows, hidden] floating-point "
+            "shard with at least one row"
+        )
     if trainable_rows is not None and trainable_rows[0] > trainable_rows[1]:
         raise ValueError(f"trainable_rows {tuple(trainable_rows)}: start is above end")
     shard_end = vocab_start + weight.shape[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels._common import Backend, use_triton
 
@@ -154,6 +155,7 @@ class _RotaryEmbedding(torch.autograd.Function):
         return rope(t, freqs, backward=False)
 
     @staticmethod
+    @once_differentiable  # linear in grad_out: its second derivative flows through grad_out only
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (freqs,) = ctx.saved_tensors
         rope = _rope_triton if ctx.triton_path else _rope_torch

@@ -495,12 +495,14 @@ def test_rejects_bad_arguments():
         fused_linear_cross_entropy(hidden, weight, labels, loss_mask=torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="labels must be an int64 or int32 tensor.*float32"):
         fused_linear_cross_entropy(hidden, weight, labels.float())
-    # A negative z-loss would reward large logits; NaN would make every loss NaN.
-    for bad in (-1e-4, float("nan")):
+    # A negative z-loss would reward large logits; NaN or infinity would make every loss NaN.
+    for bad in (-1e-4, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="z_loss must be at least 0"):
             fused_linear_cross_entropy(hidden, weight, labels, z_loss=bad)
         with pytest.raises(ValueError, match="softcap must be positive"):
             fused_linear_cross_entropy(hidden, weight, labels, softcap=bad)
+    with pytest.raises(ValueError, match="give both one floating-point type"):
+        fused_linear_cross_entropy(hidden.long(), weight.long(), labels)
     with pytest.raises(ValueError, match="a vocabulary of 17 ids does not fit in 1 x 16 rows"):
         fused_linear_cross_entropy(hidden, weight, labels, vocab_size=17)
     with pytest.raises(ValueError, match="leaves the last of 1 tensor-parallel ranks"):
@@ -555,3 +557,28 @@ torch.cuda.synchronize()
     assert "in range: fine" in child.stdout, child.stderr[-2000:]
     assert child.returncode != 0
     assert "device-side assert" in child.stderr or "outside the vocabulary" in child.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_derivative_is_refused(backend):
+    """A gradient penalty (create_graph=True) silently got no second-order term."""
+    hidden, weight, labels = make_inputs(6, 8, 16)
+    hidden.requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    torch.autograd.grad(loss, hidden)  # the first derivative, as always
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_that_are_zero_stay_zero_at_extreme_values(backend):
+    """As F.cross_entropy: an ignored token's loss is 0 whatever its hidden state, and a z-loss
+    of 0 adds nothing even where lse^2 overflows (0 x inf was NaN)."""
+    weight = torch.tensor([[1.0, 0.0], [0.5, 0.0]], device=DEVICE)
+    hidden = torch.tensor([[1.0, 2.0], [float("inf"), 0.0], [1e20, 0.0]], device=DEVICE)
+    labels = torch.tensor([1, -100, 0], device=DEVICE)
+    losses = fused_linear_cross_entropy(hidden, weight, labels, reduction="none", backend=backend)
+    expected = F.cross_entropy(hidden @ weight.t(), labels, reduction="none")
+    torch.testing.assert_close(losses, expected)
+    mean = fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+    torch.testing.assert_close(mean, F.cross_entropy(hidden @ weight.t(), labels))

@@ -221,3 +221,35 @@ def test_rejects_ids_that_are_not_int64_or_int32(backend, dtype):
     vocab_parallel_embedding(ids.int(), weight, backend=backend)
     with pytest.raises(ValueError, match=f"ids must be an int64 or int32 tensor.*{dtype}"):
         vocab_parallel_embedding(ids.to(dtype), weight, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_row_stays_in_its_row(backend):
+    """Another shard's ids get exact zeros, as megatron-core assigns them: the mask used to
+    multiply row 0, so its NaN reached every token of the other ranks through the all-reduce."""
+    weight = torch.randn(11, 8, device=DEVICE)
+    weight[0] = float("nan")
+    ids = torch.tensor([105, 200, 3], device=DEVICE)
+    out = vocab_parallel_embedding(ids, weight, vocab_start=100, backend=backend)
+    torch.testing.assert_close(out[0], weight[5], rtol=0, atol=0)
+    assert not out[1:].any() and out[1:].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_derivative_is_refused(backend):
+    """A gradient penalty (create_graph=True) got no second-order term from the Triton path."""
+    ids, weight = make_inputs((2, 3), 16, 8)
+    ids, weight = ids % 16, weight.requires_grad_()
+    out = vocab_parallel_embedding(ids, weight, backend=backend)
+    (grad,) = torch.autograd.grad(out.square().sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize(
+    "weight", [torch.randn(8), torch.randn(0, 4), torch.ones(8, 4, dtype=torch.int64)],
+    ids=["1-d", "no-rows", "integer"],
+)  # fmt: skip
+def test_rejects_a_weight_that_is_no_shard(weight):
+    with pytest.raises(ValueError, match=r"is not a \[rows, hidden\] floating-point shard"):
+        vocab_parallel_embedding(torch.tensor([0], device=DEVICE), weight.to(DEVICE))

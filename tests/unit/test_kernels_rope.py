@@ -155,3 +155,13 @@ def test_megatron_core_calls_it_with_apply_rope_fusion(monkeypatch):
     assert torch.equal(dispatched, rotary_embedding(t, freqs))
     # bf16 tells the two apart: megatron-core's unfused path rounds cos and sin first.
     assert not torch.equal(dispatched, _apply_rotary_pos_emb_bshd(t, freqs))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_second_derivative_is_refused(backend):
+    """A gradient penalty (create_graph=True) got no second-order term from the Triton path."""
+    t, freqs = _inputs(*SHAPES[0], torch.float32)
+    out = rotary_embedding(t, freqs, backend=backend)
+    (grad,) = torch.autograd.grad(out.square().sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad.square().sum().backward()
