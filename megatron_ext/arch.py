@@ -182,9 +182,9 @@ class LlamaArch:
             )
         except KeyError as err:
             raise ArchitectureError(f"{source}: missing {err.args[0]}") from err
+        except ArchitectureError:  # _rope_theta's, which names the source already
+            raise
         except (TypeError, ValueError) as err:  # a null or a string where a number belongs
-            if isinstance(err, ArchitectureError):
-                raise
             raise ArchitectureError(f"{source}: {err}") from err
         try:
             arch = cls(**fields)

@@ -46,19 +46,40 @@ def check_output_dir(
         OutputHoldsInputError: Naming the flag and the path.
         OutputExistsError: ``output_dir`` exists and ``force`` is false.
     """
-    output = Path(output_dir).resolve()
+    refuse_output_over_input(output_dir, f"--output-dir {output_dir}", inputs)
+    if Path(output_dir).exists() and not force:
+        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
+
+
+def refuse_output_over_input(
+    output: str | os.PathLike,
+    named: str,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
+) -> None:
+    """Refuse an output (file or directory) that is, or contains, one of the inputs.
+
+    Replacing it (``--force``) would delete the input: a corpus, a checkpoint or a training run
+    gone for a mistyped path.
+
+    Args:
+        output: The path a tool will create or replace.
+        named: How the message names it (e.g. ``--output-dir DIR``).
+        inputs: ``(flag, path)`` of each input (a None path: not given).
+
+    Raises:
+        OutputHoldsInputError: Naming the output, the flag and the input.
+    """
+    resolved = Path(output).resolve()
     for flag, path in inputs:
         if path is None:
             continue
         source = Path(path).resolve()
-        if source == output or output in source.parents:
-            relation = "is" if source == output else "holds"
+        if source == resolved or resolved in source.parents:
+            relation = "is" if source == resolved else "holds"
             raise OutputHoldsInputError(
-                f"--output-dir {output_dir} {relation} the input {flag} {path}: choose another "
-                "output directory (replacing it would delete the input)"
+                f"{named} {relation} the input {flag} {path}: choose another output (replacing "
+                "it would delete the input)"
             )
-    if output.exists() and not force:
-        raise OutputExistsError(f"output already exists (pass --force to overwrite): {output_dir}")
 
 
 def pid_alive(pid: int) -> bool:
@@ -132,17 +153,11 @@ class AtomicOutputs:
                 self.temp(path).unlink()
 
 
-def _temporaries(path: Path, marker: str = _TMP_MARKER) -> Iterator[tuple[Path, int]]:
+def _left_by_the_dead(path: Path, marker: str) -> Iterator[Path]:
+    """``path``'s siblings ``{name}{marker}{pid}`` of processes that no longer run."""
     for candidate in path.parent.glob(f"{path.name}{marker}*"):
         pid_text = candidate.name[len(path.name) + len(marker) :]
-        if pid_text.isdigit():
-            yield candidate, int(pid_text)
-
-
-def _left_by_the_dead(path: Path, marker: str) -> Iterator[Path]:
-    """``path``'s siblings named with ``marker`` by processes that no longer run."""
-    for candidate, pid in _temporaries(path, marker):
-        if pid != os.getpid() and not pid_alive(pid):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
             yield candidate
 
 

@@ -57,7 +57,7 @@ from megatron_ext.data.sentences import (
     save_punkt_params,
     train_punkt,
 )
-from megatron_ext.outputs import AtomicOutputs, pid_alive
+from megatron_ext.outputs import AtomicOutputs, pid_alive, refuse_output_over_input
 from megatron_ext.tokenizer.encoders import TextEncoder, build_encoder
 from megatron_ext.tokenizer.normalize import build_normalizer
 
@@ -376,15 +376,15 @@ def _validate(config: PreprocessConfig, files: list[str], encoder: TextEncoder) 
         raise ValueError(f"{config.tokenizer_model}: the tokenizer has no end-of-document token")
     build_normalizer(config.normalize)
     # --force replaces outputs: never one that is an input too.
+    inputs = [
+        *(("--input", f) for f in files),
+        ("--tokenizer-model", config.tokenizer_model),
+        ("--punkt-params", config.punkt_params),
+    ]
     outputs = [p for group in output_paths(config).values() for p in group]
-    named = [*files, config.tokenizer_model, config.punkt_params]
-    inputs = {Path(f).resolve(): f for f in named if f}
-    for output in [*outputs, punkt_output_path(config)]:
-        if output is not None and output.resolve() in inputs:
-            raise InputError(
-                f"--output-prefix {config.output_prefix}: output {output} is the input "
-                f"{inputs[output.resolve()]}; choose another prefix"
-            )
+    for output in filter(None, [*outputs, punkt_output_path(config)]):
+        named = f"--output-prefix {config.output_prefix}: {output}"
+        refuse_output_over_input(output, named, inputs)
 
 
 def punkt_output_path(config: PreprocessConfig) -> Path | None:

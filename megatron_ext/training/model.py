@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,10 +149,6 @@ def _check_same_arch(config: TrainConfig, saved: LlamaArch, where: str) -> None:
         )
 
 
-# LlamaArch's field annotations (strings under `from __future__ import annotations`).
-_ARCH_TYPES = {"int": int, "float": float, "bool": bool}
-
-
 def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
     if isinstance(arch, str):
         if arch not in PRESETS:
@@ -165,13 +161,13 @@ def _arch_from_config(arch: str | dict[str, Any]) -> LlamaArch:
         base.update(fields)
         fields = base
     fields.setdefault("vocab_size", 1)  # a placeholder: the tokenizer's size replaces it
-    kinds = {field.name: field.type for field in dataclasses.fields(LlamaArch)}
+    types = typing.get_type_hints(LlamaArch)
     for name, value in fields.items():
-        if name not in kinds:
-            close = difflib.get_close_matches(name, kinds, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(kinds)})"
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(types)})"
             raise ConfigError(f"arch: unknown field {name!r}{hint}")
-        fields[name] = coerce_value(_ARCH_TYPES[kinds[name]], name, value, "arch")
+        fields[name] = coerce_value(types[name], name, value, "arch")
     try:
         return LlamaArch(**fields)
     except (TypeError, ArchitectureError) as err:

@@ -18,9 +18,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_ext.commands import preprocess as preprocess_cmd
 from megatron_ext.commands.options import INPUT_REFUSED
 from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
-from megatron_ext.data.readers import InputError
 from megatron_ext.data.sentences import SentenceSplitter
-from megatron_ext.outputs import OutputExistsError
+from megatron_ext.outputs import OutputExistsError, OutputHoldsInputError
 from tests.helpers import REPO, read_texts
 
 
@@ -281,7 +280,7 @@ def test_force_never_replaces_an_input(tmp_path, corpora, llama2_tokenizer):
     shutil.copy(corpora / "en" / "valid.jsonl", source)
     cfg = config(llama2_tokenizer, [source], tmp_path / "y")
     cfg.force = True
-    with pytest.raises(InputError, match=f"output {source} is the input {source}; choose"):
+    with pytest.raises(OutputHoldsInputError, match=f"{source} is the input --input {source}: "):
         run_preprocess(cfg, progress=False)
     assert source.read_bytes() == (corpora / "en" / "valid.jsonl").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
