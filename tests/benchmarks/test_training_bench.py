@@ -206,6 +206,7 @@ _STEP_KERNEL_KINDS = (
         ("fused", ("--transformer-impl", "local")),
         ("fused", ("--transformer-impl", "local", "--apply-rope-fusion", "false")),
         ("fused", ("--transformer-impl", "local", "--gradient-accumulation-fusion", "false")),
+        ("fused", ("--micro-batch-size", "4", "--global-batch-size", "32")),
     ],
     ids=[
         "megatron",
@@ -213,6 +214,7 @@ _STEP_KERNEL_KINDS = (
         "fused-local-spec",
         "fused-without-rope-fusion",
         "fused-without-wgrad-fusion",
+        "fused-micro-batch-4",
     ],
 )
 def test_gpu_1b_training_step(
@@ -220,10 +222,13 @@ def test_gpu_1b_training_step(
 ):
     """bf16, seq 4096, micro-batch 1, 8 micro-batches per step, one GPU; peak memory per step.
 
-    The variants, at the first vocabulary only, run megatron-core's local layer spec:
+    The variants run at the first vocabulary only. On megatron-core's local layer spec:
     ``fused-local-spec`` is ours on it where Transformer Engine is installed (elsewhere that is
     ``fused`` again, and skipped); ``fused-without-...`` is ours with one of model/fusions.py's
-    fusions turned off, what that fusion (on by default without TE and apex) is worth.
+    fusions turned off, what that fusion (on by default without TE and apex) is worth. On the
+    default spec: ``fused-micro-batch-4``, four sequences per micro-batch (32 GiB by
+    ``--dry-run``), so each launch carries four times the work: how much of micro-batch 1's step
+    is host time rather than GPU time.
     """
     import dataclasses
 

@@ -56,14 +56,32 @@ def megatron_shard(hf_model, arch: LlamaArch, tp: int, rank: int) -> dict:
     return {name: tensor_parallel_shards(name, t, tp)[rank] for name, t in full.items()}
 
 
-def load_megatron_model(hf_model, arch, world_size, rank, **kwargs):
-    """Our model at this TP rank with ``hf_model``'s weights (vocabulary padded for TP)."""
+def transformer_engine_names(state: dict) -> dict:
+    """Local-spec weight names as Transformer Engine's layer spec has them: its norms live in
+    ``linear_qkv``/``linear_fc1`` (megatron-core's own map between the two specs)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    renames = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+    renamed = {}
+    for name, tensor in state.items():
+        for local, te in renames.items():
+            name = name.replace(f".{local}", f".{te}")
+        renamed[name] = tensor
+    return renamed
+
+
+def load_megatron_model(
+    hf_model, arch, world_size, rank, use_transformer_engine: bool = False, **kwargs
+):
+    """Our model at this TP rank with ``hf_model``'s weights (vocabulary padded for TP), on
+    megatron-core's local layer spec unless ``use_transformer_engine``."""
     from megatron_ext.model.gpt import build_gpt_model
 
-    model = build_gpt_model(arch, **kwargs)
-    missing, unexpected = model.load_state_dict(
-        megatron_shard(hf_model, arch, world_size, rank), strict=False
-    )
+    model = build_gpt_model(arch, use_transformer_engine=use_transformer_engine, **kwargs)
+    state = megatron_shard(hf_model, arch, world_size, rank)
+    if use_transformer_engine:
+        state = transformer_engine_names(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
     return model
 
@@ -162,3 +180,41 @@ def compare_losses(rank, world_size, fused_kernels):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_loss_matches_transformers_without_padding_rows(tp, fused_kernels):
     run_ranks(compare_losses, tp, fused_kernels)
+
+
+def compare_transformer_engine(rank, world_size):
+    """TE's layer spec with our kernels and the fusions a GPU run turns on, against transformers."""
+    hf_model = tiny_llama(2).cuda()
+    arch = LlamaArch.from_hf_config(hf_model.config.to_dict())
+    model = load_megatron_model(
+        hf_model,
+        arch,
+        world_size,
+        rank,
+        use_transformer_engine=True,
+        config=arch.transformer_config(
+            world_size, 1, apply_rope_fusion=True, bias_activation_fusion=True
+        ),
+        padded_vocab_size=arch.padded_vocab_size(world_size),
+        parallel_output=False,
+        fused_kernels=True,
+    ).cuda()
+    gen = torch.Generator().manual_seed(1)
+    tokens, labels = torch.randint(0, arch.vocab_size, (2, 2, 24), generator=gen).cuda()
+    positions = torch.arange(tokens.shape[1], device="cuda").expand_as(tokens)
+    reference = hf_model(tokens).logits
+    with torch.no_grad():
+        logits = model(tokens, positions, attention_mask=None)[..., : arch.vocab_size]
+    assert reference.abs().max() > 1.0
+    # fp32 throughout; TE's GEMMs may use TF32, hence more than the local spec's 1e-4.
+    torch.testing.assert_close(logits, reference.detach(), rtol=0, atol=2e-2)
+    per_token = model(tokens, positions, attention_mask=None, labels=labels)
+    expected = functional.cross_entropy(reference.transpose(1, 2), labels, reduction="none")
+    torch.testing.assert_close(per_token, expected.detach(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Transformer Engine runs on a GPU")
+def test_transformer_engine_spec_matches_transformers():
+    """What a GPU cluster runs by default: the same model on Transformer Engine's layer spec."""
+    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine not installed")
+    run_ranks(compare_transformer_engine, 1)
