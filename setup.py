@@ -39,8 +39,9 @@ setup(
         "matplotlib",  # the plots of tokenizer-report and the demo's report
     ],
     extras_require={
-        # Transformer Engine kernels for H100 clusters; apex is built from source (see README).
-        "gpu": ["transformer-engine[pytorch]"],
+        # Transformer Engine kernels for H100 clusters, in the range megatron-core 0.16 is
+        # tested with (its own "dev" extra); apex is built from source (see README).
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "parquet": ["pyarrow"],
         # Hugging Face tokenizer files on export (and the tests' reference models).
         "hf": [TRANSFORMERS],
