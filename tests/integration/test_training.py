@@ -1161,15 +1161,15 @@ def _packed_vs_alone(rank, world_size, config_path):
     from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
     from megatron_ext.training.config import load_config
-    from megatron_ext.training.model import build_model, resolve_arch
+    from megatron_ext.training.model import build_model, resolve_arch, training_device
 
     config = load_config(config_path)
     model = build_model(config, resolve_arch(config, 2000, None)).eval()
     generator = torch.Generator().manual_seed(0)
     eod = 2
     first = torch.randint(3, 2000, (20,), generator=generator)
-    second = torch.randint(3, 2000, (44,), generator=generator)
-    packed = torch.cat([first, torch.tensor([eod]), second])  # seq_length + 1 tokens
+    second = torch.randint(3, 2000, (44,), generator=generator).to(training_device())
+    packed = torch.cat([first.to(second.device), torch.tensor([eod], device=second.device), second])
     tokens, labels = packed[:-1], packed[1:]
 
     def losses(reset: bool):
@@ -1180,12 +1180,13 @@ def _packed_vs_alone(rank, world_size, config_path):
         return model(tokens[None], positions[None], mask[None], labels=labels[None])[0, 21:]
 
     with torch.no_grad():
-        alone = model(second[None, :-1], torch.arange(43)[None], None, labels=second[None, 1:])[0]
-        return losses(True), losses(False), alone
+        positions = torch.arange(43, device=second.device)[None]
+        alone = model(second[None, :-1], positions, None, labels=second[None, 1:])[0]
+        return losses(True).cpu(), losses(False).cpu(), alone.cpu()
 
 
 @pytest.mark.parametrize(
-    ("flag", "named"),
+    ("fusion", "named"),
     [
         ("--apply-rope-fusion", "RoPE (kernels/rope.py)"),
         ("--gradient-accumulation-fusion", "gradient accumulation (ours)"),
@@ -1194,24 +1195,28 @@ def _packed_vs_alone(rank, world_size, config_path):
 )
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_our_fusions_train_as_megatron_unfused(
-    tmp_path, small_tokenizer, training_data, precision, flag, named
+    tmp_path, small_tokenizer, training_data, precision, fusion, named
 ):
     """megatron-core's fusions that model/fusions.py provides without TE or apex, against the
     unfused runs: fp32 agrees to rounding; in bf16 ours rounds less (RoPE: no bf16 cos and sin;
     weight gradients: no bf16 per-micro-batch gradient before the fp32 sum), so the losses differ
-    slightly, which also shows that ours ran."""
-    config = write_config(tmp_path, small_tokenizer, training_data, train_iters=6)
-    unfused = run_ranks(_train, 1, config, precision)[0]
-    fused, printed, _ = run_ranks(_train_reported, 1, config, [*precision, flag])[0]
-    assert f"fusions: {named}" in printed
+    slightly, which also shows that ours ran. Both on the local spec, each fusion set explicitly:
+    on a GPU both are on by default, and with TE installed its spec brings its own."""
+    config = write_config(
+        tmp_path, small_tokenizer, training_data, train_iters=6, transformer_impl="local"
+    )
+    unfused = run_ranks(_train, 1, config, [*precision, fusion, "false"])[0]
+    fused, printed, _ = run_ranks(_train_reported, 1, config, [*precision, fusion, "true"])[0]
+    assert named in printed.split("fusions: ", 1)[1].splitlines()[0].split(", ")
     tolerance = 1e-5 if not precision else 2e-2
     assert fused == pytest.approx(unfused, rel=tolerance), (fused, unfused)
     assert fused != unfused or not precision
 
 
 def test_document_aware_packing_isolates_documents(tmp_path, small_tokenizer, training_data):
-    """With --reset-attention-mask a packed document is scored exactly as if it were alone."""
-    config = write_config(tmp_path, small_tokenizer, training_data)
+    """With --reset-attention-mask a packed document is scored exactly as if it were alone
+    (on the local spec: Transformer Engine's refuses the per-document masks)."""
+    config = write_config(tmp_path, small_tokenizer, training_data, transformer_impl="local")
     isolated, attending, alone = run_ranks(_packed_vs_alone, 1, config)[0]
     assert isolated.shape == alone.shape == (43,)
     assert (isolated - alone).abs().max() < 1e-4
