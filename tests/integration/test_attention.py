@@ -15,6 +15,7 @@ def _compare_rank(rank, world_size):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_ext.model.attention import FusedDotProductAttention
+    from megatron_ext.training.model import training_device
 
     model_parallel_cuda_manual_seed(0)
     config = TransformerConfig(
@@ -30,13 +31,15 @@ def _compare_rank(rank, world_size):
     ours = FusedDotProductAttention(config, 1, AttnMaskType.causal, "self")
     gen = torch.Generator().manual_seed(rank)  # each rank holds its own heads
     heads, groups = HEADS // world_size, GROUPS // world_size
+    # On a GPU megatron-core's attention allocates its buffers there: the inputs go along.
+    device = training_device()
     inputs = [
-        torch.randn(S, B, n, HEAD_DIM, generator=gen, dtype=torch.float64)
+        torch.randn(S, B, n, HEAD_DIM, generator=gen, dtype=torch.float64).to(device)
         for n in (heads, groups, groups)
     ]
-    upstream = torch.randn(S, B, heads * HEAD_DIM, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(S, B, heads * HEAD_DIM, generator=gen, dtype=torch.float64).to(device)
     # Two packed documents per sample (--reset-attention-mask): True hides a position.
-    documents = torch.ones(B, 1, S, S, dtype=torch.bool).triu(1)
+    documents = torch.ones(B, 1, S, S, dtype=torch.bool, device=device).triu(1)
     documents[:, :, 5:, :5] = True
     for mask in (None, documents):
         results = []
